@@ -1,0 +1,324 @@
+"""One typed configuration tree, loaded from YAML and ``--set key.sub=value`` overrides.
+
+Every section is a frozen-free dataclass so defaults live in one place and a resolved config can be
+written back out (``resolved_config.yaml``) next to every command's outputs. Loading is strict: an
+unknown key or a value of the wrong type is a :class:`ConfigError` naming the dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dse.errors import ConfigError
+from dse.fileio import atomic_write_text
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_digits"  # a registered name (models.names()) or any timm model name
+    kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. img_size, patch_size, depth
+    num_classes: int = 10
+    checkpoint: str | None = None  # dense pretrained weights; None: `dse pretrain` makes them
+
+
+@dataclass
+class DataConfig:
+    name: Literal["digits", "imagefolder"] = "digits"
+    path: str | None = None  # ImageFolder root holding train/ and val/
+    img_size: int = 32
+    val_fraction: float = 0.2  # digits only: seeded stratified split
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    workers: int = 0
+    augment: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: int = 3
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+
+
+@dataclass
+class ProfileConfig:
+    target: str = "cpu"  # cpu | cuda | cuda:sm_90 | a JSON target dict
+    batch: int = 8
+    trials: int = 0  # MetaSchedule trials per shape (0 = default schedules, persisted records still used)
+    min_repeat_ms: float = 40.0
+    repeat: int = 7
+    energy: list[str] = field(default_factory=lambda: ["nvml", "rapl", "model"])  # tried in order
+    energy_window_s: float = 0.5
+    dir: str = "profiles"
+
+
+@dataclass
+class CostConfig:
+    metric: Literal["latency", "energy", "mix"] = "latency"  # what weights the MoE balance loss
+    mix_alpha: float = 0.5  # mix = alpha * latency_share + (1 - alpha) * energy_share
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 15
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.0
+    kd_weight: float = 0.5  # loss = (1 - w) * CE + w * KD
+    kd_temperature: float = 2.0
+    moe_coef: float = 0.01  # the original's intended (never applied) coefficient
+    grad_clip: float = 1.0
+    assignment: str | None = None  # YAML; None = the ShiftAddViT recipe
+
+
+@dataclass
+class SearchConfig:
+    trials: int = 3000  # stage A (cost model only)
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    population: int = 100
+    storage: str | None = None  # any Optuna storage URL; default: sqlite in the output folder
+    study_name: str = "shiftadd"
+    freeze: list[str] = field(default_factory=list)  # layer-name globs kept as mult/msa
+    tie: list[str] = field(default_factory=list)  # e.g. ["fc1", "fc2"]: one choice for all such layers
+    stage_b_candidates: int = 4
+    stage_b_epochs: int = 2
+    latency_budget_ms: float | None = None
+    energy_budget_mj: float | None = None
+    max_accuracy_drop: float = 1.0  # points, for choosing best_assignment.yaml
+
+
+@dataclass
+class ExportConfig:
+    target: str = "cpu"
+    cuda_arch: str | None = "sm_90"  # also produce a compile-only CUDA artifact; None to skip
+    tune_trials: int = 0
+
+
+@dataclass
+class BenchConfig:
+    batch: int = 8
+    repeat: int = 30
+    warmup: int = 5
+    torch_compile: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out: str = "runs/default"
+    device: str = "cpu"  # torch device for training
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict conversion from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{path}' has invalid value {value!r} (expected {_type_name(tp)})")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{path}' must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"config key '{path}' must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+        if value != value:  # NaN
+            raise ConfigError(f"config key '{path}' must be a number, got NaN")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{path}' has unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        "data.img_size": cfg.data.img_size,
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "model.num_classes": cfg.model.num_classes,
+        "profile.batch": cfg.profile.batch,
+        "profile.repeat": cfg.profile.repeat,
+        "bench.batch": cfg.bench.batch,
+        "bench.repeat": cfg.bench.repeat,
+        "search.trials": cfg.search.trials,
+        "search.population": cfg.search.population,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    non_negative = {
+        "pretrain.epochs": cfg.pretrain.epochs,
+        "finetune.epochs": cfg.finetune.epochs,
+        "profile.trials": cfg.profile.trials,
+        "export.tune_trials": cfg.export.tune_trials,
+        "search.stage_b_candidates": cfg.search.stage_b_candidates,
+        "search.stage_b_epochs": cfg.search.stage_b_epochs,
+        "pretrain.lr": cfg.pretrain.lr,
+        "finetune.lr": cfg.finetune.lr,
+        "profile.min_repeat_ms": cfg.profile.min_repeat_ms,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be zero or positive, got {value}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 <= cfg.finetune.kd_weight <= 1.0:
+        raise ConfigError(f"config key 'finetune.kd_weight' must be in [0, 1], got {cfg.finetune.kd_weight}")
+    if cfg.data.name == "imagefolder" and not cfg.data.path:
+        raise ConfigError("config key 'data.path' is required when data.name is 'imagefolder'")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML so numbers and lists work."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.sub=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects key.sub=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for part in keys[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: '{part}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def read_yaml_mapping(path: Path, what: str = "config") -> dict:
+    """Read a YAML file that must hold a mapping; errors name the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} file {path} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``--set`` overrides, validated strictly."""
+    data: dict = read_yaml_mapping(Path(path)) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(data, keys, value)
+    cfg = _build(Config, data)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, folder: str | Path, name: str = "resolved_config.yaml") -> Path:
+    path = Path(folder) / name
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path

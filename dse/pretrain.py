@@ -1,0 +1,63 @@
+"""Stage 0: the dense baseline every later stage starts from (no weights can be downloaded here,
+so the tool makes its own; a user with a real checkpoint sets ``model.checkpoint`` instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import models
+from dse.config import Config
+from dse.data import DataBundle, load_data
+from dse.train import TrainSpec, evaluate, train
+
+log = logging.getLogger(__name__)
+
+
+def build_dense(cfg: Config) -> nn.Module:
+    """The dense model named by the config, with the data's class count and image size."""
+    kwargs = dict(cfg.model.kwargs)
+    kwargs.setdefault("num_classes", cfg.model.num_classes)
+    if cfg.model.name == "vit_digits" or "img_size" in kwargs:
+        kwargs.setdefault("img_size", cfg.data.img_size)
+    return models.create(cfg.model.name, **kwargs)
+
+
+def architecture(cfg: Config) -> dict[str, Any]:
+    """What identifies the dense architecture inside a checkpoint."""
+    return {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs), "num_classes": cfg.model.num_classes,
+            "img_size": cfg.data.img_size}
+
+
+def train_spec(cfg: Config) -> TrainSpec:
+    t = cfg.pretrain
+    return TrainSpec(epochs=t.epochs, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                     warmup_epochs=t.warmup_epochs, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip,
+                     batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
+                     workers=cfg.data.workers, meta={"architecture": architecture(cfg), "stage": "pretrain"})
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def pretrain(cfg: Config, out: Path, *, resume: bool = False, progress: bool = True,
+             data: DataBundle | None = None) -> dict[str, Any]:
+    """Train (or, with ``model.checkpoint`` set, just evaluate) the dense baseline."""
+    set_threads(cfg.pretrain.threads)
+    data = data or load_data(cfg.data, cfg.seed)
+    model = build_dense(cfg)
+    if cfg.model.checkpoint:
+        models.load_weights(model, cfg.model.checkpoint)
+        metrics = evaluate(model, data.val, cfg.data.eval_batch_size, cfg.device)
+        log.info("using the given checkpoint %s: val_acc %.2f%%", cfg.model.checkpoint, metrics["acc"])
+        torch.save({"model": model.state_dict(), "meta": {"architecture": architecture(cfg)}}, out / "weights.pt")
+        return {"val_acc": metrics["acc"], "epochs": 0, "checkpoint": str(out / "weights.pt")}
+    row = train(model, data, train_spec(cfg), out, resume=resume, device=cfg.device, progress=progress)
+    return {"val_acc": row.get("val_acc"), "epochs": cfg.pretrain.epochs, "checkpoint": str(out / "weights.pt")}

@@ -1,0 +1,63 @@
+"""Stage bookkeeping for ``dse run``: each stage owns a subfolder, records a fingerprint of its inputs
+(the config sections it reads plus its upstream stages' fingerprints) and is skipped on a rerun when
+the fingerprint matches and its outputs exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dse.config import Config, config_to_dict, save_config
+from dse.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    name: str
+    folder: Path
+    key: str
+    reused: bool
+    seconds: float
+    summary: dict[str, Any]
+
+
+def run_stage(name: str, folder: Path, key: str, outputs: Iterable[str], cfg: Config,
+              fn: Callable[[Path], dict[str, Any]]) -> StageResult:
+    """Run ``fn(folder)`` unless ``folder/stage.json`` records the same key and all outputs exist."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "stage.json"
+    outputs = list(outputs)
+    if marker.exists():
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        if done.get("key") == key and all((folder / o).exists() for o in outputs):
+            log.info("stage %s: inputs unchanged, reusing %s", name, folder)
+            return StageResult(name, folder, key, True, 0.0, done.get("summary", {}))
+    t0 = time.perf_counter()
+    save_config(cfg, folder)
+    summary = fn(folder)
+    seconds = time.perf_counter() - t0
+    atomic_write_text(marker, json.dumps({"key": key, "seconds": seconds, "summary": summary}, indent=2,
+                                         default=str))
+    return StageResult(name, folder, key, False, seconds, summary)
+
+
+def section(cfg: Config, *names: str) -> dict[str, Any]:
+    data = config_to_dict(cfg)
+    return {n: data[n] for n in names}

@@ -1,0 +1,245 @@
+"""The training loop shared by ``dse pretrain`` (dense baseline) and ``dse finetune`` (ShiftAddViT).
+
+AdamW, per-step cosine schedule with linear warm-up, label smoothing, gradient clipping. Each epoch
+ends with a validation pass, a row in ``metrics.csv`` and an atomically written ``checkpoint.pt``
+holding everything needed to continue exactly: model, optimizer, scheduler, epoch, history and the
+RNG states. Data order and augmentation depend only on (seed, epoch), so a run killed mid-epoch and
+resumed repeats that epoch bit-for-bit and ends with the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dse.data import DataBundle, augment_batch, epoch_loader
+from dse.errors import CheckpointError
+from dse.fileio import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# A hook adds terms to the loss: (model, images, logits, labels) -> (extra_loss, {name: float}).
+LossHook = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainSpec:
+    """What the loop needs from a TrainConfig/FinetuneConfig (both satisfy it by field names)."""
+
+    epochs: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    warmup_epochs: int
+    label_smoothing: float
+    grad_clip: float
+    batch_size: int
+    eval_batch_size: int
+    seed: int = 0
+    workers: int = 0
+    extra_loss: LossHook | None = None
+    epoch_metrics: Callable[[nn.Module], dict[str, float]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # stored in the checkpoint (architecture, assignment)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def cosine_lambda(total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to ``min_lr`` (Loshchilov & Hutter, SGDR, 2017)."""
+    floor = min_lr / lr if lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device: str = "cpu") -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over a dataset."""
+    model.eval()
+    loader = epoch_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0)
+    correct, total, loss_sum = 0, 0, 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        total += y.numel()
+    return {"acc": 100.0 * correct / max(1, total), "loss": loss_sum / max(1, total)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, batch_size: int, device: str = "cpu") -> torch.Tensor:
+    """Logits for a whole dataset, in order ([N, classes])."""
+    model.eval()
+    loader = epoch_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0)
+    return torch.cat([model(x.to(device)).cpu() for x, _ in loader])
+
+
+def _rng_state() -> dict:
+    # Plain tensors/ints only, so the checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                     has_gauss, cached],
+            "python": [version, list(internal), gauss]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_training_state(path: Path) -> dict:
+    """Full training state (optimizer, scheduler, RNG), loaded with ``weights_only=True``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot resume from {path}: {str(exc).splitlines()[0] if str(exc) else exc}; "
+                              "delete it to start over") from None
+
+
+def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, resume: bool = False,
+          device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Train ``model`` in place; returns the final metrics row. Writes into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.csv"
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    model.to(device)
+    ddp_model: nn.Module = model
+    sampler = None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data.train, shuffle=True, seed=spec.seed)
+        ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+    steps_per_epoch = math.ceil(len(data.train) / world / spec.batch_size)
+    total = max(1, spec.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, cosine_lambda(total, spec.warmup_epochs * steps_per_epoch, spec.lr, spec.min_lr))
+
+    start_epoch, history = 0, []
+    if resume and ckpt_path.exists():
+        state = load_training_state(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    elif not resume:
+        set_seed(spec.seed)
+
+    last: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, spec.epochs):
+        t0 = time.perf_counter()
+        ddp_model.train()
+        loader = epoch_loader(data.train, spec.batch_size, shuffle=True, seed=spec.seed, epoch=epoch,
+                              workers=spec.workers, sampler=sampler)
+        aug_gen = torch.Generator().manual_seed(spec.seed * 7919 + epoch)
+        # Seed the global RNG per epoch too (dropout, hashing refits), so a resumed epoch replays exactly.
+        torch.manual_seed(spec.seed * 104_729 + epoch)
+        seen, correct, loss_sum, extras_sum = 0, 0, 0.0, {}
+        bar = _progress(loader, epoch, spec.epochs, enabled=progress and is_main_process())
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            if data.augment:
+                x = augment_batch(x, aug_gen)
+            logits = ddp_model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
+            extras: dict[str, float] = {}
+            if spec.extra_loss is not None:
+                extra, extras = spec.extra_loss(model, x, logits, y)
+                loss = loss + extra
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            opt.step()
+            sched.step()
+            n = y.numel()
+            seen += n
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == y).sum().item()
+            for k, v in extras.items():
+                extras_sum[k] = extras_sum.get(k, 0.0) + v * n
+            if hasattr(bar, "set_postfix"):
+                post = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{100 * correct / seen:.1f}"}
+                if spec.epoch_metrics is not None:
+                    post.update({k: f"{v:.2f}" for k, v in list(spec.epoch_metrics(model).items())[:4]})
+                bar.set_postfix(post)
+        val = evaluate(model, data.val, spec.eval_batch_size, device)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": 100 * correct / max(1, seen),
+            "val_loss": val["loss"], "val_acc": val["acc"], "lr": opt.param_groups[0]["lr"],
+            "epoch_s": time.perf_counter() - t0,
+        }
+        row.update({k: v / max(1, seen) for k, v in extras_sum.items()})
+        if spec.epoch_metrics is not None:
+            row.update(spec.epoch_metrics(model))
+        history.append(row)
+        last = row
+        log.info("epoch %d/%d: train_loss %.4f val_acc %.2f%% (%.1fs)", epoch + 1, spec.epochs,
+                 row["train_loss"], row["val_acc"], row["epoch_s"])
+        if is_main_process():
+            atomic_write_text(metrics_path, pd.DataFrame(history).to_csv(index=False))
+            _save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": epoch, "history": history, "rng": _rng_state(), "meta": spec.meta,
+            })
+    if is_main_process():
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "meta": spec.meta}, buf)
+        atomic_write_bytes(out / "weights.pt", buf.getvalue())
+    return last
+
+
+def _progress(loader, epoch: int, epochs: int, enabled: bool):
+    if not enabled:
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+                disable=None if os.environ.get("CI") else False)
