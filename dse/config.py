@@ -62,6 +62,8 @@ class ProfileConfig:
     energy: list[str] = field(default_factory=lambda: ["nvml", "rapl", "model"])  # tried in order
     energy_window_s: float = 0.5
     dir: str = "profiles"
+    torch_threads: int = 2  # intra-op threads of the PyTorch baseline rows (0 = torch's default)
+    nonprim: bool = True  # also profile the non-primitive work (norms, GELU, softmax, ...)
 
 
 @dataclass
@@ -82,7 +84,14 @@ class FinetuneConfig:
     kd_temperature: float = 2.0
     moe_coef: float = 0.01  # the original's intended (never applied) coefficient
     grad_clip: float = 1.0
-    assignment: str | None = None  # YAML; None = the ShiftAddViT recipe
+    assignment: str | None = None  # YAML; None = the ShiftAddViT recipe (hamming attention, moe Linears)
+    profile: str | None = None  # profile CSV for the MoE expert costs; None = the store's for profile.target
+    nbits: int = 16  # Hamming code bits per head
+    weight_bits: int = 5  # shift weights: sign + exponent in [-(2^(b-1)-2), 0]
+    frac_bits: int = 16  # fixed-point fraction bits of shift-layer activations
+    gate: Literal["straight_through", "prob"] = "straight_through"  # MoE combine (models/moe.py)
+    amp: Literal["off", "bf16", "fp16"] = "bf16"  # autocast on CUDA; CPU always trains in fp32
+    threads: int = 0  # torch intra-op threads; 0 = all cores
 
 
 @dataclass
@@ -99,6 +108,10 @@ class SearchConfig:
     latency_budget_ms: float | None = None
     energy_budget_mj: float | None = None
     max_accuracy_drop: float = 1.0  # points, for choosing best_assignment.yaml
+    stage: Literal["a", "b", "both"] = "both"  # a: cost model + risk proxy only; b: fine-tune front candidates
+    profile: str | None = None  # profile CSV (or a cost-table JSON); None = the store's for profile.target
+    sensitivity_samples: int = 512  # validation images for the per-layer sensitivity proxy (0 = all)
+    persist_every_s: float = 2.0  # stage A writes its in-memory trials to the storage at least this often
 
 
 @dataclass
@@ -237,6 +250,8 @@ def _validate(cfg: Config) -> None:
         "export.tune_trials": cfg.export.tune_trials,
         "search.stage_b_candidates": cfg.search.stage_b_candidates,
         "search.stage_b_epochs": cfg.search.stage_b_epochs,
+        "search.sensitivity_samples": cfg.search.sensitivity_samples,
+        "search.persist_every_s": cfg.search.persist_every_s,
         "pretrain.lr": cfg.pretrain.lr,
         "finetune.lr": cfg.finetune.lr,
         "profile.min_repeat_ms": cfg.profile.min_repeat_ms,

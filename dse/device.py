@@ -48,9 +48,9 @@ class DeviceInfo:
 
 def slugify(text: str) -> str:
     """Lower-case ``[a-z0-9._-]`` slug, stable for the same text; long names keep a hash suffix."""
-    slug = re.sub(r"[^a-z0-9.]+", "-", _NOISE.sub(" ", text).lower())
-    slug = re.sub(r"-*\.+-*", lambda m: "." if m.group().count(".") == 1 else "-", slug)
-    slug = slug.strip("-.")
+    clean = _NOISE.sub(" ", text).lower()
+    clean = re.sub(r"(?<![0-9])\.|\.(?![0-9])", " ", clean)  # keep dots only inside numbers: "3.00ghz"
+    slug = re.sub(r"[^a-z0-9.]+", "-", clean).strip("-")
     if len(slug) > _SLUG_MAX:
         digest = hashlib.sha1(text.encode()).hexdigest()[:8]
         slug = f"{slug[: _SLUG_MAX - 9].rstrip('-.')}-{digest}"

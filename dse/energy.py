@@ -315,12 +315,15 @@ class EnergyMeter(ABC):
         min_window_s: float = DEFAULT_MIN_WINDOW_S,
         max_calls: int = DEFAULT_MAX_CALLS,
         idle_s: float = DEFAULT_IDLE_S,
+        idle_w: float | None = None,
         warmup_calls: int = 1,
     ) -> EnergyReading:
         """Energy per call of ``fn``: repeat it until the window lasts ``min_window_s`` (or
         ``max_calls`` calls), with ``sync()`` (e.g. ``torch.cuda.synchronize`` or TVM ``dev.sync``)
         before the window opens and before it closes so the counter covers exactly the queued work.
-        Idle power is measured first over ``idle_s`` seconds (0 skips it).
+
+        Idle power is measured first over ``idle_s`` seconds (0 skips it), unless ``idle_w`` gives a
+        known value (e.g. from one longer :meth:`idle_power_w` per profiling session).
         """
         if min_window_s <= 0:
             raise UsageError(f"min_window_s must be > 0, got {min_window_s}")
@@ -329,22 +332,35 @@ class EnergyMeter(ABC):
         if idle_s < 0 or warmup_calls < 0:
             raise UsageError(f"idle_s and warmup_calls must be >= 0, got {idle_s} and {warmup_calls}")
 
-        idle_w = self.idle_power_w(idle_s, sync=sync) if idle_s > 0 else None
+        if idle_w is None and idle_s > 0:
+            idle_w = self.idle_power_w(idle_s, sync=sync)
+        sync()
+        began = time.perf_counter()
         for _ in range(warmup_calls):
             fn()
         sync()
+        per_call_s = (time.perf_counter() - began) / warmup_calls if warmup_calls else None
         window = self._open_window()
         calls = 0
 
         def run() -> None:
+            # GPU launches return before the work is done, so host time alone would queue far more
+            # calls than the window needs (and the closing sync would wait for all of them). Run in
+            # batches sized from the synchronised time per call, and sync after each batch.
             nonlocal calls
-            deadline = time.perf_counter() + min_window_s
-            while True:
-                fn()
-                calls += 1
-                if calls >= max_calls or time.perf_counter() >= deadline or window.error is not None:
-                    break
-            sync()
+            start = time.perf_counter()
+            deadline = start + min_window_s
+            per_call = per_call_s
+            while calls < max_calls and window.error is None and time.perf_counter() < deadline:
+                remaining = deadline - time.perf_counter()
+                batch = 1 if not per_call else max(1, math.ceil(remaining / per_call))
+                for _ in range(min(batch, max_calls - calls)):
+                    fn()
+                    calls += 1
+                    if window.error is not None or time.perf_counter() >= deadline:
+                        break
+                sync()
+                per_call = (time.perf_counter() - start) / calls
 
         energy_mj, window_s = self._guarded(window, run, "during the measurement window")
         if window_s < min_window_s:
@@ -445,12 +461,15 @@ class NvmlMeter(EnergyMeter):
             nv.close()
             if not isinstance(exc, NvmlError):
                 raise
-            self._reason = str(exc)
+            self._reason = f"{exc}; use energy source 'model' instead"
             raise TargetUnavailableError(self._reason) from exc
         self._nvml, self._nvml_index = nv, index
         if not self._has_counter:
             logger.info("GPU %d has no NVML energy counter: integrating polled power instead", index)
         return nv, index
+
+    def __repr__(self) -> str:
+        return f"NvmlMeter(device_index={self.device_index})"
 
     def available(self) -> bool:
         try:
@@ -511,6 +530,9 @@ class RaplMeter(EnergyMeter):
         self.poll_s = poll_s
         self._zones: list[RaplZone] | None = None
         self._reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"RaplMeter(root={str(self.root)!r})"
 
     def zones(self) -> list[RaplZone]:
         """The package zones, each checked readable; raises ``TargetUnavailableError`` otherwise."""
@@ -596,64 +618,35 @@ UNIT_ENERGY_PJ: Mapping[str, float] = {
     "dram_byte": 160.0,
 }
 
-_FLOAT = {"float32": ("fp32", 4), "float16": ("fp16", 2)}
 
+def _unit_key_counts(counts: Any, dtype: str) -> dict[str, int]:
+    """Map the kernels' algorithmic ``OpCounts`` of one call onto unit-energy keys.
 
-def _matmul_counts(b: int, m: int, k: int, n: int, dtype: str, *, batched_weight: bool) -> dict[str, int]:
-    f, size = _FLOAT[dtype]
-    macs = b * m * n * k
-    w = (b if batched_weight else 1) * n * k
-    return {f"{f}_mult": macs, f"{f}_add": macs, "dram_byte": (b * m * k + w + b * m * n) * size}
-
-
-def _matshift_counts(b: int, m: int, k: int, n: int, dtype: str) -> dict[str, int]:
-    # out = Σ_k sign·(x >> shift): one shift and one (signed) int32 accumulate per term; the sign
-    # selects add or subtract, so it costs no multiply. x and out int32, shift and sign int8.
-    macs = b * m * n * k
-    return {"shift32": macs, "int32_add": macs, "dram_byte": b * m * k * 4 + 2 * n * k + b * m * n * 4}
-
-
-def _matshift_decode_counts(b: int, m: int, k: int, n: int, dtype: str) -> dict[str, int]:
-    # Decode each weight once (sign·2^-shift by an exponent shift), then a float GEMM.
-    f, size = _FLOAT[dtype]
-    macs = b * m * n * k
-    return {
-        "shift32": n * k,
-        f"{f}_mult": macs,
-        f"{f}_add": macs,
-        "dram_byte": b * m * k * size + 2 * n * k + b * m * n * size,
+    Integer primitives (matshift) shift and add in int32. Float primitives accumulate in fp32 (the
+    kernels cast fp16 inputs up before the product, like fp32-accumulate tensor-core GEMMs), so adds
+    are fp32 adds; a product of two fp16 values is exact in fp32, so an fp16 multiplier suffices and
+    fp16 inputs are charged fp16 multiplies. Every byte read or written is one DRAM byte.
+    """
+    if dtype.startswith("int"):
+        mult_key, add_key = "int32_mult", "int32_add"
+    else:
+        mult_key, add_key = ("fp16_mult" if dtype == "float16" else "fp32_mult"), "fp32_add"
+    keyed = {
+        mult_key: counts.mults,
+        add_key: counts.adds,
+        "shift32": counts.shifts,
+        "dram_byte": counts.bytes_read + counts.bytes_written,
     }
-
-
-def _matadd_counts(b: int, m: int, k: int, n: int, dtype: str) -> dict[str, int]:
-    # out[b,m,n] = Σ_k mask[b,k,m] ? v[b,k,n] : 0 — counted as an add for every k, as the kernel does.
-    f, size = _FLOAT[dtype]
-    macs = b * m * n * k
-    return {f"{f}_add": macs, "dram_byte": b * k * m * 1 + b * k * n * size + b * m * n * size}
-
-
-@dataclass(frozen=True)
-class _Primitive:
-    dtypes: tuple[str, ...]  # the first one is the default
-    counts: Callable[[int, int, int, int, str], dict[str, int]]
-
-
-_PRIMITIVES: dict[str, _Primitive] = {
-    "matmul": _Primitive(
-        ("float32", "float16"), lambda b, m, k, n, d: _matmul_counts(b, m, k, n, d, batched_weight=False)
-    ),
-    "bmm": _Primitive(
-        ("float32", "float16"), lambda b, m, k, n, d: _matmul_counts(b, m, k, n, d, batched_weight=True)
-    ),
-    "matshift": _Primitive(("int32",), _matshift_counts),
-    "matshift_decode": _Primitive(("float32", "float16"), _matshift_decode_counts),
-    "matadd": _Primitive(("float32", "float16"), _matadd_counts),
-}
+    return {key: int(value) for key, value in keyed.items() if value}
 
 
 class AnalyticalEnergyModel:
     """Energy = Σ count(op) · pJ(op); an ASIC projection (anchors §8), labelled source "model".
 
+    Operation and byte counts come from ``kernels.op_counts`` (one definition of what each
+    primitive computes: matmul/bmm b·m·n·k multiplies and adds, matshift b·m·n·k shifts and int32
+    adds, matshift_decode n·k decoding shifts plus a float GEMM, matadd b·m·n·k adds, bytes = inputs
+    read once + output written once); the per-operation energies live here.
     ``unit_energy_pj`` overrides entries of :data:`UNIT_ENERGY_PJ` by key.
     """
 
@@ -668,7 +661,11 @@ class AnalyticalEnergyModel:
             raise ConfigError(
                 f"unknown unit-energy key(s) {', '.join(unknown)}; valid keys: {', '.join(UNIT_ENERGY_PJ)}"
             )
-        bad = [key for key, value in overrides.items() if not (isinstance(value, int | float) and value >= 0)]
+        bad = [
+            key
+            for key, value in overrides.items()
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0
+        ]
         if bad:
             raise ConfigError(f"unit energies must be numbers >= 0 pJ; check {', '.join(bad)}")
         self.unit_energy_pj: dict[str, float] = {
@@ -676,32 +673,25 @@ class AnalyticalEnergyModel:
             **{k: float(v) for k, v in overrides.items()},
         }
 
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.unit_energy_pj.items() if UNIT_ENERGY_PJ[k] != v}
+        return f"AnalyticalEnergyModel({changed or ''})"
+
     def available(self) -> bool:
         return True
 
     def close(self) -> None:
         """Nothing to release (uniform with the meters)."""
 
-    @staticmethod
-    def primitives() -> list[str]:
-        return sorted(_PRIMITIVES)
-
-    @staticmethod
-    def dtypes(primitive: str) -> tuple[str, ...]:
-        return _lookup_primitive(primitive).dtypes
-
     def op_counts(
         self, primitive: str, b: int, m: int, k: int, n: int, dtype: str | None = None
     ) -> dict[str, int]:
         """Operations (and DRAM bytes, key ``dram_byte``) of one call, keyed like the unit energies."""
-        spec = _lookup_primitive(primitive)
-        dtype = spec.dtypes[0] if dtype is None else dtype
-        if dtype not in spec.dtypes:
-            raise UsageError(f"{primitive} has no dtype {dtype!r}; valid: {', '.join(spec.dtypes)}")
-        for dim, value in (("b", b), ("m", m), ("k", k), ("n", n)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"{primitive}: {dim} must be a positive integer, got {value!r}")
-        return spec.counts(b, m, k, n, dtype)
+        import kernels  # noqa: PLC0415 - the public kernels API; cheap (no TVM, no torch)
+
+        prim = kernels.get(primitive)  # UnknownNameError lists the primitives
+        dtype = prim.check_dtype(dtype)  # None -> the primitive's default dtype
+        return _unit_key_counts(kernels.op_counts(primitive, b, m, k, n, dtype), dtype)
 
     def estimate(
         self, primitive: str, b: int, m: int, k: int, n: int, dtype: str | None = None
@@ -711,15 +701,6 @@ class AnalyticalEnergyModel:
             key: count * self.unit_energy_pj[key] * 1e-9 for key, count in counts.items()
         }  # pJ -> mJ
         return EnergyEstimate(energy_mj=math.fsum(breakdown.values()), breakdown=breakdown, counts=counts)
-
-
-def _lookup_primitive(primitive: str) -> _Primitive:
-    try:
-        return _PRIMITIVES[primitive]
-    except KeyError:
-        raise UnknownNameError(
-            f"no energy model for primitive {primitive!r}; known: {', '.join(sorted(_PRIMITIVES))}"
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -820,6 +801,10 @@ def select_source(
             return source
         reasons.append(f"{name}: {source.unavailable_reason}")
         logger.info("energy source %s unavailable (%s)", name, source.unavailable_reason)
+    if strict:
+        raise TargetUnavailableError(
+            f"energy source {preferred[0]!r} is unavailable: {reasons[0].split(': ', 1)[1]}"
+        )
     if not reasons:
         raise UsageError(
             f"none of the energy sources {', '.join(preferred)} suits a {kind} target; "
@@ -856,8 +841,11 @@ def measure_energy(
     min_window_s: float = DEFAULT_MIN_WINDOW_S,
     max_calls: int = DEFAULT_MAX_CALLS,
     idle_s: float = DEFAULT_IDLE_S,
+    idle_w: float | None = None,
 ) -> EnergyReading:
     """One call for the profiler: a meter measures ``fn``; the model estimates the primitive's shape."""
     if isinstance(source, AnalyticalEnergyModel):
         return source.estimate(primitive, b, m, k, n, dtype).as_reading()
-    return source.measure(fn, sync=sync, min_window_s=min_window_s, max_calls=max_calls, idle_s=idle_s)
+    return source.measure(
+        fn, sync=sync, min_window_s=min_window_s, max_calls=max_calls, idle_s=idle_s, idle_w=idle_w
+    )

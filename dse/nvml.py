@@ -44,8 +44,6 @@ _ARCH_NAMES = {
     13: "rubin",
 }
 
-_ADVICE = "use energy source 'model' (or 'rapl' for CPU targets)"
-
 
 class NvmlError(ShiftAddError):
     """An NVML call failed; ``code`` is the NVML return code when there was one."""
@@ -73,7 +71,7 @@ def load_pynvml() -> ModuleType:
         import pynvml  # noqa: PLC0415 - deliberately lazy: importing must not need a GPU
     except ImportError as exc:
         raise NvmlUnavailableError(
-            f"the pynvml module is missing ({exc}): install it with `pip install nvidia-ml-py`, or {_ADVICE}"
+            f"the pynvml module is missing ({exc}); install it with `pip install nvidia-ml-py`"
         ) from exc
     return pynvml
 
@@ -220,7 +218,7 @@ class Nvml:
         if entry.startswith("MIG-"):
             raise NvmlUnavailableError(
                 f"CUDA_VISIBLE_DEVICES names a MIG instance ({entry}); NVML energy is per physical GPU, "
-                f"so measure on a whole GPU or {_ADVICE}"
+                "so measure on a whole GPU"
             )
         for index in range(count):  # CUDA accepts a UUID prefix, so compare prefixes
             if self.uuid(index).startswith(entry):
@@ -275,13 +273,19 @@ def translate_error(nv: ModuleType, exc: BaseException, what: str) -> NvmlError:
         const("NVML_ERROR_LIB_RM_VERSION_MISMATCH"),
         const("NVML_ERROR_NO_PERMISSION"),
     ):
-        return NvmlUnavailableError(f"NVML is unavailable ({text}), so it cannot {what}; {_ADVICE}", code)
+        return NvmlUnavailableError(f"NVML is unavailable here ({text}), so it cannot {what}", code)
     return NvmlError(f"NVML failed to {what} ({text})", code)
 
 
 def _text(value: Any) -> str:
     # pynvml returned bytes before 11.5 and str since; accept both.
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def device_count() -> int:
+    """Number of GPUs NVML sees (all of them, whatever ``CUDA_VISIBLE_DEVICES`` says); raises NvmlError."""
+    with Nvml() as nv:
+        return nv.device_count()
 
 
 def probe(cuda_index: int = 0) -> str | None:

@@ -5,10 +5,25 @@ ends with a validation pass, a row in ``metrics.csv`` and an atomically written 
 holding everything needed to continue exactly: model, optimizer, scheduler, epoch, history and the
 RNG states. Data order and augmentation depend only on (seed, epoch), so a run killed mid-epoch and
 resumed repeats that epoch bit-for-bit and ends with the same metrics as an uninterrupted run.
+
+Hooks (``TrainSpec``): ``extra_loss`` adds loss terms after each forward (distillation, MoE balance);
+``on_epoch_start`` runs before an epoch's first step; ``epoch_metrics`` is read after an epoch's training
+steps (before validation, so eval-mode forwards do not mix into training statistics) and its values go
+into the metrics row; ``postfix`` supplies progress-bar fields.
+
+Data parallel: when ``torch.distributed`` is initialised (``torchrun``; see :mod:`dse.distributed`) the
+model is wrapped in DDP, every rank draws its shard through a ``DistributedSampler`` seeded like the
+single-process order, training loss/accuracy are summed over ranks, every rank validates on the whole
+validation set (identical results) and only rank 0 writes files.
+
+Mixed precision (``amp``): on CUDA, ``"bf16"`` or ``"fp16"`` (with a gradient scaler) run the forward under
+autocast; modules that must stay fp32 (the fixed-point grid of shift layers, Hamming codes) disable it
+locally. ``None`` trains in fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -28,13 +43,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dse.data import DataBundle, augment_batch, epoch_loader
-from dse.errors import CheckpointError
+from dse.errors import CheckpointError, ConfigError
 from dse.fileio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 # A hook adds terms to the loss: (model, images, logits, labels) -> (extra_loss, {name: float}).
 LossHook = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -54,6 +70,10 @@ class TrainSpec:
     workers: int = 0
     extra_loss: LossHook | None = None
     epoch_metrics: Callable[[nn.Module], dict[str, float]] | None = None
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None
+    postfix: Callable[[nn.Module], dict[str, str]] | None = None  # progress-bar fields
+    ce_weight: float = 1.0  # weight of the cross-entropy term (distillation takes the rest via extra_loss)
+    amp: str | None = None  # "bf16" | "fp16" | None: autocast on CUDA only
     meta: dict[str, Any] = field(default_factory=dict)  # stored in the checkpoint (architecture, assignment)
 
 
@@ -136,12 +156,16 @@ def load_training_state(path: Path) -> dict:
 
 
 def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, resume: bool = False,
-          device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Train ``model`` in place; returns the final metrics row. Writes into ``out``."""
+          device: str = "cpu", progress: bool = True, until_epoch: int | None = None) -> dict[str, Any]:
+    """Train ``model`` in place; returns the final metrics row. Writes into ``out``.
+
+    ``until_epoch`` stops after that many epochs of the ``spec.epochs`` schedule (a time-sliced job; a later
+    call with ``resume=True`` continues exactly where it stopped).
+    """
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.csv"
     distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
+    main = is_main_process()
     model.to(device)
     ddp_model: nn.Module = model
     sampler = None
@@ -149,13 +173,19 @@ def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, res
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(data.train, shuffle=True, seed=spec.seed)
-        ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        # No per-forward buffer broadcast: these models have no batch-norm statistics, and it would overwrite
+        # each rank's own buffers (MoE routing counters) with rank 0's. Buffers are synced once here.
+        ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
+                                                        broadcast_buffers=False)
+    amp_dtype = _amp_dtype(spec.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
-    steps_per_epoch = math.ceil(len(data.train) / world / spec.batch_size)
+    shard = len(sampler) if sampler is not None else len(data.train)  # a rank's samples per epoch
+    steps_per_epoch = math.ceil(shard / spec.batch_size)
     total = max(1, spec.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, cosine_lambda(total, spec.warmup_epochs * steps_per_epoch, spec.lr, spec.min_lr))
@@ -166,6 +196,8 @@ def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, res
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
@@ -173,7 +205,7 @@ def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, res
         set_seed(spec.seed)
 
     last: dict[str, Any] = history[-1] if history else {}
-    for epoch in range(start_epoch, spec.epochs):
+    for epoch in range(start_epoch, min(spec.epochs, until_epoch or spec.epochs)):
         t0 = time.perf_counter()
         ddp_model.train()
         loader = epoch_loader(data.train, spec.batch_size, shuffle=True, seed=spec.seed, epoch=epoch,
@@ -181,23 +213,36 @@ def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, res
         aug_gen = torch.Generator().manual_seed(spec.seed * 7919 + epoch)
         # Seed the global RNG per epoch too (dropout, hashing refits), so a resumed epoch replays exactly.
         torch.manual_seed(spec.seed * 104_729 + epoch)
+        if spec.on_epoch_start is not None:
+            spec.on_epoch_start(model, epoch)
         seen, correct, loss_sum, extras_sum = 0, 0, 0.0, {}
-        bar = _progress(loader, epoch, spec.epochs, enabled=progress and is_main_process())
+        bar = _progress(loader, epoch, spec.epochs, enabled=progress and main)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             if data.augment:
                 x = augment_batch(x, aug_gen)
-            logits = ddp_model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
-            extras: dict[str, float] = {}
-            if spec.extra_loss is not None:
-                extra, extras = spec.extra_loss(model, x, logits, y)
-                loss = loss + extra
+            with _autocast(device, amp_dtype):
+                logits = ddp_model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
+                if spec.ce_weight != 1.0:
+                    loss = spec.ce_weight * loss
+                extras: dict[str, float] = {}
+                if spec.extra_loss is not None:
+                    extra, extras = spec.extra_loss(model, x, logits, y)
+                    loss = loss + extra
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
             if spec.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             n = y.numel()
             seen += n
@@ -207,9 +252,14 @@ def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, res
                 extras_sum[k] = extras_sum.get(k, 0.0) + v * n
             if hasattr(bar, "set_postfix"):
                 post = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{100 * correct / seen:.1f}"}
-                if spec.epoch_metrics is not None:
+                if spec.postfix is not None:
+                    post.update(spec.postfix(model))
+                elif spec.epoch_metrics is not None:
                     post.update({k: f"{v:.2f}" for k, v in list(spec.epoch_metrics(model).items())[:4]})
                 bar.set_postfix(post)
+        train_metrics = spec.epoch_metrics(model) if spec.epoch_metrics is not None else {}
+        if distributed:  # loss/accuracy over every rank's shard
+            seen, correct, loss_sum, extras_sum = _sum_over_ranks(seen, correct, loss_sum, extras_sum, device)
         val = evaluate(model, data.val, spec.eval_batch_size, device)
         row: dict[str, Any] = {
             "epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": 100 * correct / max(1, seen),
@@ -217,23 +267,51 @@ def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, res
             "epoch_s": time.perf_counter() - t0,
         }
         row.update({k: v / max(1, seen) for k, v in extras_sum.items()})
-        if spec.epoch_metrics is not None:
-            row.update(spec.epoch_metrics(model))
+        row.update(train_metrics)
         history.append(row)
         last = row
-        log.info("epoch %d/%d: train_loss %.4f val_acc %.2f%% (%.1fs)", epoch + 1, spec.epochs,
-                 row["train_loss"], row["val_acc"], row["epoch_s"])
-        if is_main_process():
+        if main:
+            log.info("epoch %d/%d: train_loss %.4f val_acc %.2f%% (%.1fs)", epoch + 1, spec.epochs,
+                     row["train_loss"], row["val_acc"], row["epoch_s"])
             atomic_write_text(metrics_path, pd.DataFrame(history).to_csv(index=False))
-            _save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "history": history, "rng": _rng_state(), "meta": spec.meta,
-            })
-    if is_main_process():
+            payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "epoch": epoch, "history": history, "rng": _rng_state(), "meta": spec.meta}
+            if scaler is not None:
+                payload["scaler"] = scaler.state_dict()
+            _save_checkpoint(ckpt_path, payload)
+    if main:
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "meta": spec.meta}, buf)
         atomic_write_bytes(out / "weights.pt", buf.getvalue())
+    if distributed:
+        dist.barrier()  # no rank returns before rank 0's files are complete
     return last
+
+
+def _amp_dtype(amp: str | None, device: str) -> torch.dtype | None:
+    if amp in (None, "", "off"):
+        return None
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"unknown amp mode '{amp}'; use one of off, {', '.join(AMP_DTYPES)}")
+    if torch.device(device).type != "cuda":
+        return None  # CPU trains in fp32 (autocast gains nothing on these CPUs)
+    return AMP_DTYPES[amp]
+
+
+def _autocast(device: str, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _sum_over_ranks(seen: int, correct: int, loss_sum: float, extras_sum: dict[str, float], device: str):
+    keys = sorted(extras_sum)
+    # float64: exact for these counts; the reduction runs on the process group's device.
+    t = torch.tensor([seen, correct, loss_sum, *(extras_sum[k] for k in keys)], dtype=torch.float64,
+                     device=device)
+    dist.all_reduce(t)
+    vals = t.tolist()
+    return int(vals[0]), int(vals[1]), vals[2], dict(zip(keys, vals[3:]))
 
 
 def _progress(loader, epoch: int, epochs: int, enabled: bool):

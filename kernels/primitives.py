@@ -284,7 +284,7 @@ def signed_term(value: Any, sign: Any) -> Any:
     """``sign·value`` for ``sign`` in {-1, 0, +1} by select/negate, without a multiply (TIR expr)."""
     from tvm import tirx
 
-    zero = tirx.const(0, value.dtype)
+    zero = tirx.const(0, value.ty)
     return tirx.Select(sign > 0, value, tirx.Select(sign < 0, zero - value, zero))
 
 

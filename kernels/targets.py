@@ -132,6 +132,23 @@ def is_cuda(target: tvm.target.Target) -> bool:
     return str(target.kind.name) == "cuda"
 
 
+def _plain(value: Any) -> Any:
+    """tvm_ffi Map/Array (from ``Target.export()``) to plain dicts and lists."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    try:
+        return [_plain(v) for v in value]
+    except TypeError:
+        return str(value)
+
+
+def target_to_dict(target: tvm.target.Target) -> dict[str, Any]:
+    """The JSON-able dict of a Target (what TVM would accept back)."""
+    return _plain(target.export())
+
+
 def _slug_part(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")
 
@@ -145,7 +162,7 @@ def target_slug(target: str | dict[str, Any] | tvm.target.Target) -> str:
     if isinstance(target, str | dict):
         d = target_dict(target)
     else:
-        d = json.loads(json.dumps(target.export(), default=str))
+        d = target_to_dict(target)
     kind = d.get("kind", "unknown")
     if kind == "cuda":
         return "cuda-" + _slug_part(d.get("arch", "unknown"))

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+import argparse
+
+from dse.cli import command
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-compile", action="store_true", help="skip the test compilation per target")
+
+
+@command("env", "versions, devices, usable TVM targets and energy sources on this machine", _args)
+def run(args: argparse.Namespace):
+    from dse.envinfo import environment, render
+
+    env = environment(check_targets=not args.no_compile)
+    return {"text": render(env), "json": env}

@@ -1,0 +1,655 @@
+"""The cost model: latency and energy of one kernel call, one layer and a whole model assignment.
+
+Layers of lookup:
+
+1. :class:`CostTable` holds one profile (one device + target, see :mod:`dse.store`). A call
+   ``(primitive, b, m, k, n)`` on a backend (``tvm``: the compiled ShiftAddViT; ``torch``: the dense
+   PyTorch model) is priced by the measured row when that exact shape was profiled, otherwise by the
+   regression law fitted on that primitive+backend's measured rows (:mod:`dse.cost_regression`; the
+   estimate carries the law's leave-one-out error and an ``extrapolated`` flag).
+2. :meth:`CostModel.for_model` turns a layer inventory into a :class:`ModelCost`: per decision layer
+   and per choice, (latency, energy) precomputed once, so pricing one whole-model assignment is a sum
+   of array lookups (microseconds; ``python -m dse.benchmarks cost`` prints it). Choices map to calls
+   as in the contract:
+
+   * linear ``mult`` -> ``matmul``; ``shift`` -> the faster (by latency) of ``matshift`` and
+     ``matshift_decode`` for that shape — the exporter applies the same rule to the same profile;
+   * linear ``moe`` -> expected cost at the Mult token share ``s``:
+     ``s·mult + (1 - s)·shift + router + dispatch`` (the expert costs are the full-layer costs, so
+     this interpolates linearly between them; per-call fixed overheads of two half-size expert
+     calls are not modelled). ``s`` is the assignment's static capacity if given, else the
+     equilibrium share of the balance loss (tokens in inverse proportion to expert cost);
+   * attention ``msa`` -> ``bmm`` scores + ``softmax`` + ``bmm`` context; ``hamming`` -> ``hash`` +
+     ``matadd`` kv + ``matadd`` qkv_out;
+   * plus the non-primitive work the profiler measured (norms, GELU, residual adds, embed, head),
+     identical for every assignment.
+
+Metric for the MoE balance loss (``cfg.cost.metric``): ``latency`` (ms per token), ``energy``
+(mJ per token) or ``mix`` = ``alpha·latency_share + (1 - alpha)·energy_share`` where a share is the
+expert's fraction of the two experts' summed cost (unit-free, so the two metrics can be mixed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dse.cost_regression import CostLaw, fit_law
+from dse.errors import AssignmentError, ProfileError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tvm", "torch")
+METRICS = ("latency", "energy", "mix")
+LINEAR_CHOICES = ("mult", "shift", "moe")
+ATTENTION_CHOICES = ("msa", "hamming")
+SHIFT_PRIMITIVES = ("matshift", "matshift_decode")
+_COLUMNS = {"latency": "latency_ms", "energy": "energy_mj"}
+# Where the profile has no row for these, price them as the primitive they are made of.
+_FALLBACK_PRIMITIVE = {"router": "matmul"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# calls and estimates
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One kernel or op call: ``primitive`` at ``(b, m, k, n)`` (the profile's shape convention),
+    ``count`` times (e.g. both residual adds of a block)."""
+
+    primitive: str
+    b: int
+    m: int
+    k: int
+    n: int
+    count: float = 1.0
+    dtype: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.b, self.m, self.k, self.n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Latency (ms) and energy (mJ) of a call or a group of calls, and how they were obtained.
+
+    ``source``: ``measured`` (every call had its exact row), ``regression`` (every call predicted),
+    ``mixed``. ``fit_error``: the worst leave-one-out RMSPE among the regression laws used (None if
+    all measured). ``extrapolated``: some call lies far outside its law's measured range.
+    """
+
+    latency_ms: float
+    energy_mj: float
+    source: str = "measured"
+    fit_error: float | None = None
+    extrapolated: bool = False
+
+    def __add__(self, other: Estimate) -> Estimate:
+        return Estimate(
+            self.latency_ms + other.latency_ms,
+            self.energy_mj + other.energy_mj,
+            self.source if self.source == other.source else "mixed",
+            _max_opt(self.fit_error, other.fit_error),
+            self.extrapolated or other.extrapolated,
+        )
+
+    def scaled(self, factor: float) -> Estimate:
+        return dataclasses.replace(self, latency_ms=self.latency_ms * factor, energy_mj=self.energy_mj * factor)
+
+    def value(self, metric: str) -> float:
+        return self.latency_ms if metric == "latency" else self.energy_mj
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+ZERO = Estimate(0.0, 0.0)
+
+
+def _max_opt(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def total(estimates: Iterable[Estimate]) -> Estimate:
+    out = None
+    for e in estimates:
+        out = e if out is None else out + e
+    return out if out is not None else ZERO
+
+
+# ----------------------------------------------------------------------------------------------------
+# the profile table
+
+
+def _default_dtype(primitive: str) -> str:
+    import kernels
+
+    if primitive in kernels.names():
+        return kernels.get(primitive).default_dtype
+    return "float32"
+
+
+def _norm_dtype(primitive: str, dtype: Any) -> str:
+    if dtype is None or (isinstance(dtype, float) and math.isnan(dtype)) or str(dtype) in ("", "nan", "None"):
+        return _default_dtype(primitive)
+    return str(dtype)
+
+
+@dataclasses.dataclass
+class ProfileData:
+    """One profile: its rows (a pandas DataFrame with the contract's columns) and its metadata."""
+
+    frame: Any  # pandas.DataFrame
+    meta: dict[str, Any]
+    path: Path | None = None
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None,
+                  path: Path | None = None) -> ProfileData:
+        import pandas as pd
+
+        return cls(pd.DataFrame(list(rows)), dict(meta or {}), path)
+
+
+def read_profile(path: str | Path) -> ProfileData:
+    """Load ``<target>.csv`` and its ``.yaml`` metadata through the store (``dse.store.load_profile``)."""
+    from dse import store
+
+    loaded = store.load_profile(Path(path))
+    frame = getattr(loaded, "frame", None)
+    if frame is None:
+        frame = getattr(loaded, "rows", loaded)
+    meta = getattr(loaded, "meta", None) or getattr(loaded, "metadata", None) or {}
+    return ProfileData(frame, dict(meta), Path(path))
+
+
+class CostTable:
+    """Exact lookup plus per-(backend, primitive, metric) regression laws over one profile.
+
+    Where a shape was measured more than once on a backend (e.g. default and tuned schedule), the
+    fastest row is used — ``kernels.build`` also picks the faster of the two.
+    """
+
+    def __init__(self, profile: ProfileData):
+        self.profile = profile
+        frame = profile.frame
+        required = {"primitive", "batch", "m", "k", "n", "latency_ms"}
+        missing = sorted(required - set(frame.columns))
+        if missing:
+            where = f" {profile.path}" if profile.path else ""
+            raise ProfileError(f"profile{where} lacks column(s) {', '.join(missing)}; re-run `dse profile`")
+        self._rows: dict[tuple, tuple[float, float]] = {}
+        self._shapes: dict[tuple[str, str, str], list[tuple[tuple[int, int, int, int], float, float]]] = {}
+        backend = frame["backend"] if "backend" in frame.columns else ["tvm"] * len(frame)
+        dtype = frame["dtype"] if "dtype" in frame.columns else [None] * len(frame)
+        energy = frame["energy_mj"] if "energy_mj" in frame.columns else [math.nan] * len(frame)
+        for prim, bk, b, m, k, n, dt, lat, en in zip(frame["primitive"], backend, frame["batch"], frame["m"],
+                                                     frame["k"], frame["n"], dtype, frame["latency_ms"], energy):
+            prim, bk = str(prim), str(bk)
+            lat, en = float(lat), float(en) if en is not None else math.nan
+            if not (math.isfinite(lat) and lat > 0):
+                continue
+            key = (bk, prim, _norm_dtype(prim, dt), int(b), int(m), int(k), int(n))
+            old = self._rows.get(key)
+            if old is None or lat < old[0]:
+                self._rows[key] = (lat, en)
+        for (bk, prim, dt, b, m, k, n), (lat, en) in self._rows.items():
+            self._shapes.setdefault((bk, prim, dt), []).append(((b, m, k, n), lat, en))
+        self._laws: dict[tuple[str, str, str, str], CostLaw | None] = {}
+
+    # ---- what is there ----------------------------------------------------------------------------
+    def primitives(self, backend: str) -> list[str]:
+        return sorted({p for (bk, p, _dt) in self._shapes if bk == backend})
+
+    def has(self, backend: str, primitive: str) -> bool:
+        return any(bk == backend and p == primitive for (bk, p, _dt) in self._shapes)
+
+    def measured(self, backend: str, primitive: str, dtype: str | None = None) -> list[tuple]:
+        """``[((b, m, k, n), latency_ms, energy_mj), ...]`` measured for a primitive on a backend."""
+        return list(self._shapes.get((backend, primitive, _norm_dtype(primitive, dtype)), []))
+
+    def lookup(self, backend: str, primitive: str, b: int, m: int, k: int, n: int,
+               dtype: str | None = None) -> tuple[float, float] | None:
+        """(latency_ms, energy_mj) of the measured row, or None."""
+        return self._rows.get((backend, primitive, _norm_dtype(primitive, dtype), int(b), int(m), int(k), int(n)))
+
+    def law(self, backend: str, primitive: str, metric: str = "latency", dtype: str | None = None) -> CostLaw | None:
+        """The regression law for (backend, primitive, dtype) and metric ``latency`` | ``energy``."""
+        dt = _norm_dtype(primitive, dtype)
+        key = (backend, primitive, dt, metric)
+        if key not in self._laws:
+            rows = self._shapes.get((backend, primitive, dt), [])
+            law = None
+            if rows:
+                shapes = np.array([r[0] for r in rows], dtype=np.float64)
+                values = np.array([r[1] if metric == "latency" else r[2] for r in rows], dtype=np.float64)
+                law = fit_law(primitive, shapes, values, _COLUMNS[metric], dt)
+            self._laws[key] = law
+        return self._laws[key]
+
+    # ---- pricing ----------------------------------------------------------------------------------
+    def estimate(self, backend: str, call: Call) -> Estimate:
+        """Price one call (times its count); ProfileError if the profile cannot price it."""
+        primitive = call.primitive
+        if not self.has(backend, primitive) and primitive in _FALLBACK_PRIMITIVE:
+            primitive = _FALLBACK_PRIMITIVE[primitive]
+        hit = self.lookup(backend, primitive, *call.shape, call.dtype)
+        if hit is not None:
+            return Estimate(hit[0], hit[1]).scaled(call.count)
+        lat_law = self.law(backend, primitive, "latency", call.dtype)
+        if lat_law is None:
+            where = f" {self.profile.path}" if self.profile.path else ""
+            raise ProfileError(f"profile{where} has no {backend} rows for '{call.primitive}'; run `dse profile` "
+                               f"for this model and target (backend {backend})")
+        lat = lat_law.predict(*call.shape)
+        en_law = self.law(backend, primitive, "energy", call.dtype)
+        en = en_law.predict(*call.shape) if en_law is not None else math.nan
+        return Estimate(lat, en, "regression", lat_law.loo_rmspe, lat_law.extrapolated(*call.shape)).scaled(call.count)
+
+    def can_price(self, backend: str, primitive: str) -> bool:
+        return self.has(backend, primitive) or (
+            primitive in _FALLBACK_PRIMITIVE and self.has(backend, _FALLBACK_PRIMITIVE[primitive]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# profile identity
+
+
+def _meta_target(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    target = meta.get("target")
+    if isinstance(target, str):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError:
+            return {"kind": target}
+    return dict(target) if isinstance(target, Mapping) else None
+
+
+def _meta_device_slug(meta: Mapping[str, Any]) -> str | None:
+    device = meta.get("device")
+    if isinstance(device, Mapping):
+        return device.get("slug") or device.get("name")
+    return str(device) if device else None
+
+
+def check_profile(profile: ProfileData, target: Any, device_slug: str | None = None) -> None:
+    """Refuse a profile measured on another device, or for another target, than the model is compiled for.
+
+    ``target``: what the model is compiled for (a spec or dict; compared by ``kernels.target_slug``);
+    ``device_slug``: the device it will run on (default: the device ``target`` describes here).
+    """
+    import kernels
+    from dse.device import describe_device
+
+    meta = profile.meta
+    where = str(profile.path) if profile.path else "the profile"
+    want_target = kernels.target_slug(target)
+    have = _meta_target(meta)
+    have_target = None
+    if have is not None:
+        try:
+            have_target = kernels.target_slug(have)
+        except Exception:  # a malformed target in the metadata is itself a mismatch
+            have_target = json.dumps(have, sort_keys=True)
+    if device_slug is None:
+        device_slug = describe_device(kernels.targets.target_dict(target)).slug
+    have_device = _meta_device_slug(meta)
+    if have_device is None or have_target is None:
+        raise ProfileError(f"{where} has no device/target metadata (its .yaml is missing or old); "
+                           "re-run `dse profile` for this device and target")
+    if have_device != device_slug or have_target != want_target:
+        raise ProfileError(f"{where} was measured on {have_device} for target {have_target}, but the model is "
+                           f"compiled for {want_target} on {device_slug}; run `dse profile` here or pass "
+                           "the matching --profile")
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a model is made of
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearWork:
+    """A decision Linear: ``(b, m, k, n)`` = (1, tokens, in_features, out_features)."""
+
+    name: str
+    b: int
+    m: int
+    k: int
+    n: int
+
+    @property
+    def tokens(self) -> int:
+        return self.b * self.m
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionWork:
+    """A decision attention: the calls each choice makes (products and their softmax / hashing)."""
+
+    name: str
+    calls: Mapping[str, tuple[Call, ...]]  # {"msa": (...), "hamming": (...)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelWork:
+    """Everything a model computes at one batch size, in model order.
+
+    ``fixed``: choice-independent work ``[(label, call)]`` — norms, GELU, residual adds, embed, head.
+    ``moe``: per Linear, the router and dispatch calls of its MoE form.
+    """
+
+    linears: tuple[LinearWork, ...]
+    attention: tuple[AttentionWork, ...]
+    fixed: tuple[tuple[str, Call], ...] = ()
+    moe: Mapping[str, tuple[Call, ...]] = dataclasses.field(default_factory=dict)
+    batch: int = 1
+    model: str = ""
+
+    @classmethod
+    def from_inventory(cls, inventory: Any) -> ModelWork:
+        if isinstance(inventory, ModelWork):
+            return inventory
+        from dse.cost_inventory import work_from_inventory
+
+        return work_from_inventory(inventory)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MoE arithmetic
+
+
+def equilibrium_share(c_mult: float, c_shift: float) -> float:
+    """Mult token share where the balance loss vanishes: ``c_mult·n_mult = c_shift·n_shift``
+    (see :mod:`models.moe`), i.e. ``c_shift / (c_mult + c_shift)``."""
+    if not (c_mult > 0 and c_shift > 0):
+        raise ValueError(f"expert costs must be positive, got mult={c_mult}, shift={c_shift}")
+    return c_shift / (c_mult + c_shift)
+
+
+def moe_expected(mult: Estimate, shift: Estimate, overhead: Estimate, share: float) -> Estimate:
+    """``share·mult + (1 - share)·shift + overhead`` (router + dispatch)."""
+    if not 0.0 <= share <= 1.0:
+        raise AssignmentError(f"MoE Mult share {share} must lie in [0, 1]")
+    return mult.scaled(share) + shift.scaled(1.0 - share) + overhead
+
+
+def mix_costs(lat: Mapping[str, float], en: Mapping[str, float], alpha: float) -> dict[str, float]:
+    """``alpha·latency_share + (1 - alpha)·energy_share`` per expert (shares of the two experts' sum)."""
+    lsum, esum = sum(lat.values()), sum(en.values())
+    return {e: alpha * lat[e] / lsum + (1.0 - alpha) * en[e] / esum for e in lat}
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole-model costs
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """One row of the per-layer table."""
+
+    layer: str
+    kind: str  # linear | attention | fixed
+    choice: str
+    estimate: Estimate
+    detail: str = ""  # e.g. which shift primitive, the MoE share
+
+    def as_dict(self) -> dict[str, Any]:
+        e = self.estimate
+        return {"layer": self.layer, "kind": self.kind, "choice": self.choice, "latency_ms": e.latency_ms,
+                "energy_mj": e.energy_mj, "source": e.source, "fit_error": e.fit_error,
+                "extrapolated": e.extrapolated, "detail": self.detail}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    latency_ms: float
+    energy_mj: float
+
+
+class CostModel:
+    """Prices calls from one profile on one backend; :meth:`for_model` precomputes a model's table."""
+
+    def __init__(self, profile: ProfileData | CostTable, backend: str = "tvm", metric: str = "latency",
+                 mix_alpha: float = 0.5):
+        if backend not in BACKENDS:
+            raise ProfileError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
+        if metric not in METRICS:
+            raise ProfileError(f"unknown cost metric '{metric}'; use one of {', '.join(METRICS)}")
+        self.table = profile if isinstance(profile, CostTable) else CostTable(profile)
+        self.backend = backend
+        self.metric = metric
+        self.mix_alpha = float(mix_alpha)
+
+    @classmethod
+    def from_config(cls, profile: ProfileData, cost_cfg: Any, backend: str = "tvm") -> CostModel:
+        return cls(profile, backend, cost_cfg.metric, cost_cfg.mix_alpha)
+
+    def estimate(self, call: Call) -> Estimate:
+        return self.table.estimate(self.backend, call)
+
+    def estimate_many(self, calls: Iterable[Call]) -> Estimate:
+        return total(self.estimate(c) for c in calls)
+
+    def shift_call(self, lw: LinearWork) -> tuple[str, Estimate]:
+        """The faster of matshift and matshift_decode for this Linear (the exporter's rule)."""
+        best: tuple[str, Estimate] | None = None
+        for prim in SHIFT_PRIMITIVES:
+            if not self.table.can_price(self.backend, prim):
+                continue
+            est = self.estimate(Call(prim, lw.b, lw.m, lw.k, lw.n))
+            if best is None or est.latency_ms < best[1].latency_ms:
+                best = (prim, est)
+        if best is None:
+            raise ProfileError(f"the profile has no {self.backend} rows for matshift or matshift_decode")
+        return best
+
+    def for_model(self, inventory: Any) -> ModelCost:
+        """Precompute (latency, energy) per decision layer per choice for ``inventory`` (a layer inventory
+        from :mod:`dse.inventory` or a :class:`ModelWork`)."""
+        return ModelCost(self, ModelWork.from_inventory(inventory))
+
+
+def fastest_shift_primitive(table: CostTable, backend: str, b: int, m: int, k: int, n: int) -> str:
+    """Which shift kernel the exporter should use for a Linear of this shape (same rule as the cost model)."""
+    return CostModel(table, backend).shift_call(LinearWork("", b, m, k, n))[0]
+
+
+class ModelCost:
+    """Per-layer, per-choice costs of one model on one profile and backend.
+
+    ``lat[i, c]``/``en[i, c]`` hold layer ``i``'s cost under choice ``c`` (NaN where the profile cannot
+    price that choice on this backend; MoE at its equilibrium share for the configured metric);
+    ``fixed`` is the choice-independent work. Pricing an assignment sums one entry per layer.
+    """
+
+    def __init__(self, model: CostModel, work: ModelWork):
+        self.cost_model = model
+        self.work = work
+        self.metric = model.metric
+        self.layers: list[str] = [lw.name for lw in work.linears] + [aw.name for aw in work.attention]
+        self.kinds: list[str] = ["linear"] * len(work.linears) + ["attention"] * len(work.attention)
+        self.index: dict[str, int] = {name: i for i, name in enumerate(self.layers)}
+        self.choices = {"linear": LINEAR_CHOICES, "attention": ATTENTION_CHOICES}
+        self._col = {"linear": {c: i for i, c in enumerate(LINEAR_CHOICES)},
+                     "attention": {c: i for i, c in enumerate(ATTENTION_CHOICES)}}
+        width = max(len(LINEAR_CHOICES), len(ATTENTION_CHOICES))
+        n = len(self.layers)
+        self.lat = np.full((n, width), np.nan)
+        self.en = np.full((n, width), np.nan)
+        self._est: dict[tuple[str, str], Estimate] = {}
+        self._detail: dict[tuple[str, str], str] = {}
+        self._missing: dict[tuple[str, str], str] = {}
+        # MoE parts per Linear: (mult, shift, router + dispatch)
+        self._moe_parts: dict[str, tuple[Estimate, Estimate, Estimate]] = {}
+        for i, lw in enumerate(work.linears):
+            self._price_linear(i, lw)
+        for j, aw in enumerate(work.attention):
+            self._price_attention(len(work.linears) + j, aw)
+        self.fixed_items: list[tuple[str, Estimate]] = [(label, model.estimate(call)) for label, call in work.fixed]
+        self.fixed = total(e for _, e in self.fixed_items)
+        self.lat_flat = self.lat.ravel()
+        self.en_flat = self.en.ravel()
+        self._width = width
+
+    # ---- construction ------------------------------------------------------------------------------
+    def _set(self, i: int, kind: str, choice: str, est: Estimate, detail: str = "") -> None:
+        c = self._col[kind][choice]
+        self.lat[i, c], self.en[i, c] = est.latency_ms, est.energy_mj
+        self._est[(self.layers[i], choice)] = est
+        self._detail[(self.layers[i], choice)] = detail
+
+    def _try(self, i: int, kind: str, choice: str, price) -> None:
+        try:
+            est, detail = price()
+        except ProfileError as exc:
+            self._missing[(self.layers[i], choice)] = str(exc)
+            return
+        self._set(i, kind, choice, est, detail)
+
+    def _price_linear(self, i: int, lw: LinearWork) -> None:
+        cm = self.cost_model
+        self._try(i, "linear", "mult", lambda: (cm.estimate(Call("matmul", lw.b, lw.m, lw.k, lw.n)), "matmul"))
+        self._try(i, "linear", "shift", lambda: cm.shift_call(lw)[::-1])
+        key = (lw.name, "mult")
+        if key in self._est and (lw.name, "shift") in self._est:
+            try:
+                overhead = cm.estimate_many(self.work.moe.get(lw.name, ()))
+            except ProfileError as exc:
+                self._missing[(lw.name, "moe")] = str(exc)
+                return
+            mult, shift = self._est[key], self._est[(lw.name, "shift")]
+            self._moe_parts[lw.name] = (mult, shift, overhead)
+            share = self.equilibrium_share(lw.name)
+            self._set(i, "linear", "moe", moe_expected(mult, shift, overhead, share), f"mult share {share:.2f}")
+
+    def _price_attention(self, i: int, aw: AttentionWork) -> None:
+        for choice in ATTENTION_CHOICES:
+            calls = aw.calls.get(choice)
+            if calls is None:
+                self._missing[(aw.name, choice)] = f"the inventory has no '{choice}' form for {aw.name}"
+                continue
+            self._try(i, "attention", choice, lambda calls=calls: (self.cost_model.estimate_many(calls), ""))
+
+    # ---- MoE ---------------------------------------------------------------------------------------
+    def moe_expert_costs(self, layer_name: str) -> dict[str, float]:
+        """Cost of each expert per token for the MoE Linear ``layer_name`` in the configured metric
+        (the :class:`models.costs.ExpertCostModel` protocol)."""
+        parts = self._moe_parts.get(layer_name)
+        if parts is None:
+            reason = self._missing.get((layer_name, "moe")) or self._missing.get((layer_name, "shift")) \
+                or self._missing.get((layer_name, "mult"))
+            if layer_name not in self.index or self.kinds[self.index[layer_name]] != "linear":
+                raise AssignmentError(f"'{layer_name}' is not a Linear of this model; MoE layers are Linears "
+                                      f"such as {self.layers[0] if self.layers else 'blocks.0.mlp.fc1'}")
+            raise ProfileError(f"cannot price the experts of '{layer_name}': {reason}")
+        mult, shift, _ = parts
+        tokens = next(lw.tokens for lw in self.work.linears if lw.name == layer_name)
+        lat = {"mult": mult.latency_ms / tokens, "shift": shift.latency_ms / tokens}
+        en = {"mult": mult.energy_mj / tokens, "shift": shift.energy_mj / tokens}
+        if self.metric == "latency":
+            return lat
+        if self.metric == "energy":
+            if not all(math.isfinite(v) and v > 0 for v in en.values()):
+                raise ProfileError(f"the profile has no energy for the experts of '{layer_name}'; use "
+                                   "cost.metric=latency or re-profile with an energy source")
+            return en
+        return mix_costs(lat, en, self.cost_model.mix_alpha)
+
+    def equilibrium_share(self, layer_name: str) -> float:
+        c = self.moe_expert_costs(layer_name)
+        return equilibrium_share(c["mult"], c["shift"])
+
+    def moe_cost(self, layer_name: str, share: float | None = None) -> Estimate:
+        """Expected cost of the MoE form of ``layer_name`` at Mult share ``share`` (default: equilibrium)."""
+        if layer_name not in self._moe_parts:
+            self.moe_expert_costs(layer_name)  # raises the reason
+        mult, shift, overhead = self._moe_parts[layer_name]
+        return moe_expected(mult, shift, overhead, self.equilibrium_share(layer_name) if share is None else share)
+
+    # ---- prediction --------------------------------------------------------------------------------
+    def choice_indices(self, assignment: Any) -> np.ndarray:
+        """Flat indices into ``lat``/``en`` for an assignment (unnamed layers take the dense choice)."""
+        out = np.empty(len(self.layers), dtype=np.intp)
+        att, lin = assignment.attention, assignment.linear
+        for i, (name, kind) in enumerate(zip(self.layers, self.kinds)):
+            choice = (lin.get(name, "mult") if kind == "linear" else att.get(name, "msa"))
+            col = self._col[kind].get(choice)
+            if col is None:
+                raise AssignmentError(f"invalid {kind} choice '{choice}' for layer '{name}'")
+            out[i] = i * self._width + col
+        self._check_known(assignment)
+        return out
+
+    def _check_known(self, assignment: Any) -> None:
+        for kind in ("attention", "linear"):
+            for name in getattr(assignment, kind):
+                if name not in self.index:
+                    raise AssignmentError(f"unknown {kind} layer '{name}' for this model; valid layers: "
+                                          f"{', '.join(self.layers[:4])}, ...")
+
+    def predict(self, assignment: Any) -> Prediction:
+        """Whole-model (latency_ms, energy_mj) of an assignment: fixed work + one entry per layer."""
+        idx = self.choice_indices(assignment)
+        lat = self.fixed.latency_ms + float(self.lat_flat[idx].sum())
+        en = self.fixed.energy_mj + float(self.en_flat[idx].sum())
+        capacity = getattr(assignment, "capacity", None)
+        if capacity:
+            for name, share in capacity.items():
+                eq = self._est[(name, "moe")]
+                at = self.moe_cost(name, share)
+                lat += at.latency_ms - eq.latency_ms
+                en += at.energy_mj - eq.energy_mj
+        if not math.isfinite(lat):
+            self._raise_missing(idx)
+        return Prediction(lat, en)
+
+    def predict_indices(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised: ``idx`` [trials, layers] of choice columns -> (latency_ms [trials], energy_mj [trials])."""
+        flat = np.arange(len(self.layers)) * self._width + np.asarray(idx)
+        return (self.fixed.latency_ms + self.lat_flat[flat].sum(axis=-1),
+                self.fixed.energy_mj + self.en_flat[flat].sum(axis=-1))
+
+    def _raise_missing(self, idx: np.ndarray) -> None:
+        for flat in idx:
+            i, c = divmod(int(flat), self._width)
+            if not math.isfinite(self.lat[i, c]):
+                choice = self.choices[self.kinds[i]][c]
+                reason = self._missing.get((self.layers[i], choice), "not priced")
+                raise ProfileError(f"cannot price '{choice}' for {self.layers[i]} on backend "
+                                   f"{self.cost_model.backend}: {reason}")
+        raise ProfileError("the profile cannot price this assignment (non-finite fixed work)")
+
+    def per_layer(self, assignment: Any) -> list[LayerCost]:
+        """The table behind :meth:`predict`: one row per decision layer, then the fixed work."""
+        idx = self.choice_indices(assignment)
+        rows = []
+        for flat, name, kind in zip(idx, self.layers, self.kinds):
+            i, c = divmod(int(flat), self._width)
+            choice = self.choices[kind][c]
+            if (name, choice) not in self._est:
+                self._raise_missing(np.array([flat]))
+            est, detail = self._est[(name, choice)], self._detail.get((name, choice), "")
+            if choice == "moe" and name in getattr(assignment, "capacity", {}):
+                share = assignment.capacity[name]
+                est, detail = self.moe_cost(name, share), f"mult share {share:.2f} (capacity)"
+            rows.append(LayerCost(name, kind, choice, est, detail))
+        rows += [LayerCost(label, "fixed", "-", est) for label, est in self.fixed_items]
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        return {"layers": len(self.layers), "backend": self.cost_model.backend, "metric": self.metric,
+                "fixed_latency_ms": self.fixed.latency_ms, "fixed_energy_mj": self.fixed.energy_mj,
+                "unpriced": sorted(f"{n}:{c}" for n, c in self._missing)}

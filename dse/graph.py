@@ -1,0 +1,479 @@
+"""Build and compile the Relax module of a ShiftAddViT, with the project's kernels in the graph.
+
+Route (chosen over building the graph by hand with ``relax.BlockBuilder``): the PyTorch model is the one
+source of truth for the forward pass, so it is traced with ``torch.export`` and imported with TVM's Relax
+frontend (``from_exported_program``). Tracing cannot drift from the model the way a second, hand-written
+graph builder can (timm blocks, Hamming attention, capacity-routed MoE all come for free), and the
+frontend's ``custom_convert_map`` lets every expensive node become a ``call_tir`` of a scheduled kernel:
+
+=========================================  ===============================================================
+traced node                                becomes
+=========================================  ===============================================================
+``dse_export::packed_shift_linear``        fixed-point quantisation + ``matshift`` (int32 shift-and-add)
+                                           or ``matshift_decode`` (fp32 GEMM on decoded 2^-s weights),
+                                           per layer, as :class:`ShiftPlan` says (the profile's faster)
+``shiftadd::matadd``                       ``matadd`` (Hamming attention's two products)
+``aten::addmm`` / ``aten::mm`` (Linear)    ``matmul`` (kernels' scheduled GEMM) + bias
+``aten::bmm`` (attention products, hash)   ``bmm``
+=========================================  ===============================================================
+
+Kernel PrimFuncs come from :func:`kernels.scheduled_primfunc` (hand CPU schedules, tuned records where
+they measured faster, dlight rules on CUDA), are named ``shiftadd_<primitive>_b.._m.._k.._n..`` and carry
+the attributes ``shiftadd.primitive`` and ``tirx.is_scheduled``. They are marked opaque so fusion leaves
+them whole; everything else (LayerNorm, GELU, softmax, residual adds, reshapes, the MoE's argsort and
+gathers) is legalised, fused (``FuseOps``/``FuseTIR``) and scheduled by :func:`schedule_rules`: dlight's
+CPU reduction rule for norms and softmax, and a parallel + vectorised rule for the rest
+(:class:`CpuElementwise`). On CUDA the same fused functions go through dlight's GPU rules.
+
+Parameters stay function inputs (``keep_params_as_input``): the artifact's ``weights.npz`` is the only
+copy of the weights, the library is code only, and shift layers' weights reach the kernel as the int8
+``shift``/``sign`` arrays that are stored (see :class:`PackedShiftLinear`).
+
+:func:`compile_relax` is the stable entry point other modules use (the profiler times non-primitive ops
+with it, so the cost model prices what the exporter compiles).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from dse.errors import KernelError, ModelError
+from models.hamming import HammingAttention
+from models.shift import ShiftLinear
+
+if TYPE_CHECKING:
+    import tvm
+
+log = logging.getLogger(__name__)
+
+SHIFT_PRIMITIVES = ("matshift", "matshift_decode")
+KERNEL_ATTR = "shiftadd.primitive"
+KERNEL_PREFIX = "shiftadd_"
+# int32 range representable in fp32 (the largest float below 2^31 is 2^31 - 128), as kernels.torch_ops.
+_FIXED_MIN, _FIXED_MAX = -(2.0**31), 2.0**31 - 128.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The export form of a shift layer
+
+
+@torch.library.custom_op("dse_export::packed_shift_linear", mutates_args=())
+def packed_shift_linear(x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, frac_bits: int,
+                        primitive: str) -> torch.Tensor:
+    """``x [b,m,k]`` through the shift layer ``(shift, sign) [n,k]`` with the arithmetic of ``primitive``.
+
+    * ``matshift``: ``floor(x·2^F)`` to int32, ``Σ sign·(x_int >> shift)``, back by ``2^-F`` — the integer
+      shift-and-add of ``shiftadd::shift_linear`` (each term floors, method §1.5);
+    * ``matshift_decode``: the fixed-point ``x_q = floor(x·2^F)/2^F`` times the decoded weight
+      ``sign·2^-shift`` in fp32 — exactly :class:`models.shift.ShiftLinear`'s training/reference forward.
+
+    The two differ by the per-term floor (up to ``k·2^-F``), which is why the exporter's PyTorch reference
+    applies the primitive each layer is compiled with.
+    """
+    if primitive == "matshift":
+        return torch.ops.shiftadd.shift_linear(x, shift, sign, frac_bits)
+    if primitive != "matshift_decode":
+        raise KernelError(f"unknown shift primitive '{primitive}'; use one of {', '.join(SHIFT_PRIMITIVES)}")
+    scale = 2.0**frac_bits
+    xq = torch.floor(x.float() * scale).clamp(_FIXED_MIN, _FIXED_MAX) / scale  # [b, m, k] on the Q grid
+    weight = sign.float() * torch.exp2(-shift.float())  # [n, k]
+    return F.linear(xq, weight)  # [b, m, n]
+
+
+@packed_shift_linear.register_fake
+def _packed_shift_linear_fake(x, shift, sign, frac_bits, primitive):
+    return x.new_empty((x.shape[0], x.shape[1], shift.shape[0]), dtype=torch.float32)
+
+
+class PackedShiftLinear(nn.Module):
+    """Inference form of :class:`ShiftLinear`: int8 ``shift``/``sign`` and an fp32 bias, nothing else.
+
+    They are (frozen) parameters rather than buffers so that ``torch.export`` and the Relax importer treat
+    them as model inputs — they are what ``weights.npz`` stores and what the kernel reads.
+    """
+
+    def __init__(self, layer: ShiftLinear, primitive: str = "matshift_decode"):
+        super().__init__()
+        if primitive not in SHIFT_PRIMITIVES:
+            raise KernelError(f"unknown shift primitive '{primitive}'; use one of {', '.join(SHIFT_PRIMITIVES)}")
+        shift, sign, bias = layer.packed()
+        self.shift = nn.Parameter(shift, requires_grad=False)  # [out, in] int8, right-shift amounts >= 0
+        self.sign = nn.Parameter(sign, requires_grad=False)  # [out, in] int8 in {-1, 0, 1}
+        self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)  # [out] fp32
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.frac_bits = layer.frac_bits
+        self.primitive = primitive
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(1, -1, self.in_features).float()  # [1, tokens, in]: the profile's (b=1, m=tokens)
+        out = packed_shift_linear(rows.contiguous(), self.shift, self.sign, self.frac_bits, self.primitive)
+        out = out.reshape(*lead, self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"frac_bits={self.frac_bits}, primitive={self.primitive}")
+
+
+def shift_shape(layer: ShiftLinear | PackedShiftLinear, tokens: int) -> tuple[int, int, int, int]:
+    """The kernel problem size of a shift layer on ``tokens`` rows (the contract's Linear convention)."""
+    return (1, tokens, layer.in_features, layer.out_features)
+
+
+def export_form(model: nn.Module, choose: Callable[[str, ShiftLinear], str] | None = None) -> nn.Module:
+    """A deep copy of ``model`` (eval mode) ready for ``torch.export``.
+
+    Every :class:`ShiftLinear` (plain or a MoE's Shift expert) becomes a :class:`PackedShiftLinear` whose
+    primitive is ``choose(name, layer)`` (default ``matshift_decode``); Hamming attention's hash state
+    (``projection``, ``key_center``) becomes frozen parameters so it travels with the other weights.
+    """
+    new = copy.deepcopy(model).eval()
+    for name, module in list(new.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, ShiftLinear):
+                primitive = choose(full, child) if choose is not None else "matshift_decode"
+                setattr(module, child_name, PackedShiftLinear(child, primitive))
+        if isinstance(module, HammingAttention):
+            for buf in ("projection", "key_center"):
+                value = module._buffers.pop(buf)
+                module.register_parameter(buf, nn.Parameter(value.detach().clone(), requires_grad=False))
+    return new
+
+
+def shift_layers(model: nn.Module) -> dict[str, PackedShiftLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedShiftLinear)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Torch -> Relax
+
+
+@dataclasses.dataclass
+class RelaxGraph:
+    """An imported model: the Relax module, its parameters in call order, and what the kernels are."""
+
+    mod: tvm.IRModule
+    param_names: list[str]  # state-dict names, in the order main() takes them after the input
+    params: dict[str, Any]  # name -> numpy array (int8 for shift layers)
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    kernel_calls: dict[str, str]  # PrimFunc name -> primitive
+
+
+def _shape(expr: Any) -> list[int]:
+    return [int(s) for s in expr.ty.shape]
+
+
+class _KernelEmitter:
+    """Adds scheduled kernel PrimFuncs to the importer's BlockBuilder (one per primitive and shape)."""
+
+    def __init__(self, target: tvm.target.Target):
+        self.target = target
+        self.calls: dict[str, str] = {}
+        self._gvars: dict[str, Any] = {}
+
+    def call(self, bb: Any, primitive: str, shape: tuple[int, int, int, int], args: list[Any]) -> Any:
+        from tvm import relax
+
+        b, m, k, n = shape
+        name = f"{KERNEL_PREFIX}{primitive}_b{b}_m{m}_k{k}_n{n}"
+        gv = self._gvars.get(name)
+        if gv is None:
+            func = kernels.scheduled_primfunc(primitive, b=b, m=m, k=k, n=n, target=self.target)
+            func = (func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+                    .with_attr(KERNEL_ATTR, primitive).with_attr("op_pattern", 8))  # 8 = kOpaque: never fused
+            gv = bb.add_func(func, name)
+            self._gvars[name] = gv
+            self.calls[gv.name_hint] = primitive
+        out_dtype = kernels.get(primitive).out_dtype(kernels.get(primitive).default_dtype)
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((b, m, n), out_dtype)))
+
+
+def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
+    from tvm import relax
+
+    def const(v: float, dtype: str = "float32") -> Any:
+        return relax.const(v, dtype)
+
+    def shift_linear(node: Any, imp: Any) -> Any:
+        bb = imp.block_builder
+        x, shift, sign = (imp.env[a] for a in node.args[:3])
+        frac_bits, primitive = int(node.args[3]), str(node.args[4])
+        b, m, k = _shape(x)
+        n = _shape(shift)[0]
+        rows = bb.emit(relax.op.reshape(x, (1, b * m, k))) if b != 1 else x  # [1, tokens, k]
+        scale = float(2.0**frac_bits)
+        fixed = relax.op.clip(relax.op.floor(relax.op.multiply(rows, const(scale))), _FIXED_MIN, _FIXED_MAX)
+        if primitive == "matshift":
+            x_int = bb.emit(relax.op.astype(fixed, "int32"))
+            acc = emitter.call(bb, "matshift", (1, b * m, k, n), [x_int, shift, sign])  # int32
+            out = bb.emit(relax.op.divide(relax.op.astype(acc, "float32"), const(scale)))
+        elif primitive == "matshift_decode":
+            x_q = bb.emit(relax.op.divide(fixed, const(scale)))
+            out = emitter.call(bb, "matshift_decode", (1, b * m, k, n), [x_q, shift, sign])
+        else:
+            raise KernelError(f"unknown shift primitive '{primitive}' in the traced graph")
+        return bb.emit(relax.op.reshape(out, (b, m, n))) if b != 1 else out
+
+    def matadd(node: Any, imp: Any) -> Any:
+        bb = imp.block_builder
+        mask, v = imp.env[node.args[0]], imp.env[node.args[1]]
+        b, k, m = _shape(mask)
+        n = _shape(v)[2]
+        bits = bb.emit(relax.op.astype(mask, "uint8"))  # the codes are exactly 0.0/1.0
+        return emitter.call(bb, "matadd", (b, m, k, n), [bits, v])
+
+    def _weight_nk(node: Any, imp: Any) -> Any:
+        """The [n, k] weight behind a Linear's ``mat2`` (``permute(w, [1, 0])`` after decomposition)."""
+        target = str(getattr(node, "target", ""))
+        if "permute" in target or target.endswith(".t.default") or "aten.t." in target:
+            dims = list(node.args[1]) if len(node.args) > 1 else [1, 0]
+            if dims == [1, 0]:
+                return imp.env[node.args[0]]
+        return imp.block_builder.emit(relax.op.permute_dims(imp.env[node], [1, 0]))
+
+    def _gemm(bb: Any, x2: Any, w: Any) -> Any:
+        m, k = _shape(x2)
+        n = _shape(w)[0]
+        x3 = bb.emit(relax.op.reshape(x2, (1, m, k)))
+        out = emitter.call(bb, "matmul", (1, m, k, n), [x3, w])
+        return bb.emit(relax.op.reshape(out, (m, n)))
+
+    def addmm(node: Any, imp: Any) -> Any:
+        bb = imp.block_builder
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        if beta != 1 or alpha != 1:
+            return imp._addmm(node)  # not a Linear: the frontend's own lowering
+        bias, x = imp.env[node.args[0]], imp.env[node.args[1]]
+        out = _gemm(bb, x, _weight_nk(node.args[2], imp))
+        return bb.emit(relax.op.add(out, bias))
+
+    def mm(node: Any, imp: Any) -> Any:
+        return _gemm(imp.block_builder, imp.env[node.args[0]], _weight_nk(node.args[1], imp))
+
+    def bmm(node: Any, imp: Any) -> Any:
+        bb = imp.block_builder
+        x, y = imp.env[node.args[0]], imp.env[node.args[1]]
+        b, m, k = _shape(x)
+        n = _shape(y)[2]
+        y_t = bb.emit(relax.op.permute_dims(y, [0, 2, 1]))  # [b, n, k]: the bmm primitive's layout
+        return emitter.call(bb, "bmm", (b, m, k, n), [x, y_t])
+
+    return {"packed_shift_linear.default": shift_linear, "matadd.default": matadd, "addmm.default": addmm,
+            "mm.default": mm, "bmm.default": bmm}
+
+
+def _param_order(ep: Any, mod: tvm.IRModule) -> list[str]:
+    """State-dict names of main()'s parameter inputs, in call order."""
+    by_arg = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs
+              if getattr(spec, "target", None) is not None}
+    num_input = int(mod["main"].attrs["num_input"])
+    names = []
+    for var in mod["main"].params[num_input:]:
+        name = by_arg.get(var.name_hint)
+        if name is None:
+            raise KernelError(f"cannot map the Relax parameter '{var.name_hint}' back to a model weight")
+        names.append(name)
+    return names
+
+
+def to_relax(model: nn.Module, example: torch.Tensor, target: Any = "cpu") -> RelaxGraph:
+    """Trace ``model`` (an :func:`export_form`, eval mode) on ``example`` and import it with the kernels.
+
+    The graph is static: batch, token count and every MoE capacity are those of ``example``.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    tgt = kernels.resolve_target(target)
+    model = model.eval()
+    with torch.no_grad():
+        try:
+            ep = torch.export.export(model, (example,))
+        except Exception as exc:  # torch.export reports unsupported Python in many exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"torch.export cannot trace the model ({first}); export supports timm "
+                             "ViT/PVTv2 ShiftAddViTs with static MoE capacity") from None
+    emitter = _KernelEmitter(tgt)
+    mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=_converters(emitter))
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
+    names = _param_order(ep, mod)
+    state = dict(ep.state_dict)
+    params = {n: state[n].detach().cpu().contiguous().numpy() for n in names}
+    mod["main"] = mod["main"].without_attr("params")  # the arrays travel in weights.npz, not the module
+    calls = {gv.name_hint: str(f.attrs[KERNEL_ATTR]) for gv, f in mod.functions_items()
+             if f.attrs is not None and KERNEL_ATTR in f.attrs}
+    return RelaxGraph(mod, names, params, tuple(example.shape), str(example.dtype).replace("torch.", ""), calls)
+
+
+def kernel_functions(mod: tvm.IRModule) -> dict[str, str]:
+    """``{PrimFunc name: primitive}`` of the project's kernels in ``mod``."""
+    return {gv.name_hint: str(f.attrs[KERNEL_ATTR]) for gv, f in mod.functions_items()
+            if f.attrs is not None and KERNEL_ATTR in f.attrs}
+
+
+def call_tir_targets(mod: tvm.IRModule, func: str = "main") -> list[str]:
+    """Names of the PrimFuncs that ``func`` calls through ``call_tir``, in program order (before lowering)."""
+    import tvm
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found = []
+    for block in mod[func].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if getattr(value, "op", None) is not None and value.op.same_as(call_tir):
+                found.append(value.args[0].name_hint)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scheduling and compiling
+
+
+def _vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
+    from tvm.target.codegen import llvm_get_vector_width
+
+    try:
+        width = int(llvm_get_vector_width(target))
+    except Exception:  # a non-LLVM or odd target: SSE width is always safe on x86 and arm
+        width = 128
+    return max(1, (width if width > 0 else 128) // bits)
+
+
+# Below this many output elements a parallel launch costs more than it saves (TVM's thread pool wakes
+# its workers per parallel loop: a few microseconds).
+PARALLEL_MIN_ELEMENTS = 4096
+
+
+def _cpu_elementwise_rule() -> Any:
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline
+
+    class CpuElementwise(dl.ScheduleRule):
+        """Fallback CPU rule: inline what can be inlined, then per remaining block fuse the spatial loops,
+        run them in parallel (when big enough) and vectorise the innermost chunk of spatial-only blocks."""
+
+        def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+                return None
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None:
+                return None
+            infos = try_inline(sch, infos)
+            lanes = _vector_lanes(target)
+            reductions = []
+            for info in infos:
+                block = info.block_rv
+                loops = sch.get_loops(block)
+                kinds = info.dom_kind()
+                if not loops or len(loops) != len(kinds):
+                    continue
+                s_loops = [lp for lp, kd in zip(loops, kinds) if kd == "S"]
+                r_loops = [lp for lp, kd in zip(loops, kinds) if kd == "R"]
+                o_loops = [lp for lp, kd in zip(loops, kinds) if kd not in "SR"]
+                if not s_loops:
+                    continue
+                sch.reorder(*s_loops, *r_loops, *o_loops)
+                fused = sch.fuse(*s_loops)
+                extent = sch.get(fused).extent
+                extent = int(extent) if isinstance(extent, tirx.IntImm) else None
+                if r_loops or o_loops:
+                    if extent is None or extent >= 2:
+                        sch.parallel(fused)
+                    if r_loops:
+                        reductions.append((block, r_loops[0]))
+                    continue
+                if extent is None:
+                    continue
+                vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and extent % v == 0), 0)
+                if vec and extent >= 2 * vec:
+                    outer, inner = sch.split(fused, [None, vec])
+                    sch.vectorize(inner)
+                else:
+                    outer = fused
+                if extent >= PARALLEL_MIN_ELEMENTS:
+                    sch.parallel(outer)
+            for block, r_loop in reductions:
+                try:
+                    sch.decompose_reduction(block, r_loop)
+                except Exception:  # an init that cannot be hoisted stays inside the loop nest
+                    pass
+            return sch
+
+    return CpuElementwise()
+
+
+def schedule_rules(target: tvm.target.Target) -> list[Any]:
+    """dlight rules for the non-kernel PrimFuncs of ``target`` (kernels arrive already scheduled)."""
+    from tvm.s_tir import dlight as dl
+
+    if target.kind.name == "cuda":
+        return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [dl.cpu.Reduction(), _cpu_elementwise_rule()]
+
+
+def relax_pipeline(target: tvm.target.Target) -> Any:
+    """The default Relax pipeline of the target's backend, with :func:`schedule_rules` after fusion."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    backend = relax.backend.cuda.pipeline if target.kind.name == "cuda" else relax.backend.cpu_generic.pipeline
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+        dl.ApplyDefaultSchedule(*schedule_rules(target)),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0, name="ShiftAddPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                backend.library_dispatch_passes(target) + legalize
+                + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def compile_relax(mod: tvm.IRModule, target: Any) -> Any:
+    """Compile a Relax module for ``target`` (spec, JSON dict or Target) with the exporter's pipeline:
+    legalise, fuse, schedule (see :func:`schedule_rules`), lower. Returns a ``relax.Executable``;
+    run it with ``tvm.relax.VirtualMachine(exe, device)``. Stable API (the profiler uses it)."""
+    import tvm
+
+    tgt = kernels.resolve_target(target)
+    try:
+        with tgt:
+            return tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+    except Exception as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise KernelError(f"TVM failed to compile the model for {kernels.target_slug(tgt)}: "
+                          f"{lines[-1] if lines else type(exc).__name__}") from exc
+
+
+def fastest_shift(shape: tuple[int, int, int, int], latencies: Mapping[str, float]) -> str:
+    """The shift primitive with the lowest latency (ties go to the integer ``matshift``)."""
+    known = {p: latencies[p] for p in SHIFT_PRIMITIVES if p in latencies}
+    if not known:
+        raise KernelError(f"no latency for matshift or matshift_decode at shape {shape}")
+    return min(SHIFT_PRIMITIVES, key=lambda p: (known.get(p, float("inf")), p != "matshift"))

@@ -1,0 +1,818 @@
+"""``dse search``: Optuna search over per-layer primitive assignments, in two stages.
+
+Stage A (cost only, thousands of trials). Minimise (predicted latency, predicted energy, accuracy-risk
+proxy) over the categorical space of :mod:`dse.search_space` with NSGA-II (Deb et al. 2002;
+``optuna.samplers.NSGAIISampler``, population ``search.population``). Why NSGA-II: the space is 20-60
+categorical dimensions, the objective costs microseconds (a sum of table lookups, :mod:`dse.cost`; the
+proxy of :mod:`dse.sensitivity`), and a few thousand trials are wanted; NSGA-II's per-trial overhead is
+~150 trials/s in memory on this CPU, where Optuna 5's multi-objective TPE manages ~5 trials/s (DESIGN.md).
+The three baselines are enqueued first (all-mult, all-shift with MSA, the ShiftAddViT recipe).
+
+Storage. A storage write per trial would cap stage A at ~3 trials/s on SQLite, so trials run in an
+in-memory study (ask/tell) and are written to the persistent study in batches — every
+``search.persist_every_s`` seconds, at the end, and on KeyboardInterrupt/SIGTERM — by
+:class:`dse.trial_store.TrialStore` (one transaction per batch). The persistent study holds every trial;
+a rerun of the same command seeds a fresh in-memory study from the stored trials and runs until the
+stored count reaches ``search.trials``. A SIGKILL loses at most the unflushed batch. Several workers
+(processes or machines) may share one study through a server database (``--storage
+postgresql://...``): each registers a worker index (its sampler seed), writes its batches, and pulls the
+others' trials into its in-memory population at every flush.
+
+Stage B (accuracy, a handful of trials). Candidates spread along the stage-A front
+(``search.stage_b_candidates``, farthest-point in normalised objective space, starting at the fastest),
+plus the recipe, are reparameterised from the dense checkpoint and fine-tuned for
+``search.stage_b_epochs`` by :func:`dse.finetune.finetune`; their validation accuracy goes into a second
+study (objectives: -accuracy, predicted latency) with the budgets ``search.latency_budget_ms`` /
+``search.energy_budget_mj`` as Optuna constraints (``Trial.set_constraint``, feasible when <= 0).
+
+Choosing ``best_assignment.yaml``: among candidates meeting the budgets, the fastest predicted latency
+whose accuracy is within ``search.max_accuracy_drop`` points of the dense accuracy; if none is, the most
+accurate. With stage A only (no accuracy measured), the fastest front design whose risk proxy is no
+higher than the recipe's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import signal
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+from dse import pareto
+from dse.config import Config, config_to_dict, save_config
+from dse.errors import ConfigError, ProfileError, StageError
+from dse.fileio import atomic_write_text, sha256_file
+from dse.search_space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES_A = ("latency_ms", "energy_mj", "risk")
+OBJECTIVES_B = ("neg_accuracy", "latency_ms")
+STAGE_B_SUFFIX = "-stage-b"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost sources
+
+
+class Cost(NamedTuple):
+    latency_ms: float
+    energy_mj: float
+
+
+@runtime_checkable
+class CostSource(Protocol):
+    """What the search needs from a cost model (``dse.cost.ModelCost`` satisfies it)."""
+
+    def predict(self, assignment: Any) -> Any:
+        """Whole-model cost of a :class:`models.Assignment`: an object with ``latency_ms``, ``energy_mj``."""
+        ...
+
+    def moe_expert_costs(self, layer_name: str) -> dict[str, float]:
+        """``{"mult": c, "shift": c}`` per token for a Linear (the balance loss's weights)."""
+        ...
+
+
+class CostTableFile:
+    """An additive cost table read from JSON: a cost source that needs no profile (tests, or costs
+    measured by another tool)::
+
+        {"fixed": [latency_ms, energy_mj],
+         "layers": {"blocks.0.attn": {"msa": [l, e], "hamming": [l, e]},
+                    "blocks.0.attn.qkv": {"mult": [l, e], "shift": [l, e], "moe": [l, e]}, ...},
+         "moe_expert_costs": {"blocks.0.attn.qkv": {"mult": c, "shift": c}, ...}}   # optional
+
+    A layer's missing choice cannot be searched. Without ``moe_expert_costs`` an expert's cost is that
+    layer's mult / shift latency (only the ratio matters to the balance loss).
+    """
+
+    def __init__(self, fixed: Sequence[float], layers: Mapping[str, Mapping[str, Sequence[float]]],
+                 moe_expert_costs: Mapping[str, Mapping[str, float]] | None = None):
+        self.fixed = Cost(float(fixed[0]), float(fixed[1]))
+        self.layers = {name: {c: Cost(float(v[0]), float(v[1])) for c, v in choices.items()}
+                       for name, choices in layers.items()}
+        # A layer priced for msa or hamming is an attention module, any other a Linear.
+        self.kinds = {name: "attention" if {"msa", "hamming"} & set(ch) else "linear"
+                      for name, ch in self.layers.items()}
+        self._moe = {k: dict(v) for k, v in (moe_expert_costs or {}).items()}
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> CostTableFile:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            return cls(data["fixed"], data["layers"], data.get("moe_expert_costs"))
+        except FileNotFoundError:
+            raise ProfileError(f"cost table {path} does not exist; check --profile") from None
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ProfileError(f"cost table {path} is malformed ({type(exc).__name__}: {exc}); expected "
+                               "{'fixed': [ms, mJ], 'layers': {layer: {choice: [ms, mJ]}}}") from None
+
+    def to_json(self, path: str | Path) -> Path:
+        data = {"fixed": list(self.fixed), "layers": {n: {c: list(v) for c, v in ch.items()}
+                                                       for n, ch in self.layers.items()}}
+        if self._moe:
+            data["moe_expert_costs"] = self._moe
+        return atomic_write_text(path, json.dumps(data, indent=1))
+
+    def predict(self, assignment: Any) -> Cost:
+        for kind in ("attention", "linear"):
+            unknown = [n for n in getattr(assignment, kind) if self.kinds.get(n) != kind]
+            if unknown:
+                raise ProfileError(f"the cost table has no {kind} layer '{unknown[0]}'")
+        lat, en = self.fixed
+        for name, choices in self.layers.items():
+            kind = self.kinds[name]
+            choice = getattr(assignment, kind).get(name, "msa" if kind == "attention" else "mult")
+            cost = choices.get(choice)
+            if cost is None:
+                raise ProfileError(f"the cost table cannot price '{choice}' for {name}")
+            lat += cost.latency_ms
+            en += cost.energy_mj
+        return Cost(lat, en)
+
+    def moe_expert_costs(self, layer_name: str) -> dict[str, float]:
+        if layer_name in self._moe:
+            return dict(self._moe[layer_name])
+        choices = self.layers.get(layer_name)
+        if not choices or "mult" not in choices or "shift" not in choices:
+            raise ProfileError(f"the cost table has no mult/shift costs for '{layer_name}'")
+        return {"mult": choices["mult"].latency_ms, "shift": choices["shift"].latency_ms}
+
+
+def load_costs(cfg: Config, model: Any, profile: str | Path | None) -> CostSource:
+    """A cost-table JSON, or the cost model of a profile CSV (default: the store's profile for
+    ``profile.target``), specialised to ``model``'s layers."""
+    if profile is not None and Path(profile).suffix == ".json":
+        return CostTableFile.from_json(profile)
+    from dse import finetune
+
+    try:
+        path = Path(profile) if profile is not None else finetune.default_profile(cfg)
+        return finetune.cost_model_for(cfg, model, path)
+    except (ImportError, AttributeError) as exc:
+        raise StageError(f"the cost model cannot load a profile here ({exc}); pass --profile COSTS.json") from None
+
+
+def priced_choices(costs: CostSource, kinds: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """{layer: choices the cost source can price}: each choice probed on the dense assignment with only
+    that layer changed (a ProfileError or a non-finite result means "cannot")."""
+    from models.assignment import ATTENTION_CHOICES, LINEAR_CHOICES, Assignment
+
+    out: dict[str, tuple[str, ...]] = {}
+    for name, kind in kinds.items():
+        ok = []
+        for choice in ATTENTION_CHOICES if kind == "attention" else LINEAR_CHOICES:
+            plan = Assignment(attention={name: choice}) if kind == "attention" else Assignment(linear={name: choice})
+            try:
+                got = costs.predict(plan)
+            except (ProfileError, StageError, KeyError) as exc:
+                log.info("cannot price %s for %s: %s", choice, name, exc)
+                continue
+            if math.isfinite(got.latency_ms) and math.isfinite(got.energy_mj):
+                ok.append(choice)
+        out[name] = tuple(ok)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage-A objective
+
+
+class Objective:
+    """params -> (predicted latency ms, predicted energy mJ, risk proxy)."""
+
+    def __init__(self, space: SearchSpace, costs: CostSource, risk: Mapping[str, Mapping[str, float]]):
+        self.space, self.costs, self.risk = space, costs, risk
+
+    def __call__(self, params: Mapping[str, str]) -> tuple[float, float, float]:
+        layer_choice = self.space.choices(params)
+        got = self.costs.predict(self.space.assignment(params))
+        proxy = math.fsum(self.risk[layer][choice] for layer, choice in layer_choice.items())
+        return float(got.latency_ms), float(got.energy_mj), proxy
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage A
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{Path(out).resolve() / 'study.db'}"
+
+
+def _quiet_optuna() -> contextlib.AbstractContextManager:
+    import optuna
+
+    @contextlib.contextmanager
+    def quiet() -> Iterator[None]:
+        level = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                yield
+        finally:
+            optuna.logging.set_verbosity(level)
+
+    return quiet()
+
+
+def open_study(url: str, name: str, directions: Sequence[str], metric_names: Sequence[str],
+               space: SearchSpace | None = None):
+    """(RDB storage, study) — created or loaded; a study of another search space or other objectives is
+    refused rather than mixed."""
+    import optuna
+
+    from dse.trial_store import open_storage
+
+    storage = open_storage(url)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, directions=list(directions),
+                                    load_if_exists=True)
+    except ValueError as exc:
+        raise StageError(f"study '{name}' in {url} cannot be used: {exc}") from None
+    have = [d.name.lower() for d in study.directions]
+    if have != list(directions):
+        raise StageError(f"study '{name}' in {url} has objectives {have}, not {list(directions)}; use another "
+                         "--study name")
+    if study.metric_names is None:
+        study.set_metric_names(list(metric_names))
+    if space is not None:
+        fp = space.fingerprint()
+        stored = study.user_attrs.get("dse:space")
+        if stored is None:
+            with contextlib.suppress(Exception):  # a concurrent worker may set it first; compared below
+                study.set_user_attr("dse:space", fp)
+                study.set_user_attr("dse:params", {p.name: list(p.choices) for p in space.params})
+            stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("dse:space", fp)
+        if stored != fp:
+            raise StageError(f"study '{name}' in {url} was made for another search space (other layers, freeze "
+                             "or tie settings); use another --study name or output folder")
+    return storage, study
+
+
+def _sampler(kind: str, population: int, seed: int):
+    import optuna
+
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"unknown search.sampler '{kind}'; use nsga2, tpe or random")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread, so the unflushed batch is written first."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while a batch is written and marked written, so an interrupt can neither split
+    the two (which would write the batch twice) nor lose it; the signal is delivered right after."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, ValueError, OSError):  # not a POSIX main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@dataclasses.dataclass
+class StageAResult:
+    stored: int  # completed trials in the study at the end
+    evaluated: int  # trials this process evaluated (baselines included)
+    written: int  # of which written (a baseline another worker stored first is not)
+    seconds: float
+    worker: int
+    interrupted: bool = False
+
+    @property
+    def rate(self) -> float:
+        return self.evaluated / self.seconds if self.seconds > 0 else float("nan")
+
+
+def run_stage_a(space: SearchSpace, objective: Callable[[Mapping[str, str]], Sequence[float]], storage_url: str,
+                study_name: str, *, trials: int, sampler: str = "nsga2", population: int = 100, seed: int = 0,
+                persist_every_s: float = 2.0, progress: Callable[[str], None] | None = None) -> StageAResult:
+    """Run stage A until the persistent study holds ``trials`` completed trials (module docstring)."""
+    import optuna
+
+    from dse.trial_store import TrialStore
+
+    t0 = time.perf_counter()
+    with _quiet_optuna():
+        storage, _ = open_study(storage_url, study_name, ["minimize"] * 3, OBJECTIVES_A, space)
+        store = TrialStore(storage, study_name)
+        worker = store.register_worker()
+        mem = optuna.create_study(directions=["minimize"] * 3,
+                                  sampler=_sampler(sampler, population, seed + 7919 * worker))
+        stored = store.read_new()
+        _check_space(space, stored, study_name)
+        mem.add_trials(stored)
+        stored_count = store.count()
+        for name, params in space.baselines().items():
+            mem.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+        log.info("stage A: worker %d, %d stored trials, target %d", worker, stored_count, trials)
+        pending: list[optuna.trial.FrozenTrial] = []
+        evaluated = written = seq = 0
+        last_flush = time.monotonic()
+
+        def flush() -> None:
+            nonlocal written, stored_count, last_flush
+            if pending:
+                with _signals_deferred():
+                    written += len(store.write(pending, unique_attr="baseline"))
+                    pending.clear()
+            others = store.read_new()
+            if others:
+                _check_space(space, others, study_name)
+                mem.add_trials(others)
+            stored_count = store.count()
+            last_flush = time.monotonic()
+            if progress is not None:
+                progress(f"stage A: {stored_count}/{trials} trials stored "
+                         f"({evaluated / max(1e-9, time.perf_counter() - t0):.0f} trials/s here)")
+
+        interrupted = False
+        with _sigterm_as_interrupt():
+            try:
+                while stored_count + len(pending) < trials:
+                    trial = mem.ask()
+                    params = space.suggest(trial)
+                    values = objective(params)
+                    trial.set_user_attr("worker", worker)
+                    if "baseline" not in trial.user_attrs:
+                        trial.set_user_attr("seq", seq)
+                        seq += 1
+                    pending.append(mem.tell(trial, list(values)))
+                    evaluated += 1
+                    if time.monotonic() - last_flush >= persist_every_s:
+                        flush()
+                flush()
+            except KeyboardInterrupt:
+                interrupted = True
+                log.warning("stage A interrupted: writing %d pending trials before exiting", len(pending))
+                flush()
+                raise
+            finally:
+                if interrupted:
+                    log.warning("stage A: %d trials stored; rerun the same command to continue", stored_count)
+    return StageAResult(stored_count, evaluated, written, time.perf_counter() - t0, worker, interrupted)
+
+
+def _check_space(space: SearchSpace, trials: Sequence[Any], study_name: str) -> None:
+    dists = space.distributions()
+    for t in trials:
+        if t.distributions != dists:
+            raise StageError(f"study '{study_name}' holds trial {t.number} of another search space; use another "
+                             "--study name or output folder")
+
+
+def stored_trials(storage_url: str, study_name: str) -> list[Any]:
+    """Every completed trial of a stage-A study (bulk read)."""
+    from dse.trial_store import TrialStore, open_storage
+
+    return TrialStore(open_storage(storage_url), study_name).read_new()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The front
+
+
+def front_table(space: SearchSpace, trials: Sequence[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                                     np.ndarray]:
+    """(front rows, baseline rows, all objective values [n, 3]); the front is de-duplicated by params
+    (the lowest trial number stands for its duplicates)."""
+    values = np.array([t.values for t in trials], dtype=float).reshape(-1, 3)
+    unique: dict[tuple, int] = {}
+    for i, t in enumerate(trials):
+        unique.setdefault(space.key(t.params), i)
+    idx = np.array(sorted(unique.values()), dtype=int)
+    mask = pareto.nondominated(values[idx]) if len(idx) else np.zeros(0, dtype=bool)
+    front_idx = idx[mask]
+    front_keys = {space.key(trials[i].params) for i in front_idx}
+
+    def row(i: int) -> dict[str, Any]:
+        t = trials[i]
+        layer_choice = space.choices(t.params)
+        return {"trial": t.number, "latency_ms": float(t.values[0]), "energy_mj": float(t.values[1]),
+                "risk": float(t.values[2]), "baseline": t.user_attrs.get("baseline", ""),
+                **{f"n_{k}": v for k, v in SearchSpace.counts(layer_choice).items()},
+                "params": dict(t.params)}
+
+    front = sorted((row(i) for i in front_idx), key=lambda r: (r["latency_ms"], r["risk"]))
+    baselines = []
+    for i, t in enumerate(trials):
+        if t.user_attrs.get("baseline"):
+            r = row(i)
+            r["on_front"] = space.key(t.params) in front_keys
+            dom = pareto.dominated_by(values[i], values[front_idx]) if len(front_idx) else []
+            r["dominated_by"] = [int(trials[front_idx[j]].number) for j in dom[:5]]
+            baselines.append(r)
+    baselines.sort(key=lambda r: r["baseline"])
+    return front, baselines, values
+
+
+def _feasible(row: Mapping[str, Any], latency_budget: float | None, energy_budget: float | None) -> bool:
+    return (latency_budget is None or row["latency_ms"] <= latency_budget) and (
+        energy_budget is None or row["energy_mj"] <= energy_budget)
+
+
+def stage_b_candidates(space: SearchSpace, front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
+                       k: int, latency_budget: float | None, energy_budget: float | None) -> list[dict[str, Any]]:
+    """``k`` front designs spread along the front (the dense design excluded: its accuracy is known),
+    preferring those within budget, plus the recipe."""
+    dense_key = space.key(space.baselines()["all-mult"])
+    pool = [r for r in front if space.key(r["params"]) != dense_key]
+    feasible = [r for r in pool if _feasible(r, latency_budget, energy_budget)]
+    pool = feasible or pool
+    chosen = []
+    if pool and k > 0:
+        pts = np.array([[r["latency_ms"], r["energy_mj"], r["risk"]] for r in pool])
+        chosen = [pool[i] for i in pareto.spread(pts, k)]
+    recipe = next((b for b in baselines if b["baseline"] == "recipe"), None)
+    if recipe is not None and all(space.key(r["params"]) != space.key(recipe["params"]) for r in chosen):
+        chosen.append(recipe)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage B
+
+
+def _candidate_dir(space: SearchSpace, params: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(space.key(params)).encode()).hexdigest()[:12]
+
+
+def run_stage_b(cfg: Config, out: Path, space: SearchSpace, candidates: Sequence[dict[str, Any]], costs: CostSource,
+                storage_url: str, study_name: str, *, checkpoint: str | Path, data: Any = None,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """Fine-tune each candidate briefly and record its validation accuracy in the stage-B study; a
+    candidate already recorded there is not trained again. Returns the candidates with ``accuracy``,
+    ``dense_accuracy``, ``feasible`` and ``stage_b_trial`` added."""
+    import optuna
+
+    from dse.data import load_data
+    from dse.finetune import finetune
+
+    s = cfg.search
+    with _quiet_optuna():
+        _, study = open_study(storage_url, study_name + STAGE_B_SUFFIX, ["minimize", "minimize"], OBJECTIVES_B, space)
+        study.sampler = optuna.samplers.RandomSampler(seed=cfg.seed)  # every trial is enqueued: no sampling
+        done = {space.key(t.params): t for t in study.get_trials(deepcopy=False,
+                                                                 states=[optuna.trial.TrialState.COMPLETE])}
+    data = data if data is not None else load_data(cfg.data, cfg.seed)
+    cfg_b = copy.deepcopy(cfg)
+    cfg_b.finetune.epochs = s.stage_b_epochs
+    cfg_b.finetune.warmup_epochs = min(cfg.finetune.warmup_epochs, max(0, s.stage_b_epochs - 1))
+    results = []
+    for cand in candidates:
+        row = dict(cand)
+        key = space.key(cand["params"])
+        trial = done.get(key)
+        if trial is None:
+            folder = out / "stage_b" / _candidate_dir(space, cand["params"])
+            folder.mkdir(parents=True, exist_ok=True)
+            plan_path = space.assignment(cand["params"]).to_yaml(folder / "candidate.yaml")
+            log.info("stage B: fine-tuning trial %s (%s) for %d epoch(s) in %s", cand["trial"],
+                     cand.get("baseline") or "front", s.stage_b_epochs, folder)
+            summary = finetune(cfg_b, folder, checkpoint=checkpoint, assignment=plan_path, costs=costs,
+                               resume=True, progress=progress, data=data)
+            with _quiet_optuna():
+                study.enqueue_trial(cand["params"])
+                t = study.ask()
+                space.suggest(t)
+                if s.latency_budget_ms is not None:
+                    t.set_constraint("latency_budget", cand["latency_ms"] - s.latency_budget_ms)
+                if s.energy_budget_mj is not None:
+                    t.set_constraint("energy_budget", cand["energy_mj"] - s.energy_budget_mj)
+                attrs = {"stage_a_trial": cand["trial"], "energy_mj": cand["energy_mj"], "risk": cand["risk"],
+                         "baseline": cand.get("baseline", ""), "dense_accuracy": summary["dense_val_acc"],
+                         "epochs": s.stage_b_epochs, "folder": str(folder)}
+                for k, v in attrs.items():
+                    t.set_user_attr(k, v)
+                trial = study.tell(t, [-float(summary["val_acc"]), float(cand["latency_ms"])])
+        row["accuracy"] = -float(trial.values[0])
+        row["dense_accuracy"] = float(trial.user_attrs["dense_accuracy"])
+        row["feasible"] = all(v <= 0 for v in trial.constraints.values()) if trial.constraints else True
+        row["stage_b_trial"] = trial.number
+        results.append(row)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing the design
+
+
+def choose(front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]],
+           *, max_drop: float, latency_budget: float | None, energy_budget: float | None
+           ) -> tuple[dict[str, Any] | None, str]:
+    """The design for ``best_assignment.yaml`` and the rule that picked it (module docstring)."""
+    if measured:
+        feasible = [r for r in measured if r["feasible"] and _feasible(r, latency_budget, energy_budget)]
+        note = ""
+        if not feasible:
+            feasible, note = list(measured), " (no candidate meets the budgets; budgets ignored)"
+        dense = feasible[0]["dense_accuracy"]
+        within = [r for r in feasible if r["accuracy"] >= dense - max_drop]
+        if within:
+            best = min(within, key=lambda r: (r["latency_ms"], -r["accuracy"]))
+            return best, (f"fastest predicted latency among stage-B candidates within {max_drop:g} points of the "
+                          f"dense accuracy {dense:.2f}%{note}")
+        best = max(feasible, key=lambda r: (r["accuracy"], -r["latency_ms"]))
+        return best, (f"no stage-B candidate within {max_drop:g} points of the dense accuracy {dense:.2f}%: the "
+                      f"most accurate{note}")
+    pool = [r for r in front if _feasible(r, latency_budget, energy_budget)] or list(front)
+    recipe = next((b for b in baselines if b["baseline"] == "recipe"), None)
+    if not pool:
+        return None, "no trials"
+    if recipe is not None:
+        safe = [r for r in pool if r["risk"] <= recipe["risk"] + 1e-12]
+        if safe:
+            best = min(safe, key=lambda r: (r["latency_ms"], r["risk"]))
+            return best, ("stage A only (no accuracy measured): fastest predicted latency among front designs whose "
+                          "risk proxy is no higher than the ShiftAddViT recipe's")
+    best = min(pool, key=lambda r: (r["risk"], r["latency_ms"]))
+    return best, "stage A only: the lowest risk proxy on the front"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def write_pareto_csv(path: Path, space: SearchSpace, front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
+                     measured: Sequence[dict[str, Any]], chosen: dict[str, Any] | None,
+                     latency_budget: float | None, energy_budget: float | None) -> Path:
+    """One row per front design, then the baselines not on the front, then measured candidates not on
+    the front; stage-B accuracy where measured; one column per search parameter."""
+    import pandas as pd
+
+    acc = {r["trial"]: r for r in measured}
+    seen: set[int] = set()
+    rows = []
+    base_by_trial = {b["trial"]: b for b in baselines}
+
+    def emit(r: dict[str, Any], source: str) -> None:
+        if r["trial"] in seen:
+            return
+        seen.add(r["trial"])
+        m = acc.get(r["trial"])
+        b = base_by_trial.get(r["trial"])
+        rows.append({
+            "trial": r["trial"], "source": source, "baseline": r.get("baseline", ""),
+            "latency_ms": r["latency_ms"], "energy_mj": r["energy_mj"], "risk": r["risk"],
+            "accuracy": m["accuracy"] if m else None, "dense_accuracy": m["dense_accuracy"] if m else None,
+            "feasible": _feasible(r, latency_budget, energy_budget),
+            "dominated_by": " ".join(map(str, b["dominated_by"])) if b and not b["on_front"] else "",
+            "chosen": chosen is not None and chosen["trial"] == r["trial"],
+            **{k: r[k] for k in r if k.startswith("n_")},
+            **{p.name: r["params"][p.name] for p in space.params},
+        })
+
+    for r in front:
+        emit(r, "front")
+    for r in baselines:
+        emit(r, "baseline")
+    for r in measured:
+        emit(r, "stage_b")
+    frame = pd.DataFrame(rows)
+    return atomic_write_text(path, frame.to_csv(index=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def _sensitivity_key(cfg: Config, checkpoint: str | Path, kinds: Mapping[str, str], reparam: Mapping[str, Any]) -> str:
+    blob = {"checkpoint": sha256_file(checkpoint), "model": config_to_dict(cfg.model), "data": config_to_dict(cfg.data),
+            "seed": cfg.seed, "samples": cfg.search.sensitivity_samples, "reparam": dict(reparam),
+            "layers": list(kinds)}
+    blob["model"].pop("checkpoint", None)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def measure_risk(cfg: Config, out: Path, dense: Any, kinds: Mapping[str, str], checkpoint: str | Path, data: Any,
+                 progress: Callable[[str], None] | None = None):
+    """The cached (or freshly measured) per-layer sensitivity of ``dense`` (:mod:`dse.sensitivity`)."""
+    import torch
+    from torch.utils.data import Subset
+
+    from dse import sensitivity
+    from dse.finetune import fit_batch, reparam_options
+
+    reparam = reparam_options(cfg)
+    key = _sensitivity_key(cfg, checkpoint, kinds, reparam)
+
+    def run():
+        val = data.val
+        n = cfg.search.sensitivity_samples
+        if 0 < n < len(val):
+            gen = torch.Generator().manual_seed(cfg.seed)
+            val = Subset(val, torch.randperm(len(val), generator=gen)[:n].sort().values.tolist())
+        return sensitivity.measure(dense, kinds, val, fit_batch(data, cfg), batch_size=cfg.data.eval_batch_size,
+                                   reparam=reparam, progress=progress)
+
+    return sensitivity.load_or_measure(out / "sensitivity.json", key, run)
+
+
+def run_search(cfg: Config, out: Path | None = None, *, costs: CostSource | None = None,
+               progress: Callable[[str], None] | None = None, train_progress: bool = False) -> dict[str, Any]:
+    """``dse search`` end to end (module docstring); returns a JSON-able summary."""
+    from dse.data import load_data
+    from dse.finetune import load_dense
+    from models.assignment import layer_kinds
+
+    s = cfg.search
+    out = Path(out or cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    checkpoint = cfg.model.checkpoint
+    if not checkpoint:
+        raise ConfigError("dse search needs the dense checkpoint for its accuracy-risk proxy: pass --checkpoint "
+                          "DENSE.pt or set model.checkpoint (`dse pretrain` writes one)")
+    storage_url = s.storage or default_storage(out)
+    dense, _ = load_dense(cfg, checkpoint)
+    kinds = layer_kinds(dense)
+    costs = costs if costs is not None else load_costs(cfg, dense, s.profile)
+    space = SearchSpace.build(kinds, s.freeze, s.tie, priced_choices(costs, kinds))
+    data = load_data(cfg.data, cfg.seed)
+    sens, reused = measure_risk(cfg, out, dense, kinds, checkpoint, data, progress)
+
+    def shift_share(layer: str) -> float | None:
+        if kinds[layer] != "linear":
+            return None
+        try:
+            c = costs.moe_expert_costs(layer)
+        except Exception:  # a layer MoE cannot be priced for is never searched as moe
+            return None
+        return c["mult"] / (c["mult"] + c["shift"])
+
+    from dse.sensitivity import risk_table
+
+    table = risk_table(sens, kinds, shift_share)
+    objective = Objective(space, costs, table)
+    summary: dict[str, Any] = {
+        "storage": storage_url, "study": s.study_name, "parameters": len(space), "layers": len(kinds),
+        "pinned": len(space.pinned), "sampler": s.sampler, "population": s.population,
+        "sensitivity": {"reused": reused, "seconds": round(sens.seconds, 1), "samples": sens.samples,
+                        "dense_loss": sens.base_loss, "dense_acc_subset": sens.base_acc},
+    }
+    if s.stage in ("a", "both"):
+        res = run_stage_a(space, objective, storage_url, s.study_name, trials=s.trials, sampler=s.sampler,
+                          population=s.population, seed=cfg.seed, persist_every_s=s.persist_every_s,
+                          progress=progress)
+        summary["stage_a"] = {"stored": res.stored, "evaluated": res.evaluated, "written": res.written,
+                              "seconds": round(res.seconds, 2), "trials_per_s": round(res.rate, 1),
+                              "worker": res.worker}
+    trials = stored_trials(storage_url, s.study_name)
+    if not trials:
+        raise StageError(f"study '{s.study_name}' in {storage_url} has no stage-A trials; run --stage a first")
+    _check_space(space, trials, s.study_name)
+    front, baselines, values = front_table(space, trials)
+    summary["trials"] = len(trials)
+    summary["front_size"] = len(front)
+    summary["baselines"] = {b["baseline"]: {"trial": b["trial"], "on_front": b["on_front"],
+                                            "dominated_by": b["dominated_by"], "latency_ms": b["latency_ms"],
+                                            "energy_mj": b["energy_mj"], "risk": b["risk"]} for b in baselines}
+    measured: list[dict[str, Any]] = []
+    if s.stage in ("b", "both"):
+        cands = stage_b_candidates(space, front, baselines, s.stage_b_candidates, s.latency_budget_ms,
+                                   s.energy_budget_mj)
+        measured = run_stage_b(cfg, out, space, cands, costs, storage_url, s.study_name, checkpoint=checkpoint,
+                               data=data, progress=train_progress)
+        summary["stage_b"] = [{k: r[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy",
+                                                 "dense_accuracy", "feasible")} for r in measured]
+    chosen, rule = choose(front, baselines, measured, max_drop=s.max_accuracy_drop,
+                          latency_budget=s.latency_budget_ms, energy_budget=s.energy_budget_mj)
+    write_pareto_csv(out / "pareto.csv", space, front, baselines, measured, chosen, s.latency_budget_ms,
+                     s.energy_budget_mj)
+    acc = {r["trial"]: r["accuracy"] for r in measured}
+    pareto.plot_front(out / "pareto.png", values, [dict(r, accuracy=acc.get(r["trial"])) for r in front], baselines,
+                      chosen=chosen, latency_budget=s.latency_budget_ms, energy_budget=s.energy_budget_mj,
+                      title=f"{cfg.model.name}: {len(trials)} trials, {len(front)} on the front")
+    if chosen is not None:
+        space.assignment(chosen["params"]).to_yaml(out / "best_assignment.yaml")
+        summary["chosen"] = {k: chosen.get(k) for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk",
+                                                         "accuracy")}
+        summary["chosen"]["counts"] = {k[2:]: v for k, v in chosen.items() if k.startswith("n_")}
+    summary["rule"] = rule
+    summary["front"] = [{k: r[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk")} | {
+        "counts": {k[2:]: v for k, v in r.items() if k.startswith("n_")}} for r in front]
+    summary["outputs"] = {n: str(out / n) for n in ("pareto.csv", "pareto.png", "best_assignment.yaml",
+                                                    "sensitivity.json", "resolved_config.yaml")}
+    atomic_write_text(out / "search.json", json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark: python -m dse.search --bench
+
+
+def synthetic_costs(kinds: Mapping[str, str], seed: int = 0) -> CostTableFile:
+    """A plausible additive cost table for ``kinds`` (for benchmarks and tests of the search machinery, not
+    for decisions): shift ~0.6x and MoE ~0.8x of mult, Hamming ~0.7x of MSA, per-layer noise."""
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for name, kind in kinds.items():
+        base = float(rng.uniform(0.5, 2.0))
+        e = float(rng.uniform(0.8, 1.2))
+        if kind == "attention":
+            layers[name] = {"msa": [base, base * e], "hamming": [base * rng.uniform(0.5, 0.9), base * e * 0.6]}
+        else:
+            sh = rng.uniform(0.4, 0.9)
+            layers[name] = {"mult": [base, base * e], "shift": [base * sh, base * e * 0.35],
+                            "moe": [base * (0.5 + 0.5 * sh) + 0.05, base * e * 0.7]}
+    return CostTableFile([1.0, 1.0], layers)
+
+
+def bench_lines(trials: int = 2000, model: str = "vit_digits", population: int = 100) -> list[str]:
+    """Stage-A throughput on the embedded model's space (synthetic costs and sensitivities, SQLite in a
+    temporary folder), and the batch writer against Optuna's add_trials on the same 50 trials."""
+    import tempfile
+
+    import models
+    from dse.trial_store import TrialStore
+    from models.assignment import layer_kinds
+
+    kinds = layer_kinds(models.create(model))
+    space = SearchSpace.build(kinds)
+    costs = synthetic_costs(kinds)
+    rng = np.random.default_rng(1)
+    table = {n: ({"msa": 0.0, "hamming": float(rng.uniform(0, 0.2))} if k == "attention" else
+                 {"mult": 0.0, "shift": (d := float(rng.uniform(0, 0.3))), "moe": 0.6 * d}) for n, k in kinds.items()}
+    objective = Objective(space, costs, table)
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/study.db"
+        res = run_stage_a(space, objective, url, "bench", trials=trials, population=population)
+        lines.append(f"stage A ({model}, {len(space)} parameters, NSGA-II population {population}, SQLite): "
+                     f"{res.evaluated} trials in {res.seconds:.1f} s = {res.rate:.0f} trials/s")
+        sample = stored_trials(url, "bench")[:50]
+        with _quiet_optuna():
+            for label in ("bulk", "add_trials"):
+                name = f"copy-{label}"
+                storage, study = open_study(url, name, ["minimize"] * 3, OBJECTIVES_A, space)
+                t0 = time.perf_counter()
+                if label == "bulk":
+                    TrialStore(storage, name).write(sample)
+                else:
+                    study.add_trials(sample)
+                dt = time.perf_counter() - t0
+                lines.append(f"persist 50 trials with {label:10s}: {dt:.2f} s = {50 / dt:.0f} trials/s")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dse.search", description="search benchmark")
+    parser.add_argument("--bench", action="store_true", help="print stage-A trials/s on the embedded model")
+    parser.add_argument("--trials", type=int, default=2000)
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return 2
+    for line in bench_lines(args.trials):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["Cost", "CostSource", "CostTableFile", "Objective", "StageAResult", "choose", "front_table",
+           "load_costs", "open_study", "priced_choices", "run_search", "run_stage_a", "run_stage_b",
+           "stage_b_candidates", "synthetic_costs", "write_pareto_csv"]

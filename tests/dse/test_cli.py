@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from tests.conftest import run_dse
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[-1]
+
+
+def test_help_lists_subcommands():
+    res = run_dse("--help")
+    assert res.returncode == 0
+    for name in ("env", "pretrain", "run"):
+        assert name in res.stdout
+
+
+def test_python_m_and_no_command():
+    res = run_dse()
+    assert res.returncode == 2
+
+
+def test_env_json_parses():
+    res = run_dse("env", "--json", "--no-compile")
+    assert res.returncode == 0, res.stderr
+    env = json.loads(res.stdout)
+    assert env["versions"]["tvm"] and "model" in env["energy_sources"]
+    assert env["energy_sources"]["model"] == "usable"
+
+
+def test_unknown_config_key_exits_2_naming_the_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pretrain:\n  epochs: 1\n  lr_warmup: 3\n")
+    res = run_dse("pretrain", "-c", str(cfg), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2
+    assert "pretrain.lr_warmup" in _one_error_line(res.stderr)
+
+
+def test_bad_flag_is_usage_error():
+    res = run_dse("pretrain", "--no-such-flag")
+    assert res.returncode == 2
+    _one_error_line(res.stderr)
+
+
+@pytest.mark.parametrize("overrides, code, fragment", [
+    (["data.name=imagefolder", "data.path=/nonexistent/imagenet"], 2, "/nonexistent/imagenet/train"),
+    (["model.checkpoint=/nonexistent/dense.pt"], 2, "/nonexistent/dense.pt"),
+    (["model.name=no_such_model_xyz"], 2, "no_such_model_xyz"),
+])
+def test_missing_inputs_one_line(tmp_path, overrides, code, fragment):
+    args = ["pretrain", "--out", str(tmp_path / "o")]
+    for o in overrides:
+        args += ["--set", o]
+    res = run_dse(*args)
+    assert res.returncode == code, res.stderr
+    assert fragment in _one_error_line(res.stderr)
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = run_dse("pretrain", "--debug", "--out", str(tmp_path / "o"), "--set", "model.checkpoint=/nope.pt")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_truncated_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "dense.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    res = run_dse("pretrain", "--out", str(tmp_path / "o"), "--set", f"model.checkpoint={bad}")
+    assert res.returncode == 2
+    assert "cannot be read" in _one_error_line(res.stderr)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    import torch
+
+    import models
+
+    other = models.create("vit_digits", embed_dim=48, num_heads=2)
+    path = tmp_path / "other.pt"
+    torch.save({"model": other.state_dict()}, path)
+    res = run_dse("pretrain", "--out", str(tmp_path / "o"), "--set", f"model.checkpoint={path}")
+    assert res.returncode == 2
+    assert "does not fit this model" in _one_error_line(res.stderr)

@@ -1,0 +1,354 @@
+"""Cost model: lookup, regression, MoE arithmetic, whole-model tables, profile identity.
+
+Profiles here are synthetic: their latencies follow a known law, so every expectation is computed
+independently from that law (or from the rows themselves).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+import kernels
+from dse.cost import (
+    AttentionWork,
+    Call,
+    CostModel,
+    CostTable,
+    LinearWork,
+    ModelWork,
+    ProfileData,
+    check_profile,
+    equilibrium_share,
+    moe_expected,
+    Estimate,
+)
+from dse.cost_regression import error_summary, fit_law
+from dse.errors import AssignmentError, ProfileError
+from models.assignment import Assignment
+
+
+def _bytes(prim: str, b: int, m: int, k: int, n: int) -> float:
+    c = kernels.op_counts(prim, b, m, k, n)
+    return float(c.bytes_read + c.bytes_written)
+
+
+def _law(prim: str, b: int, m: int, k: int, n: int, a: float, per_mac: float, per_byte: float) -> float:
+    """The synthetic ground truth: latency_ms = a + per_mac·b·m·k·n + per_byte·bytes."""
+    return a + per_mac * b * m * k * n + per_byte * _bytes(prim, b, m, k, n)
+
+
+# per primitive: (fixed ms, ms per MAC, ms per byte); shift kernels are slower than matmul here
+LAWS = {
+    "matmul": (0.01, 2e-8, 1e-7),
+    "matshift": (0.02, 6e-8, 1e-7),
+    "matshift_decode": (0.015, 3e-8, 1e-7),
+    "bmm": (0.01, 3e-8, 1e-7),
+    "matadd": (0.01, 1e-8, 1e-7),
+}
+ENERGY_PER_MAC = 4.6e-9  # mJ per MAC, the analytical model's kind of law
+
+
+def _row(prim, b, m, k, n, backend="tvm", noise=0.0, rng=None, **extra):
+    a, pm, pb = LAWS.get(prim, (0.005, 0.0, 2e-7))
+    lat = _law(prim, b, m, k, n, a, pm, pb) if prim in LAWS else a + pb * 4 * (b * m * k + b * m * n)
+    if noise:
+        lat *= 1 + noise * rng.standard_normal()
+    return {"primitive": prim, "batch": b, "m": m, "k": k, "n": n, "dtype": "", "latency_ms": lat,
+            "latency_ms_p90": lat, "repeats": 7, "energy_mj": ENERGY_PER_MAC * b * m * k * n + 1e-6,
+            "energy_source": "model", "target": "{}", "tuned_trials": 0, "backend": backend,
+            "schedule": "default", **extra}
+
+
+def _random_shapes(rng, count, lo=16, hi=1024):
+    return [(1, int(rng.integers(lo, hi)), int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
+            for _ in range(count)]
+
+
+def _profile(rng, prims=("matmul", "matshift", "matshift_decode"), count=24, extra_rows=(), noise=0.0):
+    rows = [_row(p, *s, noise=noise, rng=rng) for p in prims for s in _random_shapes(rng, count)]
+    return ProfileData.from_rows(rows + list(extra_rows), meta={})
+
+
+# ---- regression ----------------------------------------------------------------------------------
+
+
+def test_regression_recovers_a_synthetic_cost_law():
+    rng = np.random.default_rng(1)
+    a, pm, pb = 0.05, 2e-8, 3e-7
+    shapes = np.array(_random_shapes(rng, 40))
+    truth = np.array([_law("matmul", *s, a, pm, pb) for s in shapes])
+    noisy = truth * (1 + 0.03 * rng.standard_normal(len(truth)))  # 3% measurement noise
+    law = fit_law("matmul", shapes, noisy)
+    held = np.array(_random_shapes(rng, 30))
+    pred = law.predict_many(held)
+    ref = np.array([_law("matmul", *s, a, pm, pb) for s in held])
+    summary = error_summary(pred, ref)
+    assert summary["within_10"] == 1.0
+    assert summary["rmspe"] < 0.03
+    # the fit's own leave-one-out error reflects the injected noise (~3%), not a perfect fit
+    assert 0.01 < law.loo_rmspe < 0.06
+    coef = dict(zip(law.columns, law.coef))
+    assert coef["const"] == pytest.approx(a, rel=0.25)
+    assert coef["macs"] == pytest.approx(pm, rel=0.25)
+
+
+def test_regression_flags_extrapolation():
+    rng = np.random.default_rng(2)
+    shapes = np.array(_random_shapes(rng, 10, 64, 128))
+    law = fit_law("matmul", shapes, [_law("matmul", *s, *LAWS["matmul"]) for s in shapes])
+    macs = shapes.prod(axis=1)
+    assert not law.extrapolated(1, 96, 96, 96)
+    big = int(math.ceil((2.2 * macs.max()) ** (1 / 3)))
+    assert law.extrapolated(1, big, big, big)
+    assert law.extrapolated(1, 8, 8, 8)  # below half the smallest
+
+
+def test_regression_with_few_rows_is_still_monotone():
+    law = fit_law("matmul", np.array([[1, 64, 64, 64], [1, 128, 128, 128]]), [0.1, 0.6])
+    assert law.columns == ("const", "macs")
+    assert law.predict(1, 64, 64, 64) == pytest.approx(0.1, rel=1e-6)
+    assert law.predict(1, 256, 256, 256) > law.predict(1, 128, 128, 128)
+    one = fit_law("matmul", np.array([[1, 64, 64, 64]]), [0.1])
+    assert one.predict(1, 64, 64, 128) == pytest.approx(0.2)  # proportional to work
+    assert one.loo_rmspe is None
+
+
+def test_error_summary_matches_hand_computation():
+    s = error_summary([1.05, 0.8, 1.12], [1.0, 1.0, 1.0])
+    assert s["within_10"] == pytest.approx(1 / 3)
+    assert s["within_15"] == pytest.approx(2 / 3)
+    assert s["rmspe"] == pytest.approx(math.sqrt((0.05**2 + 0.2**2 + 0.12**2) / 3))
+
+
+# ---- lookup ------------------------------------------------------------------------------------------
+
+
+def test_exact_lookup_returns_the_measured_row():
+    rng = np.random.default_rng(3)
+    special = _row("matmul", 1, 197, 192, 768)
+    special["latency_ms"], special["energy_mj"] = 123.456, 7.5  # far off the law on purpose
+    table = CostTable(_profile(rng, extra_rows=[special]))
+    est = table.estimate("tvm", Call("matmul", 1, 197, 192, 768))
+    assert (est.latency_ms, est.energy_mj, est.source, est.fit_error) == (123.456, 7.5, "measured", None)
+    # count multiplies
+    assert table.estimate("tvm", Call("matmul", 1, 197, 192, 768, count=2)).latency_ms == pytest.approx(246.912)
+    # an unmeasured shape is predicted, with its law's error attached
+    est2 = table.estimate("tvm", Call("matmul", 1, 200, 192, 768))
+    assert est2.source == "regression" and est2.fit_error is not None
+
+
+def test_lookup_keeps_the_fastest_duplicate_and_separates_backends():
+    rows = [_row("matmul", 1, 64, 64, 64), _row("matmul", 1, 64, 64, 64), _row("matmul", 1, 64, 64, 64, "torch")]
+    rows[0]["latency_ms"], rows[1]["latency_ms"], rows[2]["latency_ms"] = 2.0, 1.5, 0.3
+    table = CostTable(ProfileData.from_rows(rows))
+    assert table.lookup("tvm", "matmul", 1, 64, 64, 64) == (1.5, rows[1]["energy_mj"])
+    assert table.lookup("torch", "matmul", 1, 64, 64, 64)[0] == 0.3
+
+
+def test_unpriceable_primitive_is_a_profile_error():
+    table = CostTable(_profile(np.random.default_rng(4), prims=("matmul",), count=5))
+    with pytest.raises(ProfileError, match="no tvm rows for 'matadd'"):
+        table.estimate("tvm", Call("matadd", 8, 32, 16, 17))
+
+
+# ---- MoE -------------------------------------------------------------------------------------------
+
+
+def test_equilibrium_share_balances_cost_times_tokens():
+    s = equilibrium_share(1.0, 3.0)
+    assert s == pytest.approx(0.75)
+    assert 1.0 * s == pytest.approx(3.0 * (1 - s))  # c_mult·n_mult = c_shift·n_shift
+
+
+def test_moe_cost_interpolates_between_the_experts():
+    mult, shift, over = Estimate(2.0, 20.0), Estimate(6.0, 10.0), Estimate(0.5, 1.0)
+    for s in (0.0, 0.3, 1.0):
+        e = moe_expected(mult, shift, over, s)
+        assert e.latency_ms == pytest.approx(s * 2.0 + (1 - s) * 6.0 + 0.5)
+        assert e.energy_mj == pytest.approx(s * 20.0 + (1 - s) * 10.0 + 1.0)
+    with pytest.raises(AssignmentError):
+        moe_expected(mult, shift, over, 1.2)
+
+
+def _work(batch=2, tokens=65, dim=48, heads=3, nbits=8):
+    m = batch * tokens
+    names = [f"blocks.0.{p}" for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    dims = [(dim, 3 * dim), (dim, dim), (dim, 4 * dim), (4 * dim, dim)]
+    linears = tuple(LinearWork(nm, 1, m, k, n) for nm, (k, n) in zip(names, dims))
+    d, bh = dim // heads, batch * heads
+    attn = AttentionWork("blocks.0.attn", {
+        "msa": (Call("bmm", bh, tokens, d, tokens), Call("softmax", bh, tokens, tokens, tokens),
+                Call("bmm", bh, tokens, tokens, d)),
+        "hamming": (Call("hash", bh, 2 * tokens, d, nbits), Call("matadd", bh, 2 * nbits, tokens, d + 1),
+                    Call("matadd", bh, tokens, 2 * nbits, d + 1)),
+    })
+    moe = {lw.name: (Call("router", 1, m, lw.k, 2), Call("dispatch", 1, m, lw.k, lw.n)) for lw in linears}
+    fixed = (("blocks.0.norm1", Call("layernorm", 1, m, dim, dim)), ("embed", Call("embed", batch, tokens, 48, dim)))
+    return ModelWork(linears, (attn,), fixed, moe, batch=batch)
+
+
+def _model_profile(work, rng, with_shapes=True, count=12):
+    rows = []
+    prims = ("matmul", "matshift", "matshift_decode", "bmm", "matadd", "softmax", "hash", "dispatch",
+             "layernorm", "embed")
+    for p in prims:
+        rows += [_row(p, *s) for s in _random_shapes(rng, count, 8, 300)]
+    if with_shapes:  # the model's own shapes, as the profiler measures them
+        for lw in work.linears:
+            rows += [_row(p, lw.b, lw.m, lw.k, lw.n) for p in ("matmul", "matshift", "matshift_decode")]
+        for aw in work.attention:
+            rows += [_row(c.primitive, *c.shape) for calls in aw.calls.values() for c in calls]
+        rows += [_row(c.primitive, *c.shape) for calls in work.moe.values() for c in calls]
+        rows += [_row(c.primitive, *c.shape) for _, c in work.fixed]
+    return ProfileData.from_rows(rows)
+
+
+def _assignment(work, linear="mult", attention="msa"):
+    return Assignment(attention={a.name: attention for a in work.attention},
+                      linear={lw.name: linear for lw in work.linears})
+
+
+def test_whole_model_prediction_sums_the_measured_rows():
+    work = _work()
+    cm = CostModel(_model_profile(work, np.random.default_rng(5)))
+    mc = cm.for_model(work)
+    table = cm.table
+
+    def row(p, *s):
+        return table.lookup("tvm", p, *s)[0]
+
+    fixed = sum(row(c.primitive, *c.shape) for _, c in work.fixed)
+    dense = fixed + sum(row("matmul", lw.b, lw.m, lw.k, lw.n) for lw in work.linears)
+    dense += sum(row(c.primitive, *c.shape) for c in work.attention[0].calls["msa"])
+    assert mc.predict(_assignment(work)).latency_ms == pytest.approx(dense)
+    # shift: the faster of the two shift kernels per layer (matshift_decode under LAWS)
+    shift = fixed + sum(min(row("matshift", lw.b, lw.m, lw.k, lw.n), row("matshift_decode", lw.b, lw.m, lw.k, lw.n))
+                        for lw in work.linears)
+    shift += sum(row(c.primitive, *c.shape) for c in work.attention[0].calls["hamming"])
+    assert mc.predict(_assignment(work, "shift", "hamming")).latency_ms == pytest.approx(shift)
+    assert {r.detail for r in mc.per_layer(_assignment(work, "shift")) if r.kind == "linear"} == {"matshift_decode"}
+    rows = mc.per_layer(_assignment(work, "shift", "hamming"))
+    assert sum(r.estimate.latency_ms for r in rows) == pytest.approx(shift)
+    assert all(r.estimate.source == "measured" for r in rows)
+
+
+def test_moe_layers_price_at_the_equilibrium_or_the_given_capacity():
+    work = _work()
+    cm = CostModel(_model_profile(work, np.random.default_rng(6)))
+    mc = cm.for_model(work)
+    lw = work.linears[2]
+    c = mc.moe_expert_costs(lw.name)
+    mult = cm.table.lookup("tvm", "matmul", lw.b, lw.m, lw.k, lw.n)[0]
+    shift = min(cm.table.lookup("tvm", p, lw.b, lw.m, lw.k, lw.n)[0] for p in ("matshift", "matshift_decode"))
+    assert c == pytest.approx({"mult": mult / lw.m, "shift": shift / lw.m})
+    share = shift / (mult + shift)
+    assert mc.equilibrium_share(lw.name) == pytest.approx(share)
+    over = sum(cm.table.lookup("tvm", cl.primitive, *cl.shape)[0] for cl in work.moe[lw.name])
+    base = mc.predict(_assignment(work))
+    a = _assignment(work)
+    a.linear[lw.name] = "moe"
+    expect = base.latency_ms - mult + share * mult + (1 - share) * shift + over
+    assert mc.predict(a).latency_ms == pytest.approx(expect)
+    a.capacity[lw.name] = 0.25
+    assert mc.predict(a).latency_ms == pytest.approx(base.latency_ms - mult + 0.25 * mult + 0.75 * shift + over)
+    # the models.costs protocol
+    from models.costs import ExpertCostModel, expert_costs
+
+    assert isinstance(mc, ExpertCostModel)
+    assert expert_costs(mc, lw.name) == pytest.approx(c)
+
+
+def test_energy_and_mix_metrics():
+    work = _work()
+    prof = _model_profile(work, np.random.default_rng(7))
+    lw = work.linears[0]
+    lat = CostModel(prof, metric="latency").for_model(work).moe_expert_costs(lw.name)
+    en = CostModel(prof, metric="energy").for_model(work).moe_expert_costs(lw.name)
+    mix = CostModel(prof, metric="mix", mix_alpha=0.25).for_model(work).moe_expert_costs(lw.name)
+    for e in ("mult", "shift"):
+        ref = 0.25 * lat[e] / sum(lat.values()) + 0.75 * en[e] / sum(en.values())
+        assert mix[e] == pytest.approx(ref)
+    # energies in the synthetic profile are per MAC, equal for both experts
+    assert en["mult"] == pytest.approx(en["shift"])
+
+
+def test_unmeasured_layers_fall_back_to_regression_and_say_so():
+    work = _work()
+    mc = CostModel(_model_profile(work, np.random.default_rng(8), with_shapes=False, count=20)).for_model(work)
+    rows = mc.per_layer(_assignment(work))
+    assert {r.estimate.source for r in rows} == {"regression"}
+    truth = sum(_law("matmul", lw.b, lw.m, lw.k, lw.n, *LAWS["matmul"]) for lw in work.linears)
+    pred = sum(r.estimate.latency_ms for r in rows if r.kind == "linear")
+    assert pred == pytest.approx(truth, rel=0.02)
+
+
+def test_torch_backend_without_shift_rows_prices_only_the_dense_model():
+    work = _work()
+    rng = np.random.default_rng(9)
+    rows = []
+    for p in ("matmul", "bmm", "softmax", "layernorm", "embed"):
+        rows += [_row(p, *s, backend="torch") for s in _random_shapes(rng, 8, 8, 300)]
+    mc = CostModel(ProfileData.from_rows(rows), backend="torch").for_model(work)
+    assert math.isfinite(mc.predict(_assignment(work)).latency_ms)
+    with pytest.raises(ProfileError, match="cannot price 'shift'"):
+        mc.predict(_assignment(work, "shift"))
+
+
+def test_vectorised_prediction_matches_and_is_fast():
+    work = _work()
+    mc = CostModel(_model_profile(work, np.random.default_rng(10))).for_model(work)
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.integers(0, 3, len(work.linears)) for _ in range(5)])
+    idx = np.concatenate([idx, rng.integers(0, 2, (5, len(work.attention)))], axis=1)
+    lat, _ = mc.predict_indices(idx)
+    for t in range(5):
+        a = Assignment(linear={lw.name: ("mult", "shift", "moe")[idx[t, i]] for i, lw in enumerate(work.linears)},
+                       attention={aw.name: ("msa", "hamming")[idx[t, len(work.linears) + j]]
+                                  for j, aw in enumerate(work.attention)})
+        assert mc.predict(a).latency_ms == pytest.approx(lat[t])
+    a = _assignment(work, "moe", "hamming")
+    t0 = time.perf_counter()
+    for _ in range(200):
+        mc.predict(a)
+    assert (time.perf_counter() - t0) / 200 < 1e-3
+
+
+def test_unknown_layer_is_an_assignment_error():
+    work = _work()
+    mc = CostModel(_model_profile(work, np.random.default_rng(11))).for_model(work)
+    with pytest.raises(AssignmentError, match="unknown linear layer"):
+        mc.predict(Assignment(linear={"blocks.9.mlp.fc1": "shift"}))
+    with pytest.raises(AssignmentError, match="not a Linear"):
+        mc.moe_expert_costs("blocks.0.attn")
+
+
+# ---- profile identity --------------------------------------------------------------------------------
+
+
+def _meta(device: str, target: dict) -> dict:
+    return {"device": {"slug": device, "name": device}, "target": target}
+
+
+def test_profile_from_another_device_is_refused_for_another_target():
+    cpu_target = kernels.targets.cpu_target_dict()
+    from dse.device import describe_device
+
+    here = describe_device("cpu").slug
+    ok = ProfileData.from_rows([_row("matmul", 1, 8, 8, 8)], _meta(here, cpu_target))
+    check_profile(ok, "cpu")  # same device, same target: accepted
+    other = ProfileData.from_rows([_row("matmul", 1, 8, 8, 8)], _meta("amd-epyc-9654", {**cpu_target,
+                                                                                        "mcpu": "znver4"}))
+    with pytest.raises(ProfileError, match="measured on amd-epyc-9654") as err:
+        check_profile(other, "cpu")
+    assert "\n" not in str(err.value)
+    gpu = ProfileData.from_rows([_row("matmul", 1, 8, 8, 8)],
+                                _meta("nvidia-h100-80gb-hbm3", {"kind": "cuda", "arch": "sm_90"}))
+    check_profile(gpu, "cuda:sm_90", device_slug="nvidia-h100-80gb-hbm3")
+    with pytest.raises(ProfileError, match="compiled for"):
+        check_profile(gpu, "cuda:sm_80", device_slug="nvidia-a100-sxm4-80gb")
+    with pytest.raises(ProfileError, match="no device/target metadata"):
+        check_profile(ProfileData.from_rows([_row("matmul", 1, 8, 8, 8)], {}), "cpu")
