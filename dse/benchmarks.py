@@ -47,11 +47,63 @@ def median_seconds(fn: Callable[[], object], *, repeat: int = 7, min_time_s: flo
     return rounds[len(rounds) // 2]
 
 
-@section("cost")
-def cost_section() -> list[str]:
-    from dse.cost_bench import benchmark_lines
+def _synthetic_profile(inventory) -> object:
+    """Rows for every shape of ``inventory`` on both backends (latency from a roofline-like law), for
+    timing the cost model where no profile of this machine is stored."""
+    from dse.profile import plan
+    from dse.store import Profile
 
-    return benchmark_lines()
+    rows = []
+    for spec in plan(inventory):
+        work = spec.b * spec.m * spec.k * spec.n
+        lat = 0.01 + work / 50e6 + 4 * spec.b * spec.m * (spec.k + spec.n) / 5e9
+        rows.append({"primitive": spec.primitive, "backend": spec.backend, "batch": spec.b, "m": spec.m,
+                     "k": spec.k, "n": spec.n, "dtype": spec.dtype, "latency_ms": lat, "energy_mj": work * 4.6e-9,
+                     "energy_source": "model"})
+    return Profile.from_rows(rows, {})
+
+
+@section("cost")
+def cost_section(model_name: str = "deit_tiny_patch16_224", batch: int = 8) -> list[str]:
+    """Precompute and per-assignment prediction time of the cost model for a 12-block ViT."""
+    import numpy as np
+
+    import models
+    from dse.config import ProfileConfig
+    from dse.cost import CostModel, default_profile_path, read_profile
+    from dse.inventory import build_inventory
+    from models.assignment import Assignment
+
+    model = models.create(model_name, num_classes=10)
+    inventory = build_inventory(model, batch=batch, name=model_name)
+    path = default_profile_path(ProfileConfig())
+    try:
+        profile, source = read_profile(path), str(path)
+        CostModel(profile).for_model(inventory).predict(Assignment.uniform(model, "hamming", "moe"))
+    except Exception as exc:  # no (complete) profile of this machine: time the same code on synthetic rows
+        profile, source = _synthetic_profile(inventory), f"synthetic rows ({type(exc).__name__})"
+    t0 = time.perf_counter()
+    mc = CostModel(profile).for_model(inventory)
+    build_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    kinds = [(name, kind) for name, kind in zip(mc.layers, mc.kinds)]
+    plans = [Assignment(linear={n: str(rng.choice(["mult", "shift", "moe"])) for n, k in kinds if k == "linear"},
+                        attention={n: str(rng.choice(["msa", "hamming"])) for n, k in kinds if k == "attention"})
+             for _ in range(64)]
+    it = iter(range(1 << 62))
+    one = median_seconds(lambda: mc.predict(plans[next(it) % len(plans)]))
+    idx = np.stack([[int(rng.integers(0, 3 if k == "linear" else 2)) for _, k in kinds] for _ in range(4096)])
+    vec = median_seconds(lambda: mc.predict_indices(idx)) / len(idx)
+    table_s = median_seconds(lambda: mc.per_layer(plans[0]), repeat=3)
+    verdict = "OK" if one < 1e-3 else "TOO SLOW"
+    return [
+        f"model {model_name}, batch {batch}: {len(mc.layers)} decision layers, {len(mc.fixed_items)} fixed items; "
+        f"profile: {source}",
+        f"CostModel.for_model (precompute):      {build_s * 1e3:9.1f} ms once",
+        f"ModelCost.predict(one assignment):     {one * 1e6:9.1f} us   (limit 1000 us: {verdict})",
+        f"ModelCost.predict_indices (vectorised): {vec * 1e6:9.3f} us per assignment ({len(idx)} at once)",
+        f"ModelCost.per_layer (table):           {table_s * 1e3:9.2f} ms",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

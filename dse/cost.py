@@ -35,14 +35,15 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dse.cost_regression import CostLaw, fit_law
-from dse.errors import AssignmentError, ProfileError
+from dse.errors import AssignmentError, ProfileError, TargetUnavailableError
+from dse.inventory import TORCH_BASELINE
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ LINEAR_CHOICES = ("mult", "shift", "moe")
 ATTENTION_CHOICES = ("msa", "hamming")
 SHIFT_PRIMITIVES = ("matshift", "matshift_decode")
 _COLUMNS = {"latency": "latency_ms", "energy": "energy_mj"}
-# Where the profile has no row for these, price them as the primitive they are made of.
-_FALLBACK_PRIMITIVE = {"router": "matmul"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,32 +147,21 @@ def _norm_dtype(primitive: str, dtype: Any) -> str:
     return str(dtype)
 
 
-@dataclasses.dataclass
-class ProfileData:
-    """One profile: its rows (a pandas DataFrame with the contract's columns) and its metadata."""
+def default_profile_path(profile_cfg: Any) -> Path:
+    """The store's profile for this device and ``profile_cfg.target``: ``<dir>/<device>/<target>.csv``."""
+    import kernels
+    from dse.device import describe_device
+    from dse.store import profile_path
 
-    frame: Any  # pandas.DataFrame
-    meta: dict[str, Any]
-    path: Path | None = None
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None,
-                  path: Path | None = None) -> ProfileData:
-        import pandas as pd
-
-        return cls(pd.DataFrame(list(rows)), dict(meta or {}), path)
+    target = kernels.targets.target_dict(profile_cfg.target)
+    return profile_path(profile_cfg.dir, describe_device(target).slug, kernels.target_slug(target))
 
 
-def read_profile(path: str | Path) -> ProfileData:
-    """Load ``<target>.csv`` and its ``.yaml`` metadata through the store (``dse.store.load_profile``)."""
+def read_profile(path: str | Path) -> Any:
+    """Load ``<target>.csv`` and its ``.yaml`` metadata (``dse.store.load_profile``; ProfileError if bad)."""
     from dse import store
 
-    loaded = store.load_profile(Path(path))
-    frame = getattr(loaded, "frame", None)
-    if frame is None:
-        frame = getattr(loaded, "rows", loaded)
-    meta = getattr(loaded, "meta", None) or getattr(loaded, "metadata", None) or {}
-    return ProfileData(frame, dict(meta), Path(path))
+    return store.load_profile(Path(path))
 
 
 class CostTable:
@@ -183,7 +171,8 @@ class CostTable:
     fastest row is used — ``kernels.build`` also picks the faster of the two.
     """
 
-    def __init__(self, profile: ProfileData):
+    def __init__(self, profile: Any):
+        """``profile``: a :class:`dse.store.Profile` (anything with ``frame``, ``meta``, ``path``)."""
         self.profile = profile
         frame = profile.frame
         required = {"primitive", "batch", "m", "k", "n", "latency_ms"}
@@ -244,8 +233,6 @@ class CostTable:
     def estimate(self, backend: str, call: Call) -> Estimate:
         """Price one call (times its count); ProfileError if the profile cannot price it."""
         primitive = call.primitive
-        if not self.has(backend, primitive) and primitive in _FALLBACK_PRIMITIVE:
-            primitive = _FALLBACK_PRIMITIVE[primitive]
         hit = self.lookup(backend, primitive, *call.shape, call.dtype)
         if hit is not None:
             return Estimate(hit[0], hit[1]).scaled(call.count)
@@ -260,8 +247,7 @@ class CostTable:
         return Estimate(lat, en, "regression", lat_law.loo_rmspe, lat_law.extrapolated(*call.shape)).scaled(call.count)
 
     def can_price(self, backend: str, primitive: str) -> bool:
-        return self.has(backend, primitive) or (
-            primitive in _FALLBACK_PRIMITIVE and self.has(backend, _FALLBACK_PRIMITIVE[primitive]))
+        return self.has(backend, primitive)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,11 +271,12 @@ def _meta_device_slug(meta: Mapping[str, Any]) -> str | None:
     return str(device) if device else None
 
 
-def check_profile(profile: ProfileData, target: Any, device_slug: str | None = None) -> None:
+def check_profile(profile: Any, target: Any, device_slug: str | None = None) -> None:
     """Refuse a profile measured on another device, or for another target, than the model is compiled for.
 
     ``target``: what the model is compiled for (a spec or dict; compared by ``kernels.target_slug``);
-    ``device_slug``: the device it will run on (default: the device ``target`` describes here).
+    ``device_slug``: the device it will run on (default: the device ``target`` describes here; when that
+    device is not on this machine, e.g. CUDA priced from a laptop, only the target is compared).
     """
     import kernels
     from dse.device import describe_device
@@ -298,19 +285,22 @@ def check_profile(profile: ProfileData, target: Any, device_slug: str | None = N
     where = str(profile.path) if profile.path else "the profile"
     want_target = kernels.target_slug(target)
     have = _meta_target(meta)
-    have_target = None
-    if have is not None:
+    have_target = meta.get("target_slug")
+    if have_target is None and have is not None:
         try:
             have_target = kernels.target_slug(have)
         except Exception:  # a malformed target in the metadata is itself a mismatch
             have_target = json.dumps(have, sort_keys=True)
     if device_slug is None:
-        device_slug = describe_device(kernels.targets.target_dict(target)).slug
+        try:
+            device_slug = describe_device(kernels.targets.target_dict(target)).slug
+        except TargetUnavailableError:  # pricing a CUDA deployment from a machine without the GPU
+            device_slug = None
     have_device = _meta_device_slug(meta)
     if have_device is None or have_target is None:
         raise ProfileError(f"{where} has no device/target metadata (its .yaml is missing or old); "
                            "re-run `dse profile` for this device and target")
-    if have_device != device_slug or have_target != want_target:
+    if have_target != want_target or (device_slug is not None and have_device != device_slug):
         raise ProfileError(f"{where} was measured on {have_device} for target {have_target}, but the model is "
                            f"compiled for {want_target} on {device_slug}; run `dse profile` here or pass "
                            "the matching --profile")
@@ -345,26 +335,57 @@ class AttentionWork:
 
 @dataclasses.dataclass(frozen=True)
 class ModelWork:
-    """Everything a model computes at one batch size, in model order.
+    """Everything a model computes at one batch size, grouped by what decides whether it runs.
 
-    ``fixed``: choice-independent work ``[(label, call)]`` — norms, GELU, residual adds, embed, head.
-    ``moe``: per Linear, the router and dispatch calls of its MoE form.
+    ``fixed``: choice-independent work ``[(label, call)]`` — norms, GELU, residual adds, head splits,
+    Linear biases, embed, head. ``moe``: per Linear, the router and dispatch calls of its MoE form.
+    ``requant``: per Linear, the fixed-point conversions the ``matshift`` kernel needs around it
+    (``matshift_decode`` takes float input and needs none), so the shift choice compares
+    ``matshift + requant`` with ``matshift_decode``.
     """
 
     linears: tuple[LinearWork, ...]
     attention: tuple[AttentionWork, ...]
     fixed: tuple[tuple[str, Call], ...] = ()
     moe: Mapping[str, tuple[Call, ...]] = dataclasses.field(default_factory=dict)
+    requant: Mapping[str, tuple[Call, ...]] = dataclasses.field(default_factory=dict)
     batch: int = 1
     model: str = ""
 
     @classmethod
     def from_inventory(cls, inventory: Any) -> ModelWork:
+        """From a :class:`dse.inventory.Inventory` (work items tagged with their layer and choice)."""
         if isinstance(inventory, ModelWork):
             return inventory
-        from dse.cost_inventory import work_from_inventory
-
-        return work_from_inventory(inventory)
+        linears: list[LinearWork] = []
+        linear_names = set()
+        for it in inventory.linears():
+            linears.append(LinearWork(it.name, it.b, it.m, it.k, it.n))
+            linear_names.add(it.name)
+        att_calls: dict[str, dict[str, list[Call]]] = {name: {c: [] for c in ATTENTION_CHOICES}
+                                                       for name in inventory.attention}
+        fixed: list[tuple[str, Call]] = []
+        moe: dict[str, list[Call]] = {}
+        requant: dict[str, list[Call]] = {}
+        for it in inventory.items:
+            if it.kind == "linear":
+                continue
+            call = Call(it.primitives[0], it.b, it.m, it.k, it.n)
+            if it.choice is None:
+                fixed.append((it.name, call))
+            elif it.layer in att_calls and it.choice in ATTENTION_CHOICES:
+                att_calls[it.layer][it.choice].append(call)
+            elif it.layer in linear_names and it.choice == "moe":
+                moe.setdefault(it.layer, []).append(call)
+            elif it.layer in linear_names and it.choice == "shift":
+                requant.setdefault(it.layer, []).append(call)
+            else:
+                raise ProfileError(f"the inventory lists {it.name} under choice '{it.choice}' of layer "
+                                   f"'{it.layer}', which the cost model does not know; update dse.cost")
+        attention = tuple(AttentionWork(name, {c: tuple(v) for c, v in calls.items()})
+                          for name, calls in att_calls.items())
+        return cls(tuple(linears), attention, tuple(fixed), {k: tuple(v) for k, v in moe.items()},
+                   {k: tuple(v) for k, v in requant.items()}, int(inventory.batch), str(inventory.model))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,7 +443,7 @@ class Prediction:
 class CostModel:
     """Prices calls from one profile on one backend; :meth:`for_model` precomputes a model's table."""
 
-    def __init__(self, profile: ProfileData | CostTable, backend: str = "tvm", metric: str = "latency",
+    def __init__(self, profile: Any, backend: str = "tvm", metric: str = "latency",
                  mix_alpha: float = 0.5):
         if backend not in BACKENDS:
             raise ProfileError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
@@ -434,22 +455,38 @@ class CostModel:
         self.mix_alpha = float(mix_alpha)
 
     @classmethod
-    def from_config(cls, profile: ProfileData, cost_cfg: Any, backend: str = "tvm") -> CostModel:
+    def from_config(cls, profile: Any, cost_cfg: Any, backend: str = "tvm") -> CostModel:
         return cls(profile, backend, cost_cfg.metric, cost_cfg.mix_alpha)
 
+    def _backend_call(self, call: Call) -> Call:
+        if self.backend == "torch" and call.primitive in TORCH_BASELINE:
+            # the PyTorch model runs the float baseline of a kernel (a shift Linear is a float GEMM)
+            return dataclasses.replace(call, primitive=TORCH_BASELINE[call.primitive], dtype=None)
+        return call
+
+    def can_price(self, primitive: str) -> bool:
+        return self.table.can_price(self.backend, self._backend_call(Call(primitive, 1, 1, 1, 1)).primitive)
+
     def estimate(self, call: Call) -> Estimate:
-        return self.table.estimate(self.backend, call)
+        """Latency and energy of one call on this backend: its measured row, else the regression."""
+        return self.table.estimate(self.backend, self._backend_call(call))
 
     def estimate_many(self, calls: Iterable[Call]) -> Estimate:
         return total(self.estimate(c) for c in calls)
 
-    def shift_call(self, lw: LinearWork) -> tuple[str, Estimate]:
-        """The faster of matshift and matshift_decode for this Linear (the exporter's rule)."""
+    def shift_call(self, lw: LinearWork, requant: Iterable[Call] = ()) -> tuple[str, Estimate]:
+        """The faster of ``matshift`` (+ its ``requant`` conversions) and ``matshift_decode`` for this
+        Linear — the exporter's rule (:func:`fastest_shift_primitive`)."""
         best: tuple[str, Estimate] | None = None
         for prim in SHIFT_PRIMITIVES:
-            if not self.table.can_price(self.backend, prim):
+            if not self.can_price(prim):
                 continue
             est = self.estimate(Call(prim, lw.b, lw.m, lw.k, lw.n))
+            if prim == "matshift":
+                try:
+                    est = est + self.estimate_many(requant)
+                except ProfileError:
+                    continue  # cannot price its conversions: only matshift_decode is comparable
             if best is None or est.latency_ms < best[1].latency_ms:
                 best = (prim, est)
         if best is None:
@@ -462,9 +499,12 @@ class CostModel:
         return ModelCost(self, ModelWork.from_inventory(inventory))
 
 
-def fastest_shift_primitive(table: CostTable, backend: str, b: int, m: int, k: int, n: int) -> str:
-    """Which shift kernel the exporter should use for a Linear of this shape (same rule as the cost model)."""
-    return CostModel(table, backend).shift_call(LinearWork("", b, m, k, n))[0]
+def fastest_shift_primitive(profile: Any, b: int, m: int, k: int, n: int, backend: str = "tvm") -> str:
+    """Which shift kernel the exporter should use for a Linear ``(b, m, k, n)``: ``matshift`` (plus its
+    ``requant`` conversions at ``(b, m, k, n)``, the inventory's shape for them) or ``matshift_decode``,
+    whichever the profile prices faster — the rule the cost model applies."""
+    cm = profile if isinstance(profile, CostModel) else CostModel(profile, backend)
+    return cm.shift_call(LinearWork("", b, m, k, n), (Call("requant", b, m, k, n),))[0]
 
 
 class ModelCost:
@@ -498,8 +538,10 @@ class ModelCost:
             self._price_linear(i, lw)
         for j, aw in enumerate(work.attention):
             self._price_attention(len(work.linears) + j, aw)
-        self.fixed_items: list[tuple[str, Estimate]] = [(label, model.estimate(call)) for label, call in work.fixed]
-        self.fixed = total(e for _, e in self.fixed_items)
+        # (label, op, estimate) of the choice-independent work
+        self.fixed_items: list[tuple[str, str, Estimate]] = [(label, call.primitive, model.estimate(call))
+                                                             for label, call in work.fixed]
+        self.fixed = total(e for _, _, e in self.fixed_items)
         self.lat_flat = self.lat.ravel()
         self.en_flat = self.en.ravel()
         self._width = width
@@ -522,7 +564,7 @@ class ModelCost:
     def _price_linear(self, i: int, lw: LinearWork) -> None:
         cm = self.cost_model
         self._try(i, "linear", "mult", lambda: (cm.estimate(Call("matmul", lw.b, lw.m, lw.k, lw.n)), "matmul"))
-        self._try(i, "linear", "shift", lambda: cm.shift_call(lw)[::-1])
+        self._try(i, "linear", "shift", lambda: cm.shift_call(lw, self.work.requant.get(lw.name, ()))[::-1])
         key = (lw.name, "mult")
         if key in self._est and (lw.name, "shift") in self._est:
             try:
@@ -646,7 +688,7 @@ class ModelCost:
                 share = assignment.capacity[name]
                 est, detail = self.moe_cost(name, share), f"mult share {share:.2f} (capacity)"
             rows.append(LayerCost(name, kind, choice, est, detail))
-        rows += [LayerCost(label, "fixed", "-", est) for label, est in self.fixed_items]
+        rows += [LayerCost(label, "fixed", "-", est, op) for label, op, est in self.fixed_items]
         return rows
 
     def describe(self) -> dict[str, Any]:

@@ -274,6 +274,11 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
             "mm.default": mm, "bmm.default": bmm}
 
 
+def _var_name(var: Any) -> str:
+    name = getattr(var, "name", None)  # relax.Var in TVM 0.27; name_hint before
+    return str(name if isinstance(name, str) else var.name_hint)
+
+
 def _param_order(ep: Any, mod: tvm.IRModule) -> list[str]:
     """State-dict names of main()'s parameter inputs, in call order."""
     by_arg = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs
@@ -281,9 +286,9 @@ def _param_order(ep: Any, mod: tvm.IRModule) -> list[str]:
     num_input = int(mod["main"].attrs["num_input"])
     names = []
     for var in mod["main"].params[num_input:]:
-        name = by_arg.get(var.name_hint)
+        name = by_arg.get(_var_name(var))
         if name is None:
-            raise KernelError(f"cannot map the Relax parameter '{var.name_hint}' back to a model weight")
+            raise KernelError(f"cannot map the Relax parameter '{_var_name(var)}' back to a model weight")
         names.append(name)
     return names
 
@@ -356,15 +361,58 @@ def _vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
 PARALLEL_MIN_ELEMENTS = 4096
 
 
-def _cpu_elementwise_rule() -> Any:
+def _extent(sch: Any, loop: Any) -> int | None:
+    from tvm import tirx
+
+    value = sch.get(loop).extent
+    return int(value) if isinstance(value, tirx.IntImm) else None
+
+
+def _cpu_rules() -> list[Any]:
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline
 
+    def _product(values: list[int | None]) -> int | None:
+        out = 1
+        for v in values:
+            if v is None:
+                return None
+            out *= v
+        return out
+
+    class RowReduction(dl.cpu.Reduction):
+        """dlight's CPU reduction rule (LayerNorm, softmax: reductions along the rows of the output),
+        refused where a reduction does not run along the output's rows — there the rule would compute
+        it once per output row (e.g. a mean over tokens inside a per-token loop)."""
+
+        def apply(self, func: tirx.PrimFunc, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+                return None
+            probe = s_tir.Schedule(func)
+            infos = normalize_prim_func(probe)
+            if infos is None or len(infos) < 2:
+                return None
+            lead = min(len(k) - len(k.lstrip("S")) for k in (i.dom_kind() for i in infos))
+            if lead == 0:
+                return None
+            last_loops = probe.get_loops(infos[-1].block_rv)
+            rows = _product([_extent(probe, lp) for lp in last_loops[:lead]])
+            for info in infos:
+                if info.is_injective():
+                    continue
+                loops = probe.get_loops(info.block_rv)
+                spatial = _product([_extent(probe, lp) for lp, kd in zip(loops, info.dom_kind()) if kd == "S"])
+                if rows is None or spatial is None or spatial < rows:
+                    return None
+            return super().apply(func, target, tunable)
+
     class CpuElementwise(dl.ScheduleRule):
-        """Fallback CPU rule: inline what can be inlined, then per remaining block fuse the spatial loops,
-        run them in parallel (when big enough) and vectorise the innermost chunk of spatial-only blocks."""
+        """Fallback CPU rule: inline what can be inlined; then per remaining block run the outer spatial
+        loops in parallel (when the block is big enough) and vectorise the innermost spatial loop, keeping
+        the loop nest (fusing everything into one loop would index through div/mod and defeat LLVM's
+        vectoriser). Blocks with a reduction run their spatial loops in parallel and reduce serially."""
 
         def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
@@ -383,30 +431,35 @@ def _cpu_elementwise_rule() -> Any:
                 if not loops or len(loops) != len(kinds):
                     continue
                 s_loops = [lp for lp, kd in zip(loops, kinds) if kd == "S"]
-                r_loops = [lp for lp, kd in zip(loops, kinds) if kd == "R"]
-                o_loops = [lp for lp, kd in zip(loops, kinds) if kd not in "SR"]
+                other = [lp for lp, kd in zip(loops, kinds) if kd != "S"]
                 if not s_loops:
                     continue
-                sch.reorder(*s_loops, *r_loops, *o_loops)
-                fused = sch.fuse(*s_loops)
-                extent = sch.get(fused).extent
-                extent = int(extent) if isinstance(extent, tirx.IntImm) else None
-                if r_loops or o_loops:
-                    if extent is None or extent >= 2:
+                extents = [_extent(sch, lp) for lp in s_loops]
+                total = _product(extents)
+                sch.reorder(*s_loops, *other)
+                if other:  # a reduction (or opaque) block: parallel rows, serial reduction
+                    fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
+                    if total is None or total >= 2:
                         sch.parallel(fused)
-                    if r_loops:
-                        reductions.append((block, r_loops[0]))
+                    if any(kd == "R" for kd in kinds):
+                        reductions.append((block, other[0]))
                     continue
-                if extent is None:
-                    continue
-                vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and extent % v == 0), 0)
-                if vec and extent >= 2 * vec:
-                    outer, inner = sch.split(fused, [None, vec])
+                inner, inner_extent = s_loops[-1], extents[-1]
+                outer_loops = s_loops[:-1]
+                vec = 0
+                if inner_extent is not None:
+                    vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and inner_extent % v == 0), 0)
+                if vec and inner_extent > vec:
+                    io, ii = sch.split(inner, [None, vec])
+                    sch.vectorize(ii)
+                    outer_loops = [*outer_loops, io]
+                elif vec:
                     sch.vectorize(inner)
                 else:
-                    outer = fused
-                if extent >= PARALLEL_MIN_ELEMENTS:
-                    sch.parallel(outer)
+                    outer_loops = [*outer_loops, inner]
+                if outer_loops and total is not None and total >= PARALLEL_MIN_ELEMENTS:
+                    fused = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+                    sch.parallel(fused)
             for block, r_loop in reductions:
                 try:
                     sch.decompose_reduction(block, r_loop)
@@ -414,7 +467,7 @@ def _cpu_elementwise_rule() -> Any:
                     pass
             return sch
 
-    return CpuElementwise()
+    return [RowReduction(), CpuElementwise()]
 
 
 def schedule_rules(target: tvm.target.Target) -> list[Any]:
@@ -423,7 +476,7 @@ def schedule_rules(target: tvm.target.Target) -> list[Any]:
 
     if target.kind.name == "cuda":
         return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-    return [dl.cpu.Reduction(), _cpu_elementwise_rule()]
+    return _cpu_rules()
 
 
 def relax_pipeline(target: tvm.target.Target) -> Any:

@@ -355,7 +355,7 @@ def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int,
         nonprim("hash_q", "hash", (BH, N, d, c2), "hamming", o + 0.1)
         nonprim("hash_k", "hash", (BH, Nk, d, c2), "hamming", o + 0.11)
         nonprim("mix", "hamming_mix", (BH, N, d + 1, d), "hamming", o + 0.25)
-        nonprim("merge_heads", "merge_heads", (B, N, H * d, H), None, o + 0.9)
+        nonprim("merge_heads", "merge_heads", (B, N, H * d, H), None, o + 0.7)
 
     # residual adds: two per transformer block, at the block's token shape
     blocks = dict.fromkeys(b for b in (block_of(a) for a, kd in kinds.items() if kd == "attention") if b)

@@ -370,6 +370,10 @@ def run_stage_a(space: SearchSpace, objective: Callable[[Mapping[str, str]], Seq
             try:
                 while stored_count + len(pending) < trials:
                     trial = mem.ask()
+                    if "baseline" in trial.user_attrs:
+                        # Every parameter of an enqueued baseline is fixed, so it would never consult the
+                        # sampler; asking for the relative sample places it in a GA generation (parents).
+                        _ = trial.relative_params
                     params = space.suggest(trial)
                     values = objective(params)
                     trial.set_user_attr("worker", worker)
@@ -815,4 +819,4 @@ if __name__ == "__main__":
 
 __all__ = ["Cost", "CostSource", "CostTableFile", "Objective", "StageAResult", "choose", "front_table",
            "load_costs", "open_study", "priced_choices", "run_search", "run_stage_a", "run_stage_b",
-           "stage_b_candidates", "synthetic_costs", "write_pareto_csv"]
+           "stage_b_candidates", "stored_trials", "synthetic_costs", "write_pareto_csv"]

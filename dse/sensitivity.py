@@ -119,7 +119,7 @@ def measure(dense, kinds: Mapping[str, str], val, fit_images, *, batch_size: int
             if progress is not None:
                 progress(f"sensitivity {i + 1}/{len(kinds)} {layer}:{choice} dloss={delta[layer][choice]:+.4f} "
                          f"acc={got['acc']:.1f}%")
-            log.info("sensitivity %s:%s = %+.4f (acc %.2f%%)", layer, choice, delta[layer][choice], got["acc"])
+            log.debug("sensitivity %s:%s = %+.4f (acc %.2f%%)", layer, choice, delta[layer][choice], got["acc"])
     return Sensitivity(base_loss=base["loss"], base_acc=base["acc"], delta=delta, samples=len(val),
                        seconds=time.perf_counter() - t0)
 

@@ -45,10 +45,15 @@ class GemmTile:
 
 
 def _gemm_tile(lanes: int, n: int) -> GemmTile:
-    # 16 accumulators (of 32 vector registers on AVX-512, 16 on AVX2 → 8 there).
-    if lanes >= 16:
-        return GemmTile(mr=4, nv=4) if n >= 64 else GemmTile(mr=8, nv=2) if n > 16 else GemmTile(mr=8, nv=1)
-    return GemmTile(mr=4, nv=2) if n > lanes else GemmTile(mr=8, nv=1)
+    """The register tile for ``n`` columns: 16 accumulators on AVX-512 (of 32 registers), 8 on AVX2.
+
+    Prefer the widest tile that divides ``n`` (no padding); else the one that pads least.
+    """
+    budget = 16 if lanes >= 16 else 8
+    options = [nv for nv in (4, 2, 1) if nv * lanes <= max(n, lanes)] or [1]
+    exact = [nv for nv in options if n % (nv * lanes) == 0]
+    nv = exact[0] if exact else min(options, key=lambda v: (_ceil_div(n, v * lanes) * v * lanes, -v))
+    return GemmTile(mr=max(1, budget // nv), nv=nv)
 
 
 def _pack_weights(
@@ -68,12 +73,37 @@ def _pack_weights(
     return te.compute((no, k, nb), body, name=name)
 
 
-def _schedule_gemm(func: tvm.tirx.PrimFunc, main: str, packs: list[str], tile: GemmTile, lanes: int, batched_pack: bool):
-    """Register-blocked GEMM schedule for ``out[b, i, j] = Σ_r x[b, i, r]·wp[j/NB, r, j%NB]``."""
+def _packed_gemm(
+    shape: tuple[int, int, int, int], nb: int, a_fn, w_fn, combine, name: str, dtype: str = "float32"
+) -> te.Tensor:
+    """``out[b,i,j] = Σ_r combine(a_fn(b,i,r), w_fn(b, j/NB, r, j%NB))`` over a zero-padded ``n``.
+
+    When ``n`` is not a multiple of ``NB`` the reduction writes a padded intermediate and a
+    separate stage crops it: a predicate inside the vectorised loop would make TVM scalarise it.
+    """
+    from tvm import te
+
+    b, m, k, n = shape
+    n_pad = _ceil_div(n, nb) * nb
+    r = te.reduce_axis((0, k), name="k")
+    main = te.compute(
+        (b, m, n_pad),
+        lambda bi, i, j: te.sum(combine(a_fn(bi, i, r), w_fn(bi, j // nb, r, j % nb)), axis=r),
+        name=name if n_pad == n else name + "_pad",
+    )
+    if n_pad == n:
+        return main
+    return te.compute((b, m, n), lambda bi, i, j: main[bi, i, j], name=name)
+
+
+def _schedule_gemm(func: tvm.tirx.PrimFunc, name: str, packs: list[str], tile: GemmTile, lanes: int):
+    """Register-blocked schedule of a :func:`_packed_gemm` (plus its packing stages)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    blk = sch.get_sblock(main)
+    blocks = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    padded = name + "_pad" in blocks
+    blk = sch.get_sblock(name + "_pad" if padded else name)
     b, i, j, r = sch.get_loops(blk)
     nb = tile.nv * lanes
     io, ii = sch.split(i, [None, tile.mr])
@@ -84,20 +114,22 @@ def _schedule_gemm(func: tvm.tirx.PrimFunc, main: str, packs: list[str], tile: G
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.unroll(ii)
     sch.vectorize(ji)
-    outer = sch.fuse(b, io)
-    sch.parallel(outer)
+    sch.parallel(sch.fuse(b, io))
     sch.decompose_reduction(blk, r)
-    for name in packs:
-        p = sch.get_sblock(name)
+    if padded:
+        crop = sch.get_sblock(name)
+        cb, ci, _ = sch.get_loops(crop)
+        sch.parallel(sch.fuse(cb, ci))
+    for pack in packs:
+        p = sch.get_sblock(pack)
         loops = sch.get_loops(p)
-        if batched_pack:
-            # per-batch weights (bmm): pack inside the batch's row loop? The pack is small; do it
-            # up front, parallel over its first two axes.
-            sch.parallel(sch.fuse(loops[0], loops[1]))
-        else:
-            sch.parallel(loops[0])
-        sch.vectorize(sch.get_loops(p)[-1])
+        sch.parallel(sch.fuse(*loops[:-2]))
+        sch.vectorize(loops[-1])
     return sch.mod["main"]
+
+
+def _mac(a, w):
+    return a * w
 
 
 @register_cpu_schedule("matmul")
@@ -110,11 +142,168 @@ def matmul_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Ta
     x = te.placeholder((b, m, k), dtype, name="x")
     w = te.placeholder((n, k), dtype, name="w")
     wp = _pack_weights(n, k, nb, fn=lambda j, r: w[j, r].astype("float32"))
-    r = te.reduce_axis((0, k), name="k")
-    out = te.compute(
-        (b, m, n),
-        lambda bi, i, j: te.sum(x[bi, i, r].astype("float32") * wp[j // nb, r, j % nb], axis=r),
-        name="matmul",
+    out = _packed_gemm(
+        (b, m, k, n), nb, lambda bi, i, r: x[bi, i, r].astype("float32"), lambda bi, jo, r, ji: wp[jo, r, ji], _mac, "matmul"
     )
-    func = te.create_prim_func([x, w, out])
-    return _schedule_gemm(func, "matmul", ["wpack"], tile, lanes, batched_pack=False)
+    return _schedule_gemm(te.create_prim_func([x, w, out]), "matmul", ["wpack"], tile, lanes)
+
+
+@register_cpu_schedule("bmm")
+def bmm_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    from tvm import te, tirx
+
+    lanes = _vector_lanes(target, 4)
+    tile = _gemm_tile(lanes, n)
+    nb = tile.nv * lanes
+    x = te.placeholder((b, m, k), dtype, name="x")
+    y = te.placeholder((b, n, k), dtype, name="y")
+
+    def pack(bi, jo, r, ji):
+        j = jo * nb + ji
+        return tirx.if_then_else(j < n, y[bi, tirx.min(j, n - 1), r].astype("float32"), tirx.const(0, "float32"))
+
+    yp = te.compute((b, _ceil_div(n, nb), k, nb), pack, name="ypack")
+    out = _packed_gemm(
+        (b, m, k, n), nb, lambda bi, i, r: x[bi, i, r].astype("float32"), lambda bi, jo, r, ji: yp[bi, jo, r, ji], _mac, "bmm"
+    )
+    return _schedule_gemm(te.create_prim_func([x, y, out]), "bmm", ["ypack"], tile, lanes)
+
+
+@register_cpu_schedule("matshift_decode")
+def matshift_decode_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    from tvm import te
+
+    from kernels.primitives import decode_pow2
+
+    lanes = _vector_lanes(target, 4)
+    tile = _gemm_tile(lanes, n)
+    nb = tile.nv * lanes
+    x = te.placeholder((b, m, k), dtype, name="x")
+    shift = te.placeholder((n, k), "int8", name="shift")
+    sign = te.placeholder((n, k), "int8", name="sign")
+    # The power-of-two weights are decoded once per call, while packing.
+    wp = _pack_weights(n, k, nb, fn=lambda j, r: decode_pow2(shift[j, r], sign[j, r], "float32"))
+    out = _packed_gemm(
+        (b, m, k, n),
+        nb,
+        lambda bi, i, r: x[bi, i, r].astype("float32"),
+        lambda bi, jo, r, ji: wp[jo, r, ji],
+        _mac,
+        "matshift_decode",
+    )
+    return _schedule_gemm(te.create_prim_func([x, shift, sign, out]), "matshift_decode", ["wpack"], tile, lanes)
+
+
+@register_cpu_schedule("matadd")
+def matadd_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    from tvm import te, tirx
+
+    lanes = _vector_lanes(target, 4)
+    tile = _gemm_tile(lanes, n)
+    nb = tile.nv * lanes
+    mask = te.placeholder((b, k, m), "uint8", name="mask")
+    v = te.placeholder((b, k, n), dtype, name="v")
+    packs: list[str] = []
+    if n % nb == 0:  # rows of v are already contiguous along n: no packing needed
+
+        def v_fn(bi, jo, r, ji):
+            return v[bi, r, jo * nb + ji]
+
+    else:
+
+        def pack(bi, jo, r, ji):
+            j = jo * nb + ji
+            return tirx.if_then_else(j < n, v[bi, r, tirx.min(j, n - 1)], tirx.const(0, dtype))
+
+        vp = te.compute((b, _ceil_div(n, nb), k, nb), pack, name="vpack")
+        packs.append("vpack")
+
+        def v_fn(bi, jo, r, ji):
+            return vp[bi, jo, r, ji]
+
+    neg_zero = tirx.const(-0.0, dtype)  # additive identity: lets LLVM emit masked adds
+    out = _packed_gemm(
+        (b, m, k, n),
+        nb,
+        lambda bi, i, r: mask[bi, r, i],
+        v_fn,
+        lambda bit, val: tirx.Select(bit != 0, val, neg_zero),
+        "matadd",
+    )
+    return _schedule_gemm(te.create_prim_func([mask, v, out]), "matadd", packs, tile, lanes)
+
+
+@register_cpu_schedule("matshift")
+def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """Rows in vector lanes, weights as scalars; see the module doc for the ``xpm`` table."""
+    from tvm import s_tir, te, tirx
+
+    lanes = _vector_lanes(target, 4)
+    mt = 2 * lanes  # rows per tile: two vectors
+    nb = 8 if lanes >= 16 else 6  # columns per tile: 16 (or 12) accumulators
+    m_pad, n_pad = _ceil_div(m, mt) * mt, _ceil_div(n, nb) * nb
+    zero, one = tirx.const(0, "int32"), tirx.const(1, "int32")
+    x = te.placeholder((b, m, k), "int32", name="x")
+    shift = te.placeholder((n, k), "int8", name="shift")
+    sign = te.placeholder((n, k), "int8", name="sign")
+
+    def xpm_body(bi, r, src, i):  # src 0: x, 1: ~x, 2: 0; rows past m are 0
+        v = x[bi, tirx.min(i, m - 1), r]
+        return tirx.if_then_else(i < m, tirx.Select(src == 0, v, tirx.Select(src == 1, ~v, zero)), zero)
+
+    xpm = te.compute((b, k, 3, m_pad), xpm_body, name="xpm")
+
+    def src_body(jo, r, ji):  # which xpm row a weight reads; padded columns read zeros
+        j = jo * nb + ji
+        sg = sign[tirx.min(j, n - 1), r]
+        row = tirx.Select(sg > 0, zero, tirx.Select(sg < 0, one, tirx.const(2, "int32")))
+        return tirx.if_then_else(j < n, row, tirx.const(2, "int32"))
+
+    wsrc = te.compute((n_pad // nb, k, nb), src_body, name="wsrc")
+    wsh = te.compute(
+        (n_pad // nb, k, nb), lambda jo, r, ji: shift[tirx.min(jo * nb + ji, n - 1), r].astype("int32"), name="wsh"
+    )
+    rc = te.reduce_axis((0, k), name="kc")
+    j_c = lambda j: tirx.min(j, n - 1)  # noqa: E731
+    cneg = te.compute(
+        (n_pad,),
+        lambda j: te.sum(tirx.Select(tirx.all(j < n, sign[j_c(j), rc] < 0), one, zero), axis=rc),
+        name="cneg",
+    )
+    # Reduction slot 0 adds cneg[j] (the +1 of each negated term); slots 1..k the shifted rows.
+    # TE ignores a reduction's init value, hence the extra slot, peeled off by loop_partition.
+    r = te.reduce_axis((0, k + 1), name="k")
+
+    def acc_body(bi, j, i):
+        rr = tirx.max(r - 1, 0)
+        row = tirx.min(tirx.max(wsrc[j // nb, rr, j % nb], 0), 2)  # clamp: bounds for compute_at
+        term = xpm[bi, rr, row, i] >> wsh[j // nb, rr, j % nb]
+        return te.sum(tirx.Select(r == 0, cneg[j], term), axis=r)
+
+    acc = te.compute((b, n_pad, m_pad), acc_body, name="acc")
+    out = te.compute((b, m, n), lambda bi, i, j: acc[bi, j, i], name="matshift")
+    func = te.create_prim_func([x, shift, sign, out])
+
+    sch = s_tir.Schedule(func)
+    a_blk = sch.get_sblock("acc")
+    bl, jl, il, rl = sch.get_loops(a_blk)
+    io, ii = sch.split(il, [None, mt])
+    jo, ji = sch.split(jl, [None, nb])
+    sch.reorder(bl, io, jo, rl, ji, ii)
+    sch.set_scope(a_blk, 0, "local")
+    o_blk = sch.get_sblock("matshift")
+    sch.reverse_compute_at(o_blk, jo)
+    sch.unroll(sch.get_loops(o_blk)[-1])
+    sch.compute_at(sch.get_sblock("xpm"), io)
+    sch.vectorize(sch.get_loops(sch.get_sblock("xpm"))[-1])
+    sch.unroll(ji)
+    sch.vectorize(ii)
+    sch.parallel(sch.fuse(bl, io))
+    sch.decompose_reduction(a_blk, rl)
+    sch.loop_partition(rl, [1, None])
+    for name in ("wsrc", "wsh"):
+        loops = sch.get_loops(sch.get_sblock(name))
+        sch.parallel(loops[0])
+        sch.vectorize(loops[-1])
+    sch.parallel(sch.get_loops(sch.get_sblock("cneg"))[0])
+    return sch.mod["main"]

@@ -2,3 +2,10 @@
 
 from models.errors import AssignmentError, CheckpointError, ModelError
 from models.registry import create, load_weights, names, read_checkpoint, register_model, state_dict_of
+from models.assignment import Assignment
+from models.costs import ExpertCostModel
+from models.hamming import HammingAttention, PvtHammingAttention, fit_hamming
+from models.moe import MoELinear, moe_balance_loss, moe_layers, routing_shares, set_moe_capacity
+from models.ops import kernel_ops, set_kernel_ops
+from models.reparam import apply_costs, reparameterize
+from models.shift import ShiftLinear

@@ -153,7 +153,9 @@ class HammingAttention(nn.Module):
     def _bits(self, t: torch.Tensor, keys: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if keys:
             t = t - self.key_center[:, None, :]  # [B,H,N,d] - [H,1,d]
-        z = torch.matmul(F.normalize(t, dim=-1), self.projection)  # [B,H,N,d] @ [H,d,nb] -> [B,H,N,nb]
+        if self.training:
+            t = F.normalize(t, dim=-1)  # sets the STE surrogate's scale; a sign alone needs no norm
+        z = torch.matmul(t, self.projection)  # [B,H,N,d] @ [H,d,nb] -> [B,H,N,nb]
         hard = (z > 0).to(z.dtype)
         return hard, z
 
@@ -165,7 +167,7 @@ class HammingAttention(nn.Module):
         return torch.cat([hard, 1.0 - hard], dim=-1)  # [B, H, N, 2·nb]
 
     def _attend_or_fit(self, q, k, v, self_keys: bool) -> torch.Tensor:
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with ops.fp32_region(q.device.type):
             q, k, v = q.float(), k.float(), v.float()
             if self._fit_pending:
                 self._fit(q, k, v, self_keys)
@@ -196,7 +198,7 @@ class HammingAttention(nn.Module):
     def fit_hashing(self, x: torch.Tensor, *args) -> None:
         """Refit the hash (key centre, projection) and alpha/beta on one batch of this layer's input."""
         q, k, v, self_keys = self._project(x, *args)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with ops.fp32_region(x.device.type):
             self._fit(q.float(), k.float(), v.float(), self_keys)
 
     @torch.no_grad()
@@ -340,7 +342,9 @@ class PvtHammingAttention(HammingAttention):
 @torch.no_grad()
 def fit_hamming(model: nn.Module, images: torch.Tensor) -> int:
     """Fit every Hamming attention's hash on one batch, layer by layer in one forward pass (each layer
-    sees the output of the already-fitted layers before it). Returns the number of layers fitted."""
+    sees the output of the already-fitted layers before it). Returns the number of layers fitted.
+
+    The pass runs the PyTorch reference products (a calibration pass, not inference: no kernel builds)."""
     layers = [m for m in model.modules() if isinstance(m, HammingAttention)]
     if not layers:
         return 0
@@ -349,7 +353,8 @@ def fit_hamming(model: nn.Module, images: torch.Tensor) -> int:
         m._fit_pending = True
     model.eval()
     try:
-        model(images)
+        with ops.kernel_ops("off"):
+            model(images)
     finally:
         model.train(was_training)
         for m in layers:

@@ -40,7 +40,7 @@ buffers updated in place in every forward — no host synchronisation in forward
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -126,10 +126,10 @@ class MoELinear(nn.Module):
             logits = logits + self.noise_std * torch.randn_like(logits)
         probs = logits.softmax(dim=-1)  # [T, 2]
         if self.mult_capacity is not None and not self.training:
-            y, hard = self._capacity_forward(xt, probs)
+            y, to_mult = self._capacity_forward(xt, probs)
         else:
-            y, hard = self._top1_forward(xt, probs)
-        self._bookkeep(hard, probs)
+            y, to_mult = self._top1_forward(xt, probs)
+        self._bookkeep(to_mult, probs)
         return y.reshape(*lead, self.out_features)
 
     def _combine(self, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ class MoELinear(nn.Module):
             return y * (g / g.detach()).to(y.dtype)[:, None]  # value 1, gradient of g (module docstring)
         return y
 
-    def _top1_forward(self, xt: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _top1_forward(self, xt: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         # Both experts on every token and a select: static shapes, no host sync (data-dependent splits
         # would need the per-expert counts on the host).
         to_mult = probs[:, 0] >= probs[:, 1]  # [T]; a tie goes to Mult, as argmax does
@@ -148,10 +148,10 @@ class MoELinear(nn.Module):
         y_shift = self.shift(xt).to(y_mult.dtype)  # [T, out]
         y = torch.where(to_mult[:, None], y_mult, y_shift)
         g = torch.where(to_mult, probs[:, 0], probs[:, 1])  # [T]
-        hard = torch.stack([to_mult, ~to_mult], dim=1)  # [T, 2]
-        return self._combine(y, g), hard
+        return self._combine(y, g), lambda: to_mult
 
-    def _capacity_forward(self, xt: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _capacity_forward(self, xt: torch.Tensor, probs: torch.Tensor,
+                          ) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
         total = xt.shape[0]
         cap = int(math.floor(self.mult_capacity * total + 0.5))  # round half up, T static at trace time
         order = torch.argsort(probs[:, 0], descending=True)  # [T] most Mult-inclined first
@@ -167,10 +167,15 @@ class MoELinear(nn.Module):
         dtype = parts[0].dtype
         ys = torch.cat([p.to(dtype) for p in parts], dim=0)  # [T, out] in sorted order
         y = self._combine(ys, torch.cat(gates)).index_select(0, inverse)  # [T, out] original order
-        hard = torch.stack([inverse < cap, inverse >= cap], dim=1)  # [T, 2]
-        return y, hard
+        return y, lambda: inverse < cap  # [T] the first `cap` tokens of the order went to Mult
 
-    def _bookkeep(self, hard: torch.Tensor, probs: torch.Tensor) -> None:
+    def _bookkeep(self, to_mult: Callable[[], torch.Tensor], probs: torch.Tensor) -> None:
+        """Loss statistics (training) and token counts; ``to_mult`` is only evaluated when needed, so an
+        exported inference graph carries no bookkeeping."""
+        if not self.training and torch.compiler.is_exporting():
+            return
+        mask = to_mult()  # [T] bool
+        hard = torch.stack([mask, ~mask], dim=1)  # [T, 2]
         if self.training:
             importance = probs.sum(0)  # [2]
             load = (hard.to(probs.dtype) + probs - probs.detach()).sum(0)  # [2] value = counts

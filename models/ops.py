@@ -82,6 +82,14 @@ def resolve(name: str, training: bool) -> Callable | None:
     return op
 
 
+def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off where it is on; a no-op otherwise, so an exported graph (no autocast) carries
+    no ``wrap_with_autocast`` region around the custom ops."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def matadd_reference(mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``out[b,m,n] = sum_k mask[b,k,m] * v[b,k,n]`` (the matadd contract), differentiable in both."""
     return torch.bmm(mask.transpose(1, 2), v)  # [b, m, k] @ [b, k, n] -> [b, m, n]

@@ -120,7 +120,7 @@ class ShiftLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Fixed-point rounding must happen in fp32 (fp16 overflows at |x| >= 1 for F=16), so autocast is off.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with ops.fp32_region(x.device.type):
             x = x.float()
             op = ops.resolve("shift_linear", self.training)
             if op is None:

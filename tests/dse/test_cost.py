@@ -18,16 +18,17 @@ from dse.cost import (
     Call,
     CostModel,
     CostTable,
+    Estimate,
     LinearWork,
     ModelWork,
-    ProfileData,
     check_profile,
     equilibrium_share,
+    fastest_shift_primitive,
     moe_expected,
-    Estimate,
 )
 from dse.cost_regression import error_summary, fit_law
 from dse.errors import AssignmentError, ProfileError
+from dse.store import Profile
 from models.assignment import Assignment
 
 
@@ -70,7 +71,7 @@ def _random_shapes(rng, count, lo=16, hi=1024):
 
 def _profile(rng, prims=("matmul", "matshift", "matshift_decode"), count=24, extra_rows=(), noise=0.0):
     rows = [_row(p, *s, noise=noise, rng=rng) for p in prims for s in _random_shapes(rng, count)]
-    return ProfileData.from_rows(rows + list(extra_rows), meta={})
+    return Profile.from_rows(rows + list(extra_rows), {})
 
 
 # ---- regression ----------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def test_exact_lookup_returns_the_measured_row():
 def test_lookup_keeps_the_fastest_duplicate_and_separates_backends():
     rows = [_row("matmul", 1, 64, 64, 64), _row("matmul", 1, 64, 64, 64), _row("matmul", 1, 64, 64, 64, "torch")]
     rows[0]["latency_ms"], rows[1]["latency_ms"], rows[2]["latency_ms"] = 2.0, 1.5, 0.3
-    table = CostTable(ProfileData.from_rows(rows))
+    table = CostTable(Profile.from_rows(rows, {}))
     assert table.lookup("tvm", "matmul", 1, 64, 64, 64) == (1.5, rows[1]["energy_mj"])
     assert table.lookup("torch", "matmul", 1, 64, 64, 64)[0] == 0.3
 
@@ -204,7 +205,7 @@ def _model_profile(work, rng, with_shapes=True, count=12):
             rows += [_row(c.primitive, *c.shape) for calls in aw.calls.values() for c in calls]
         rows += [_row(c.primitive, *c.shape) for calls in work.moe.values() for c in calls]
         rows += [_row(c.primitive, *c.shape) for _, c in work.fixed]
-    return ProfileData.from_rows(rows)
+    return Profile.from_rows(rows, {})
 
 
 def _assignment(work, linear="mult", attention="msa"):
@@ -286,16 +287,31 @@ def test_unmeasured_layers_fall_back_to_regression_and_say_so():
     assert pred == pytest.approx(truth, rel=0.02)
 
 
-def test_torch_backend_without_shift_rows_prices_only_the_dense_model():
+def test_torch_backend_prices_the_pytorch_model():
     work = _work()
     rng = np.random.default_rng(9)
     rows = []
     for p in ("matmul", "bmm", "softmax", "layernorm", "embed"):
         rows += [_row(p, *s, backend="torch") for s in _random_shapes(rng, 8, 8, 300)]
-    mc = CostModel(ProfileData.from_rows(rows), backend="torch").for_model(work)
-    assert math.isfinite(mc.predict(_assignment(work)).latency_ms)
-    with pytest.raises(ProfileError, match="cannot price 'shift'"):
-        mc.predict(_assignment(work, "shift"))
+    mc = CostModel(Profile.from_rows(rows, {}), backend="torch").for_model(work)
+    dense = mc.predict(_assignment(work)).latency_ms
+    assert math.isfinite(dense)
+    # a PyTorch shift Linear is a float GEMM with power-of-two weights: priced as the torch matmul
+    assert mc.predict(_assignment(work, "shift")).latency_ms == pytest.approx(dense)
+    with pytest.raises(ProfileError, match="cannot price 'hamming'"):  # no torch matadd/hash rows
+        mc.predict(_assignment(work, "mult", "hamming"))
+
+
+def test_shift_choice_counts_the_requant_of_matshift():
+    lw = (1, 128, 64, 64)
+    rows = [_row("matshift", *lw), _row("matshift_decode", *lw), _row("requant", *lw)]
+    rows[0]["latency_ms"], rows[1]["latency_ms"] = 1.0, 1.5
+    for requant_ms, expect in ((0.2, "matshift"), (0.8, "matshift_decode")):
+        rows[2]["latency_ms"] = requant_ms
+        assert fastest_shift_primitive(Profile.from_rows(rows, {}), *lw) == expect
+    work = ModelWork((LinearWork("fc", *lw),), (), requant={"fc": (Call("requant", *lw),)})
+    mc = CostModel(Profile.from_rows([*rows, _row("matmul", *lw)], {})).for_model(work)
+    assert mc.predict(Assignment(linear={"fc": "shift"})).latency_ms == pytest.approx(1.5)  # 1.0 + 0.8 > 1.5
 
 
 def test_vectorised_prediction_matches_and_is_fast():
@@ -338,17 +354,17 @@ def test_profile_from_another_device_is_refused_for_another_target():
     from dse.device import describe_device
 
     here = describe_device("cpu").slug
-    ok = ProfileData.from_rows([_row("matmul", 1, 8, 8, 8)], _meta(here, cpu_target))
+    ok = Profile.from_rows([_row("matmul", 1, 8, 8, 8)], _meta(here, cpu_target))
     check_profile(ok, "cpu")  # same device, same target: accepted
-    other = ProfileData.from_rows([_row("matmul", 1, 8, 8, 8)], _meta("amd-epyc-9654", {**cpu_target,
+    other = Profile.from_rows([_row("matmul", 1, 8, 8, 8)], _meta("amd-epyc-9654", {**cpu_target,
                                                                                         "mcpu": "znver4"}))
     with pytest.raises(ProfileError, match="measured on amd-epyc-9654") as err:
         check_profile(other, "cpu")
     assert "\n" not in str(err.value)
-    gpu = ProfileData.from_rows([_row("matmul", 1, 8, 8, 8)],
+    gpu = Profile.from_rows([_row("matmul", 1, 8, 8, 8)],
                                 _meta("nvidia-h100-80gb-hbm3", {"kind": "cuda", "arch": "sm_90"}))
     check_profile(gpu, "cuda:sm_90", device_slug="nvidia-h100-80gb-hbm3")
     with pytest.raises(ProfileError, match="compiled for"):
         check_profile(gpu, "cuda:sm_80", device_slug="nvidia-a100-sxm4-80gb")
     with pytest.raises(ProfileError, match="no device/target metadata"):
-        check_profile(ProfileData.from_rows([_row("matmul", 1, 8, 8, 8)], {}), "cpu")
+        check_profile(Profile.from_rows([_row("matmul", 1, 8, 8, 8)], {}), "cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -209,45 +210,45 @@ def test_load_finetuned_rejects_a_dense_checkpoint(dense_ckpt):
 # ---- resume after SIGKILL ----------------------------------------------------------------------------
 
 
-_WORKER = """
-import sys
-from pathlib import Path
-from dse.config import load_config
-from dse.finetune import finetune
-tiny, costs, ckpt, out, resume = eval(sys.argv[1])
-finetune(load_config(None, tiny), Path(out), checkpoint=ckpt, costs=costs, resume=resume, progress=False)
-"""
+def write_cost_table(path: Path, costs: dict) -> Path:
+    """A cost-table JSON (dse.search.CostTableFile) holding only the MoE expert costs: a profile stand-in."""
+    path.write_text(json.dumps({"fixed": [0.0, 0.0], "layers": {}, "moe_expert_costs": costs}))
+    return path
+
+
+def cli_args(out: Path, dense_ckpt: Path, costs_json: Path, *sets: str) -> list[str]:
+    return ["finetune", *[a for s in [*TINY, *sets] for a in ("--set", s)], "--checkpoint", str(dense_ckpt),
+            "--profile", str(costs_json), "--out", str(out)]
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, dense_ckpt):
-    """A separate process (so SIGKILL is real) runs the stage with a dict of costs in place of a profile."""
-    dense = build_dense(tiny_cfg())
-    tiny = [*TINY, "finetune.epochs=4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """`dse finetune` in a subprocess (so SIGKILL is real), killed during epoch 2, then `--resume`."""
+    costs_json = write_cost_table(tmp_path / "costs.json", costs_for(build_dense(tiny_cfg())))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
 
-    def start(out: Path, resume: bool) -> subprocess.Popen:
-        job = repr((tiny, costs_for(dense), str(dense_ckpt), str(out), resume))
-        return subprocess.Popen([sys.executable, "-c", _WORKER, job], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    def start(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "dse", *cli_args(out, dense_ckpt, costs_json,
+                                                                        "finetune.epochs=3"), *extra],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish(proc: subprocess.Popen) -> None:
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr
 
-    finish(start(tmp_path / "full", resume=False))
+    finish(start(tmp_path / "full"))
     part = tmp_path / "part"
-    proc = start(part, resume=False)
+    proc = start(part)
     deadline = time.time() + 600
     while not (part / "checkpoint.pt").exists():  # epoch 1 is saved: epoch 2 is running now
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
         time.sleep(0.02)
-    time.sleep(0.3)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert not (part / "weights.pt").exists(), "the run finished before it was killed"
-    assert len(pd.read_csv(part / "metrics.csv")) < 4
-    finish(start(part, resume=True))
+    assert len(pd.read_csv(part / "metrics.csv")) < 3
+    finish(start(part, "--resume"))
 
     a, b = pd.read_csv(tmp_path / "full" / "metrics.csv"), pd.read_csv(part / "metrics.csv")
     cols = [c for c in a.columns if c != "epoch_s"]

@@ -1,0 +1,188 @@
+"""``dse cost``: predicted per-layer and whole-model latency/energy of an assignment; ``--validate`` checks
+the cost model against fresh measurements on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dse.cli import command
+from dse.commands.common import config_from_args, out_dir, table
+from dse.errors import UsageError
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registered or timm model name (default: config model.name)")
+    p.add_argument("--profile", metavar="FILE", help="profile CSV from `dse profile` (default: the stored "
+                   "profile for this device and profile.target)")
+    p.add_argument("--assignment", metavar="FILE.yaml", help="per-layer assignment (default: all mult / msa)")
+    p.add_argument("--target", help="the target the model is compiled for (default: config profile.target); "
+                   "a profile for another target or device is refused")
+    p.add_argument("--batch", type=int, help="images per batch (default: config profile.batch)")
+    p.add_argument("--backend", choices=("tvm", "torch"), default="tvm",
+                   help="tvm: the compiled ShiftAddViT (default); torch: the PyTorch model")
+    p.add_argument("--validate", action="store_true", help="measure held-out shapes and the dense PyTorch model "
+                   "here and report the prediction error (CSV files in --out)")
+    p.add_argument("--holdout", type=int, help="--validate: held-out shapes per primitive and backend "
+                   "(default: config cost.holdout_shapes)")
+
+
+def _config(args: argparse.Namespace):
+    cfg = config_from_args(args)
+    if args.model:
+        cfg.model.name = args.model
+    if args.target:  # assigned after loading: a JSON target would be parsed as YAML by --set
+        cfg.profile.target = args.target
+    for flag, value in (("--batch", args.batch), ("--holdout", args.holdout)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if args.batch is not None:
+        cfg.profile.batch = args.batch
+    if args.holdout is not None:
+        cfg.cost.holdout_shapes = args.holdout
+    return cfg
+
+
+def _load(cfg, profile_arg: str | None):
+    from dse.cost import check_profile, default_profile_path, read_profile
+
+    path = Path(profile_arg) if profile_arg else default_profile_path(cfg.profile)
+    profile = read_profile(path)
+    check_profile(profile, cfg.profile.target)
+    return profile
+
+
+@command("cost", "predicted latency/energy per layer and for the whole model (--validate: check the cost model)",
+         _args)
+def run(args: argparse.Namespace):
+    cfg = _config(args)
+    if args.validate:
+        if args.assignment:
+            raise UsageError("--validate checks the cost model itself; drop --assignment")
+        return _validate(cfg, args)
+    return _price(cfg, args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pricing
+
+
+def _price(cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from dse.cost import CostModel
+    from dse.inventory import build_inventory
+    from dse.pretrain import build_dense
+    from models.assignment import Assignment
+
+    profile = _load(cfg, args.profile)
+    model = build_dense(cfg)
+    assignment = Assignment.from_yaml(args.assignment) if args.assignment else Assignment.uniform(model)
+    assignment.validate(model)
+    inventory = build_inventory(model, batch=cfg.profile.batch, nbits=cfg.finetune.nbits, name=cfg.model.name)
+    mc = CostModel.from_config(profile, cfg.cost, args.backend).for_model(inventory)
+    rows = mc.per_layer(assignment)
+    total = mc.predict(assignment)
+    layer_rows = [r.as_dict() for r in rows if r.kind != "fixed"]
+    fixed_rows = [r.as_dict() for r in rows if r.kind == "fixed"]
+    result = {
+        "model": cfg.model.name, "batch": inventory.batch, "backend": args.backend,
+        "profile": str(profile.path), "metric": cfg.cost.metric, "assignment": assignment.to_dict(),
+        "latency_ms": total.latency_ms, "energy_mj": total.energy_mj,
+        "fixed_latency_ms": mc.fixed.latency_ms, "fixed_energy_mj": mc.fixed.energy_mj,
+        "energy_source": _energy_sources(profile), "layers": layer_rows, "fixed": fixed_rows,
+        "moe": {name: {"expert_costs": mc.moe_expert_costs(name), "equilibrium_share": mc.equilibrium_share(name)}
+                for name, choice in assignment.linear.items() if choice == "moe"},
+    }
+    return {"text": _price_text(result), "json": result}
+
+
+def _energy_sources(profile) -> list[str]:
+    frame = profile.frame
+    return sorted(set(frame["energy_source"])) if "energy_source" in frame.columns and len(frame) else []
+
+
+def _fmt_err(row: dict) -> str:
+    if row["source"] == "measured":
+        return "-"
+    err = f"{100 * row['fit_error']:.0f}%" if row["fit_error"] is not None else "?"
+    return err + (" extrapolated" if row["extrapolated"] else "")
+
+
+def _price_text(r: dict) -> str:
+    trows = [{"layer": x["layer"], "choice": x["choice"], "latency_ms": x["latency_ms"],
+              "energy_mj": x["energy_mj"], "source": x["source"], "fit err": _fmt_err(x), "detail": x["detail"]}
+             for x in r["layers"]]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for x in r["fixed"]:
+        groups[x["detail"]].append(x)
+    for op, xs in groups.items():
+        sources = {x["source"] for x in xs}
+        trows.append({"layer": f"({op} x{len(xs)})", "choice": "fixed",
+                      "latency_ms": sum(x["latency_ms"] for x in xs), "energy_mj": sum(x["energy_mj"] for x in xs),
+                      "source": sources.pop() if len(sources) == 1 else "mixed",
+                      "fit err": "-" if all(x["source"] == "measured" for x in xs) else
+                      max((_fmt_err(x) for x in xs if x["source"] != "measured"), default="-"),
+                      "detail": ""})
+    lines = [f"{r['model']} (batch {r['batch']}), backend {r['backend']}, profile {r['profile']}",
+             table(trows, floatfmt="{:.4f}"), "",
+             f"total: {r['latency_ms']:.3f} ms, {r['energy_mj']:.4f} mJ "
+             f"(energy source: {', '.join(r['energy_source']) or 'none'}; fixed work {r['fixed_latency_ms']:.3f} ms)"]
+    for name, m in r["moe"].items():
+        c = m["expert_costs"]
+        lines.append(f"moe {name}: per-token cost mult {c['mult']:.4g}, shift {c['shift']:.4g} ({r['metric']}); "
+                     f"equilibrium mult share {m['equilibrium_share']:.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from dse.cost_validate import format_figure, summarize_shapes, validate_dense_model, validate_shapes
+    from dse.fileio import atomic_write_text
+    from dse.inventory import build_inventory
+    from dse.pretrain import build_dense
+    from dse.profile import Settings, check_target_runnable
+
+    check_target_runnable(cfg.profile.target)
+    profile = _load(cfg, args.profile)
+    out = out_dir(cfg)
+    model = build_dense(cfg)
+    inventory = build_inventory(model, batch=cfg.profile.batch, nbits=cfg.finetune.nbits, name=cfg.model.name)
+    settings = Settings.from_config(cfg.profile)
+    shapes = validate_shapes(profile, settings, inventory, count=cfg.cost.holdout_shapes, seed=cfg.seed)
+    summary = summarize_shapes(shapes)
+    dense = validate_dense_model(profile, model, inventory, threads=cfg.profile.torch_threads,
+                                 min_runs=cfg.cost.validate_runs)
+    atomic_write_text(out / "cost_holdout.csv", _csv_text([r.as_dict() for r in shapes]))
+    atomic_write_text(out / "cost_dense_model.csv", _csv_text([dense]))
+    per = [{"backend/primitive": key, "shapes": s["count"], "within_10": s["within_10"],
+            "within_15": s["within_15"], "rmspe": s["rmspe"], "law_loo_rmspe": s.get("law_loo_rmspe")}
+           for key, s in summary.items() if key != "all"]
+    text = "\n".join([
+        f"cost model validation: {cfg.model.name} (batch {inventory.batch}), profile {profile.path}",
+        f"held-out shapes (not in the profile), predicted vs measured: {format_figure(summary['all'])}",
+        table(per, floatfmt="{:.3f}"),
+        f"dense PyTorch model, {dense['threads']} threads: predicted {dense['predicted_ms']:.3f} ms from "
+        f"{dense['rows_measured']} measured + {dense['rows_predicted']} predicted rows, measured "
+        f"{dense['measured_ms']:.3f} ms (median of {dense['runs']} runs; p90 {dense['measured_p90_ms']:.3f}) -> "
+        f"error {100 * dense['rel_error']:+.1f}%",
+        f"load average during the check: {dense['load_1m']} ({settings.torch_threads} threads; a loaded machine "
+        "makes both sides noisy)",
+        f"-> {out / 'cost_holdout.csv'}, {out / 'cost_dense_model.csv'}",
+    ])
+    return {"text": text, "json": {"model": cfg.model.name, "profile": str(profile.path), "holdout": summary,
+                                   "dense_model": dense, "shapes": [r.as_dict() for r in shapes]}}

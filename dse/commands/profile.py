@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from typing import Any
+
+from dse.cli import command
+from dse.commands.common import config_from_args, table
+from dse.errors import UsageError
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    # --out (common option) is the profile root here: <out>/<device>/<target>.csv (default: config profile.dir)
+    p.add_argument("--model", help="registered or timm model name (default: config model.name)")
+    p.add_argument("--target", help="cpu | cuda | cuda:sm_NN | a JSON target dict (default: config profile.target)")
+    p.add_argument("--batch", type=int, help="images per batch (default: config profile.batch)")
+    p.add_argument("--trials", type=int, help="MetaSchedule trials to tune kernels without a tuning record "
+                   "(default: config profile.trials; 0 = default schedules)")
+    p.add_argument("--force", action="store_true", help="re-measure every row of this model (and discard a "
+                   "profile from another device or version)")
+    p.add_argument("--list-shapes", action="store_true", help="print the layer inventory and exit (no measuring)")
+    p.add_argument("--compile-only", action="store_true", help="build every kernel and op for the target, "
+                   "measure nothing (works for CUDA without a GPU)")
+
+
+def _config(args: argparse.Namespace):
+    cfg = config_from_args(args)
+    # Assigned after loading: a JSON target would otherwise be parsed as a YAML mapping by --set.
+    if args.model:
+        cfg.model.name = args.model
+    if args.target:
+        cfg.profile.target = args.target
+    for flag, value in (("--batch", args.batch), ("--trials", args.trials)):
+        if value is not None and (value < (1 if flag == "--batch" else 0)):
+            raise UsageError(f"{flag} must be {'positive' if flag == '--batch' else '>= 0'}, got {value}")
+    if args.batch is not None:
+        cfg.profile.batch = args.batch
+    if args.trials is not None:
+        cfg.profile.trials = args.trials
+    return cfg
+
+
+def _shape_text(inv) -> str:
+    kernel_groups: dict[tuple, list[str]] = defaultdict(list)
+    for it in inv.items:
+        if it.kind != "nonprim":
+            kernel_groups[(it.kind, it.choice or "-", "|".join(it.primitives), *it.shape)].append(it.name)
+    nonprim_groups: dict[tuple, list[str]] = defaultdict(list)
+    for it in inv.nonprim():
+        nonprim_groups[(it.op, it.choice or "always", *it.shape)].append(it.name)
+    from dse.inventory import compact_names
+
+    krows = [{"kind": k[0], "choice": k[1], "primitives": k[2], "b": k[3], "m": k[4], "k": k[5], "n": k[6],
+              "layers": compact_names(names)} for k, names in kernel_groups.items()]
+    nrows = [{"op": k[0], "when": k[1], "b": k[2], "m": k[3], "k": k[4], "n": k[5], "count": len(names),
+              "where": compact_names(names)} for k, names in nonprim_groups.items()]
+    c, h, w = inv.input_size
+    head = (f"{inv.model}: {c}x{h}x{w} input, batch {inv.batch}, {len(inv.linears())} Linears, "
+            f"{len(inv.attention)} attentions, Hamming codes of {inv.nbits} bits")
+    return "\n".join([head, "", "kernel shapes (b, m, k, n), unique per primitive set:", table(krows), "",
+                      "non-primitive work (dse.nonprim op shapes):", table(nrows)])
+
+
+def _summary_text(run, rows: list[dict[str, Any]]) -> str:
+    from dse.profile import summary_rows
+
+    srows = summary_rows(run)
+    lines = []
+    if run.measured == 0 and not run.failed:
+        lines.append(f"nothing to measure: all {run.planned} rows for this model are already in {run.path} "
+                     f"(use --force to re-measure); {run.seconds:.1f} s")
+    else:
+        lines.append(f"measured {run.measured} rows now ({run.present} were already present"
+                     + (f", {run.by_other} measured meanwhile by another process" if run.by_other else "")
+                     + f") in {run.seconds:.1f} s -> {run.path}")
+    repeats = sorted({int(r["repeats"]) for r in rows})
+    windows = sorted({r.get("min_repeat_ms") for r in rows if r.get("min_repeat_ms") == r.get("min_repeat_ms")})
+    if rows:
+        lines.append(f"latency: median and p90 of {'/'.join(map(str, repeats))} repeats per row, each repeat the mean "
+                     f"of back-to-back calls lasting >= {'/'.join(f'{w:g}' for w in windows if w is not None)} ms; "
+                     "PyTorch rows use the same loop")
+    energy = {"model": "analytical model (45 nm op/byte energies: an ASIC projection, not a measurement of "
+                       "this machine)", "rapl": "RAPL (CPU package, measured)", "nvml": "NVML (GPU, measured)"}
+    lines.append(f"energy: {energy.get(run.energy_source, run.energy_source)}")
+    if run.load_1m is not None and run.cores and run.load_1m > 0.75 * run.cores:
+        lines.append(f"warning: 1-min load average reached {run.load_1m:.1f} on {run.cores} cores while measuring: "
+                     "other work was running, these timings are noisy; re-measure on a quiet machine (--force)")
+    if run.failed:
+        lines.append(f"{len(run.failed)} row(s) failed (the others are saved): " + "; ".join(run.failed[:3]))
+    lines.append("")
+    lines.append(table(srows, ["primitive", "shape", "tvm_ms", "tvm_p90_ms", "torch_ms", "tvm/torch", "energy_mj",
+                               "source", "schedule", "layers"], floatfmt="{:.4g}"))
+    return "\n".join(lines)
+
+
+@command("profile", "measure latency and energy of every primitive x layer shape of a model on a target", _args)
+def run(args: argparse.Namespace):
+    import json
+    import os
+
+    from dse.errors import StageError
+    from dse.inventory import inventory_for_config
+    from dse.profile import Settings, check_target_runnable, compile_model, profile_model, summary_rows
+
+    cfg = _config(args)
+    settings = Settings.from_config(cfg.profile)
+    if not args.list_shapes and not args.compile_only:
+        check_target_runnable(settings.target)  # before building anything: one line, exit 1
+    inv = inventory_for_config(cfg)
+    if args.list_shapes:
+        return {"text": _shape_text(inv), "json": inv.to_dict()}
+    progress = not os.environ.get("CI")
+    if args.compile_only:
+        result = compile_model(inv, settings, progress=progress)
+        text = f"compiled {result['compiled']} TVM kernels and ops for {result['target']} in {result['seconds']} s"
+        if result["failed"]:
+            raise StageError(f"{len(result['failed'])} of {result['compiled'] + len(result['failed'])} builds for "
+                             f"{result['target']} failed: {result['failed'][0]}")
+        return {"text": text, "json": result}
+    root = args.out or cfg.profile.dir
+    run_ = profile_model(inv, settings, root, force=args.force, progress=progress, label=None)
+    text = _summary_text(run_, run_.rows)
+    result = {"profile": str(run_.path), "planned": run_.planned, "present": run_.present, "measured": run_.measured,
+              "measured_by_other": run_.by_other, "failed": run_.failed, "seconds": round(run_.seconds, 2),
+              "energy_source": run_.energy_source, "target": run_.target_slug, "summary": summary_rows(run_)}
+    if run_.failed:
+        # the measured rows are saved: show them before the error line
+        print(json.dumps(result, indent=2, default=str) if args.json else text)
+        raise StageError(f"{len(run_.failed)} row(s) could not be measured (first: {run_.failed[0]}); the other "
+                         "rows are saved, rerun to retry the missing ones")
+    return {"text": text, "json": result}

@@ -1,0 +1,225 @@
+"""Validation of the cost model against fresh measurements (``dse cost --validate``).
+
+Two checks, as nn-Meter (Zhang et al., MobiSys 2021) reports its predictors:
+
+1. Held-out shapes. For every kernel primitive of each backend, ``count`` random Linear-like shapes
+   around the range the profile measured (each of m, k, n log-uniform in [0.75·min, 1.25·max] of the
+   measured values, ``b`` one of the measured batch values) that are NOT in the profile are built and
+   timed exactly as the profiler times its rows (:class:`dse.profile.Measurer`), and compared with the
+   regression's prediction. Figures: fraction within ±10% and ±15%, RMSPE.
+2. The dense PyTorch model. Its whole latency predicted from the per-layer ``torch`` rows plus the
+   non-primitive work is compared with its measured eager latency: same batch, the profile's PyTorch
+   thread count, ``torch.inference_mode``, median of many runs.
+
+Both are noisy on a shared machine: the rows and the check are measured at different times, so the
+report carries the load average seen during each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from dse.cost import Call, CostModel, CostTable
+from dse.cost_regression import error_summary
+from dse.inventory import TORCH_BASELINE
+
+log = logging.getLogger(__name__)
+
+KERNEL_PRIMITIVES = {"tvm": ("matmul", "matshift", "matshift_decode", "bmm", "matadd"),
+                     "torch": ("matmul", "bmm", "matadd")}
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldoutResult:
+    primitive: str
+    backend: str
+    b: int
+    m: int
+    k: int
+    n: int
+    measured_ms: float
+    predicted_ms: float
+    law_loo_rmspe: float | None
+    extrapolated: bool
+    load_1m: float | None
+
+    @property
+    def rel_error(self) -> float:
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "rel_error": self.rel_error}
+
+
+def reference_shapes(table: CostTable, backend: str, primitive: str,
+                     inventory: Any = None) -> list[tuple[int, int, int, int]]:
+    """The shapes that define "around the model's range": the inventory's calls of ``primitive`` (on the
+    torch backend, of the kernels whose PyTorch baseline it is), else every measured row of it."""
+    if inventory is not None:
+        shapes = [it.shape for it in inventory.items if it.kind in ("linear", "product")
+                  and any((TORCH_BASELINE[p] if backend == "torch" else p) == primitive for p in it.primitives)]
+        if shapes:
+            return shapes
+    return [r[0] for r in table.measured(backend, primitive)]
+
+
+def holdout_shapes(reference: list[tuple[int, int, int, int]], exclude: set[tuple[int, int, int, int]],
+                   count: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """``count`` new shapes around ``reference``: b one of its batch values, each of m, k, n log-uniform
+    in [0.75·min, 1.25·max] of its values; none in ``exclude`` (the profile's rows) or repeated."""
+    if not reference:
+        return []
+    shapes = np.array(reference, dtype=np.float64)  # [rows, 4]
+    batches = sorted({int(b) for b in shapes[:, 0]})
+    lo = np.maximum(1.0, 0.75 * shapes[:, 1:].min(axis=0))
+    hi = np.maximum(lo + 1.0, 1.25 * shapes[:, 1:].max(axis=0))
+    seen = set(exclude)
+    out: list[tuple[int, int, int, int]] = []
+    for _ in range(100 * count):
+        if len(out) == count:
+            break
+        mkn = np.exp(rng.uniform(np.log(lo), np.log(hi))).round().astype(int)
+        shape = (int(rng.choice(batches)), *(int(v) for v in mkn))
+        if shape not in seen:
+            seen.add(shape)
+            out.append(shape)
+    return out
+
+
+def _measurer(settings: Any) -> Any:
+    """A :class:`dse.profile.Measurer` for the settings' target, timing as the profiler does."""
+    import kernels
+    from dse.energy import AnalyticalEnergyModel
+    from dse.profile import Measurer
+
+    tgt = kernels.resolve_target(settings.target)
+    # latency is what is validated; the analytical energy source needs no measurement window
+    return Measurer(settings, tgt, AnalyticalEnergyModel(), kernels.target_slug(tgt))
+
+
+def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count: int = 12, seed: int = 0,
+                    backends: Iterable[str] = ("tvm", "torch")) -> list[HoldoutResult]:
+    """Measure ``count`` held-out shapes per kernel primitive and backend (:func:`holdout_shapes` around
+    the inventory's shapes) and compare each with the cost model's prediction from ``profile``."""
+    import kernels
+    from dse.profile import RowSpec
+
+    table = CostTable(profile)
+    measurer = _measurer(settings)
+    rng = np.random.default_rng(seed)
+    results = []
+    for backend in backends:
+        for prim in KERNEL_PRIMITIVES[backend]:
+            if not table.has(backend, prim):
+                log.info("no %s rows for %s: skipped", backend, prim)
+                continue
+            law = table.law(backend, prim)
+            dtype = kernels.get(prim).default_dtype if backend == "tvm" else "float32"
+            exclude = {r[0] for r in table.measured(backend, prim)}
+            for shape in holdout_shapes(reference_shapes(table, backend, prim, inventory), exclude, count, rng):
+                try:
+                    row = measurer.measure(RowSpec(prim, backend, *shape, dtype, "kernel"))
+                except Exception as exc:  # one shape failing to build must not void the others
+                    log.warning("held-out %s/%s %s failed: %s", prim, backend, shape, exc)
+                    continue
+                est = table.estimate(backend, Call(prim, *shape))
+                results.append(HoldoutResult(prim, backend, *shape, float(row["latency_ms"]), est.latency_ms,
+                                             law.loo_rmspe if law else None, est.extrapolated, row.get("load_1m")))
+                log.info("%s/%s %s: measured %.4f ms, predicted %.4f ms", prim, backend, shape,
+                         results[-1].measured_ms, est.latency_ms)
+    return results
+
+
+def summarize_shapes(results: list[HoldoutResult]) -> dict[str, Any]:
+    """Overall and per (backend, primitive) error figures."""
+    out: dict[str, Any] = {"all": error_summary([r.predicted_ms for r in results], [r.measured_ms for r in results])}
+    groups: dict[str, list[HoldoutResult]] = {}
+    for r in results:
+        groups.setdefault(f"{r.backend}/{r.primitive}", []).append(r)
+    for key, rs in groups.items():
+        out[key] = error_summary([r.predicted_ms for r in rs], [r.measured_ms for r in rs])
+        out[key]["law_loo_rmspe"] = rs[0].law_loo_rmspe
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the dense PyTorch model
+
+
+def time_model(model: Any, batch: int, input_size: tuple[int, int, int], *, threads: int = 2,
+               min_runs: int = 30, min_seconds: float = 3.0, warmup: int = 5) -> dict[str, float]:
+    """Median/p90/min latency (ms) of ``model`` on a random batch in eager PyTorch under inference mode."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        model.eval()
+        x = torch.randn(batch, *input_size)
+        times: list[float] = []
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            start = time.perf_counter()
+            while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+                if len(times) >= 10 * min_runs and time.perf_counter() - start >= min_seconds:
+                    break
+    finally:
+        torch.set_num_threads(previous)
+    arr = np.asarray(times)
+    return {"median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90)),
+            "min_ms": float(arr.min()), "runs": len(times)}
+
+
+def validate_dense_model(profile: Any, model: Any, inventory: Any, *, threads: int = 2,
+                         min_runs: int = 30, min_seconds: float = 3.0) -> dict[str, Any]:
+    """Predicted (torch rows) vs measured eager latency of the dense model at the inventory's batch."""
+    from models.assignment import Assignment
+
+    mc = CostModel(profile, backend="torch").for_model(inventory)
+    dense = Assignment.uniform(model)
+    rows = mc.per_layer(dense)
+    predicted = mc.predict(dense).latency_ms
+    measured_rows = sum(1 for r in rows if r.estimate.source == "measured")
+    load = _load()
+    timing = time_model(model, inventory.batch, inventory.input_size, threads=threads, min_runs=min_runs,
+                        min_seconds=min_seconds)
+    return {
+        "model": inventory.model,
+        "batch": inventory.batch,
+        "threads": threads,
+        "predicted_ms": predicted,
+        "measured_ms": timing["median_ms"],
+        "measured_p90_ms": timing["p90_ms"],
+        "measured_min_ms": timing["min_ms"],
+        "runs": timing["runs"],
+        "rel_error": (predicted - timing["median_ms"]) / timing["median_ms"],
+        "rows_measured": measured_rows,
+        "rows_predicted": len(rows) - measured_rows,
+        "load_1m": max((v for v in (load, _load()) if v is not None), default=None),
+    }
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def format_figure(summary: dict[str, Any]) -> str:
+    if not summary.get("count"):
+        return "no shapes"
+    return (f"{summary['count']} shapes: {100 * summary['within_10']:.0f}% within ±10%, "
+            f"{100 * summary['within_15']:.0f}% within ±15%, RMSPE {100 * summary['rmspe']:.1f}%")
