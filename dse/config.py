@@ -121,6 +121,10 @@ class ExportConfig:
     target: str = "cpu"
     cuda_arch: str | None = "sm_90"  # also produce a compile-only CUDA artifact; None to skip
     tune_trials: int = 0
+    batch: int = 8  # the compiled graph is static: this many images per call (MoE capacity is per batch)
+    profile: str | None = None  # profile CSV for the shift-kernel choice and the prediction; None: the store's
+    val_images: int | None = None  # validation images for calibration and checks; None: all
+    repeat: int = 30  # latency samples taken after export (target runnable here)
 
 
 @dataclass
@@ -238,6 +242,8 @@ def _validate(cfg: Config) -> None:
         "profile.batch": cfg.profile.batch,
         "profile.repeat": cfg.profile.repeat,
         "bench.batch": cfg.bench.batch,
+        "export.batch": cfg.export.batch,
+        "export.repeat": cfg.export.repeat,
         "bench.repeat": cfg.bench.repeat,
         "search.trials": cfg.search.trials,
         "search.population": cfg.search.population,

@@ -50,7 +50,7 @@ from dse.config import Config, save_config
 from dse.data import DataBundle, epoch_loader, load_data
 from dse.errors import CheckpointError, ConfigError, ProfileError
 from dse.fileio import atomic_write_bytes
-from dse.train import TrainSpec, evaluate, is_main_process, set_seed, train
+from dse.train import TrainSpec, evaluate, is_main_process, load_training_state, set_seed, train
 from models.assignment import Assignment
 from models.costs import CostSource, expert_costs
 from models.hamming import fit_hamming
@@ -320,15 +320,18 @@ def finetune(cfg: Config, out: Path, *, checkpoint: str | Path | None = None, as
         student = build_student(dense, plan, layer_costs, cfg).to(device)
         del dense
         monitor = RoutingMonitor(student, layer_costs)
-        resuming = resume and (out / "checkpoint.pt").exists()
-        images = fit_batch(data, cfg).to(device)
-        if not resuming:
+        previous = _resumable_meta(out / "checkpoint.pt", plan, layer_costs) if resume else None
+        if previous is not None:  # the checkpoint holds the fitted hash; train() loads it
+            start_shares = previous.get("routing_start", {})
+        else:
+            images = fit_batch(data, cfg).to(device)
             fitted = fit_hamming(student, images)
             log.info("fitted the hash of %d Hamming attention layer(s) on one batch of %d images", fitted,
                      images.shape[0])
-        start_shares = _routing_on(student, images, monitor)
+            start_shares = _routing_on(student, images, monitor)
         meta = {"stage": "finetune", "architecture": arch, "assignment": plan.to_dict(), "costs": layer_costs,
-                "reparam": reparam_options(cfg), "dense_checkpoint": str(checkpoint), "dense_val_acc": dense_val}
+                "reparam": reparam_options(cfg), "dense_checkpoint": str(checkpoint), "dense_val_acc": dense_val,
+                "routing_start": start_shares}
         if is_main_process():
             save_config(cfg, out)
             plan.to_yaml(out / "assignment.yaml")
@@ -352,6 +355,19 @@ def finetune(cfg: Config, out: Path, *, checkpoint: str | Path | None = None, as
         "epoch_s": [r.get("epoch_s") for r in _history(out)],
     }
     return summary
+
+
+def _resumable_meta(path: Path, plan: Assignment, costs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The meta of a checkpoint to resume from (None: nothing to resume); refuses another assignment."""
+    if not path.exists():
+        return None
+    meta = load_training_state(path).get("meta") or {}
+    if meta.get("assignment") != plan.to_dict():
+        raise CheckpointError(f"{path} was written for another assignment; pass another --out, or drop --resume "
+                              "to start over")
+    if meta.get("costs") != dict(costs):
+        log.warning("the expert costs changed since %s was written; the resumed epochs use the new ones", path)
+    return meta
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dse import nonprim
-from dse.errors import StageError, TargetUnavailableError
+from dse.errors import TargetUnavailableError
 from dse.inventory import TORCH_BASELINE, Inventory, compact_names
 from dse.store import Key, ProfileStore, row_key
 
@@ -184,8 +184,9 @@ class Measurer:
 
     # ---- the three kinds of rows ------------------------------------------------------------------------
     def _tvm_kernel(self, spec: RowSpec) -> _Runnable:
-        import kernels
         import tvm
+
+        import kernels
 
         kernel = kernels.build(spec.primitive, b=spec.b, m=spec.m, k=spec.k, n=spec.n, target=self.target,
                                dtype=spec.dtype, trials=self.settings.trials)
@@ -350,7 +351,6 @@ class ProfileRun:
     target_slug: str
     rows: list[dict[str, Any]]  # the plan's rows as now in the file
     specs: list[RowSpec]
-    load_1m: float | None
     cores: int | None
 
 
@@ -390,7 +390,6 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
     present = len(specs) - len(todo)
     source = select_source(target_json, list(settings.energy))
     measured, by_other, failed = 0, 0, []
-    loads: list[float] = []
     try:
         if todo:
             measurer = Measurer(settings, tgt, source, slug)
@@ -406,8 +405,6 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
                     log.error("%s %s %s failed: %s", spec.primitive, spec.backend, spec.shape, exc)
                     failed.append(f"{spec.primitive}/{spec.backend} {spec.shape}: {' '.join(str(exc).split())}")
                     continue
-                if row.get("load_1m") is not None:
-                    loads.append(row["load_1m"])
                 store.add(row, replace=True)
                 measured += 1
     finally:
@@ -415,7 +412,7 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
     final = {row_key(r): r for r in store.rows()}
     rows = [final[s.key] for s in specs if s.key in final]
     return ProfileRun(store.path, len(specs), present, measured, by_other, failed, time.perf_counter() - started,
-                      source.name, slug, rows, specs, max(loads) if loads else _load_1m(), device.cores)
+                      source.name, slug, rows, specs, device.cores)
 
 
 def compile_model(inventory: Inventory, settings: Settings, *, progress: bool = True) -> dict[str, Any]:

@@ -9,6 +9,7 @@ canonical compute goes through ``s_tir.dlight``'s GPU rules, as the design notes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -73,10 +74,8 @@ def generic_cpu_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> 
     blocks = sch.get_child_blocks(root)
     main = blocks[-1]
     for blk in blocks[:-1]:
-        try:
+        with contextlib.suppress(Exception):  # a reduction producer stays a separate stage
             sch.compute_inline(blk)
-        except Exception:  # a reduction producer stays a separate stage
-            pass
     loops = sch.get_loops(main)
     if len(loops) != 4:
         raise KernelError(f"generic CPU schedule expects 4 loops (b, m, n, k), got {len(loops)}")

@@ -204,26 +204,33 @@ def _race(default: CompiledKernel, tuned: CompiledKernel, rounds: int = 3) -> tu
     return sorted(d_ms)[rounds // 2], sorted(t_ms)[rounds // 2]
 
 
+def tuned_kernel(default: CompiledKernel, tuning_dir: str | Path | None = None) -> CompiledKernel | None:
+    """The kernel built from the best tuning record for ``default``'s kernel, or None if there is none."""
+    from kernels.build import CompiledKernel, compile_primfunc
+
+    name, (b, m, k, n), dtype, tgt = default.name, default.shape, default.dtype, default.target
+    folder = target_dir(tgt, tuning_dir)
+    func = tuned_primfunc(name, b, m, k, n, dtype, tgt, folder)
+    if func is None:
+        return None
+    trials = int(_read_selection(folder).get(kernel_key(name, b, m, k, n, dtype), {}).get("trials", 0))
+    return CompiledKernel(name, default.shape, dtype, tgt, compile_primfunc(func, tgt), func, "tuned", trials)
+
+
 def select(default: CompiledKernel, trials: int = 0, tuning_dir: str | Path | None = None) -> CompiledKernel | None:
     """The tuned kernel if a record exists (tuning first when ``trials > 0``) and it beats ``default``.
 
-    Returns None when the default schedule should be used as is.
+    Returns None when there is no record; ``default`` (with ``tuned_trials`` set) when it won.
     """
-    from kernels.build import CompiledKernel, compile_primfunc
-
     name, (b, m, k, n), dtype, tgt = default.name, default.shape, default.dtype, default.target
     folder = target_dir(tgt, tuning_dir)
     key = kernel_key(name, b, m, k, n, dtype)
     if trials > 0:
         tune(name, b, m, k, n, tgt, dtype, trials, tuning_dir)
-    func = tuned_primfunc(name, b, m, k, n, dtype, tgt, folder)
-    if func is None:
+    tuned = tuned_kernel(default, tuning_dir)
+    if tuned is None:
         return None
     entry = _read_selection(folder).get(key, {})
-    recorded_trials = int(entry.get("trials", trials))
-    tuned = CompiledKernel(
-        name, default.shape, dtype, tgt, compile_primfunc(func, tgt), func, "tuned", recorded_trials
-    )
     if entry.get("choice") in ("default", "tuned") and entry.get("default_version") == schedules.VERSION:
         winner = entry["choice"]
     elif not default.is_cuda or targets.cuda_available():
@@ -237,7 +244,6 @@ def select(default: CompiledKernel, trials: int = 0, tuning_dir: str | Path | No
                 "choice": winner,
                 "default_ms": round(default_ms, 4),
                 "tuned_ms": round(tuned_ms, 4),
-                "trials": recorded_trials,
                 "default_version": schedules.VERSION,
             },
         )
@@ -245,5 +251,5 @@ def select(default: CompiledKernel, trials: int = 0, tuning_dir: str | Path | No
         winner = "tuned"  # cannot measure here: a record tuned on a real GPU beats an untimed default
     if winner == "tuned":
         return tuned
-    default.tuned_trials = recorded_trials
+    default.tuned_trials = tuned.tuned_trials
     return default

@@ -2,7 +2,8 @@
 
 Hashing — sign random projections (Charikar, "Similarity estimation techniques from rounding algorithms",
 STOC 2002): each head keeps a projection ``R`` [d, nbits] and hashes a query or key ``t`` to
-``c = 1[t_hat @ R > 0]`` with ``t_hat = t / ||t||``. For a random direction ``r``,
+``c = 1[t_hat @ R > 0]`` with ``t_hat = t / ||t||`` (the sign does not depend on ``||t||``, so inference
+skips the normalisation; training keeps it for the straight-through surrogate's scale). For a random direction ``r``,
 ``P(bit differs) = theta / pi``, so the fraction of matching bits estimates ``1 - theta/pi``, the method's
 linear-angular similarity. Each code is used with its complement, ``c_ext = [c, 1 - c]`` (2·nbits columns),
 so ``c_ext(q_i) . c_ext(k_j) = s_ij``, the number of matching bits — still a pure masked accumulate.
@@ -68,26 +69,31 @@ def random_orthogonal(rows: int, cols: int, generator: torch.Generator) -> torch
     return torch.cat(blocks, dim=1)[:, :cols].float()
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 class HammingAttention(nn.Module):
     """Replaces a timm ViT ``Attention``: reuses its ``qkv``/``proj`` (which may be Shift or MoE layers)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, nbits: int = 16, seed: int = 0,
-                 head_dim: int | None = None):
+    def __init__(self, qkv: nn.Module, proj: nn.Module, num_heads: int, head_dim: int, *, nbits: int = 16,
+                 seed: int = 0, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+                 norm: nn.Module | None = None, gate: nn.Module | None = None, proj_drop: nn.Module | None = None):
+        """``qkv``: Linear-like dim -> 3·H·d, ``proj``: H·d -> dim; the optional modules are timm's
+        ``q_norm``/``k_norm`` (per head), ``norm`` (on the attention output), ``gate`` (sigmoid gate)."""
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim or dim // num_heads
-        self.attn_dim = self.num_heads * self.head_dim
-        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
-        self.q_norm: nn.Module = nn.Identity()
-        self.k_norm: nn.Module = nn.Identity()
-        self.norm: nn.Module = nn.Identity()
-        self.gate: nn.Module | None = None
-        self.proj = nn.Linear(self.attn_dim, dim)
-        self.proj_drop: nn.Module = nn.Identity()
-        self._init_hashing(nbits, seed, self_term=True)
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attn_dim = num_heads * head_dim
+        self.qkv, self.proj = qkv, proj
+        self.q_norm = q_norm or nn.Identity()
+        self.k_norm = k_norm or nn.Identity()
+        self.norm = norm or nn.Identity()
+        self.gate = gate
+        self.proj_drop = proj_drop or nn.Identity()
+        self._init_hashing(nbits, seed, self_term=True, device=_device_of(proj))
 
-    # ---- construction -------------------------------------------------------------------------------
-    def _init_hashing(self, nbits: int, seed: int, self_term: bool) -> None:
+    def _init_hashing(self, nbits: int, seed: int, self_term: bool, device: torch.device) -> None:
         if nbits < 1:
             raise ModelError(f"nbits={nbits} must be >= 1")
         self.nbits = nbits
@@ -95,12 +101,12 @@ class HammingAttention(nn.Module):
         self._fit_pending = False
         gen = torch.Generator().manual_seed(seed)
         proj = torch.stack([random_orthogonal(self.head_dim, nbits, gen) for _ in range(self.num_heads)])
-        self.register_buffer("projection", proj)  # [H, d, nbits]
-        self.register_buffer("key_center", torch.zeros(self.num_heads, self.head_dim))  # [H, d]
-        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("projection", proj.to(device))  # [H, d, nbits]
+        self.register_buffer("key_center", torch.zeros(self.num_heads, self.head_dim, device=device))  # [H, d]
+        self.register_buffer("fitted", torch.tensor(False, device=device))
         # Before a fit: the plain normalised linear-angular attention plus the method's 0.5·V own-token term.
-        self.beta = nn.Parameter(torch.ones(self.num_heads))
-        self.alpha = nn.Parameter(torch.full((self.num_heads,), 0.5)) if self_term else None
+        self.beta = nn.Parameter(torch.ones(self.num_heads, device=device))
+        self.alpha = nn.Parameter(torch.full((self.num_heads,), 0.5, device=device)) if self_term else None
 
     @classmethod
     def from_timm(cls, attn: nn.Module, nbits: int = 16, seed: int = 0) -> HammingAttention:
@@ -109,19 +115,10 @@ class HammingAttention(nn.Module):
             if not hasattr(attn, name):
                 raise ModelError(f"{type(attn).__name__} has no '{name}'; HammingAttention replaces timm "
                                  "ViT Attention (qkv/proj) only")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.attn_dim = getattr(attn, "attn_dim", self.num_heads * self.head_dim)
-        self.qkv, self.proj = attn.qkv, attn.proj
-        self.q_norm = getattr(attn, "q_norm", nn.Identity())
-        self.k_norm = getattr(attn, "k_norm", nn.Identity())
-        self.norm = getattr(attn, "norm", None) or nn.Identity()
-        self.gate = getattr(attn, "gate", None)
-        self.proj_drop = getattr(attn, "proj_drop", nn.Identity())
-        device = next(attn.parameters()).device
-        self._init_hashing(nbits, seed, self_term=True)
-        return self.to(device)
+        return cls(attn.qkv, attn.proj, attn.num_heads, attn.head_dim, nbits=nbits, seed=seed,
+                   q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                   norm=getattr(attn, "norm", None), gate=getattr(attn, "gate", None),
+                   proj_drop=getattr(attn, "proj_drop", None))
 
     # ---- projections (overridden for PVT) --------------------------------------------------------------
     def _project(self, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
@@ -234,7 +231,8 @@ class HammingAttention(nn.Module):
             if use_alpha:
                 self.alpha.fill_(0.0)
             v_mean = v.mean(dim=2, keepdim=True)
-            o_dev = self.attend(q, k, v, self_keys) - v_mean  # beta = 1, alpha = 0: o - v_mean
+            with ops.kernel_ops("off"):  # calibration, not inference: no kernel builds
+                o_dev = self.attend(q, k, v, self_keys) - v_mean  # beta = 1, alpha = 0: o - v_mean
         finally:
             self.train(was_training)
         y = (target - v_mean).transpose(0, 1).reshape(self.num_heads, -1)  # [H, B·Nq·d]
@@ -288,25 +286,30 @@ class PvtHammingAttention(HammingAttention):
     (``alpha``) exists only where keys are the query tokens (no reduction).
     """
 
+    def __init__(self, q: nn.Module, kv: nn.Module, proj: nn.Module, num_heads: int, head_dim: int, *,
+                 sr: nn.Module | None = None, norm: nn.Module | None = None, pool: nn.Module | None = None,
+                 act: nn.Module | None = None, proj_drop: nn.Module | None = None, nbits: int = 16,
+                 seed: int = 0):
+        # The ViT constructor's fused-qkv layout does not apply; only the hashing state is shared.
+        nn.Module.__init__(self)
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attn_dim = num_heads * head_dim
+        # Same attribute names as timm's module, so state-dict keys stay those of the dense model.
+        self.q, self.kv, self.proj = q, kv, proj
+        self.sr, self.norm, self.pool, self.act = sr, norm, pool, act
+        self.proj_drop = proj_drop or nn.Identity()
+        self.q_norm = self.k_norm = nn.Identity()
+        self.gate = None
+        self._init_hashing(nbits, seed, self_term=sr is None and pool is None, device=_device_of(proj))
+
     @classmethod
     def from_timm(cls, attn: nn.Module, nbits: int = 16, seed: int = 0) -> PvtHammingAttention:
         for name in ("q", "kv", "proj", "num_heads", "head_dim"):
             if not hasattr(attn, name):
                 raise ModelError(f"{type(attn).__name__} has no '{name}'; PvtHammingAttention replaces timm "
                                  "PVTv2 Attention (q/kv/proj) only")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.attn_dim = self.num_heads * self.head_dim
-        self.q, self.kv, self.proj = attn.q, attn.kv, attn.proj
-        # Same attribute names as timm's module, so state-dict keys stay those of the dense model.
-        self.sr, self.norm, self.pool, self.act = attn.sr, attn.norm, attn.pool, attn.act
-        self.proj_drop = attn.proj_drop
-        self.q_norm = self.k_norm = nn.Identity()
-        self.gate = None
-        device = next(attn.parameters()).device
-        self._init_hashing(nbits, seed, self_term=attn.sr is None and attn.pool is None)
-        return self.to(device)
+        return cls(attn.q, attn.kv, attn.proj, attn.num_heads, attn.head_dim, sr=attn.sr, norm=attn.norm,
+                   pool=attn.pool, act=attn.act, proj_drop=attn.proj_drop, nbits=nbits, seed=seed)
 
     def _project(self, x: torch.Tensor, feat_size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         B, N, C = x.shape

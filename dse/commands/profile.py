@@ -82,9 +82,11 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
     energy = {"model": "analytical model (45 nm op/byte energies: an ASIC projection, not a measurement of "
                        "this machine)", "rapl": "RAPL (CPU package, measured)", "nvml": "NVML (GPU, measured)"}
     lines.append(f"energy: {energy.get(run.energy_source, run.energy_source)}")
-    if run.load_1m is not None and run.cores and run.load_1m > 0.75 * run.cores:
-        lines.append(f"warning: 1-min load average reached {run.load_1m:.1f} on {run.cores} cores while measuring: "
-                     "other work was running, these timings are noisy; re-measure on a quiet machine (--force)")
+    loads = [r["load_1m"] for r in rows if r.get("load_1m") == r.get("load_1m") and r.get("load_1m") is not None]
+    if loads and run.cores and max(loads) > 0.75 * run.cores:
+        lines.append(f"warning: the 1-min load average reached {max(loads):.1f} on {run.cores} cores while these rows "
+                     "were measured: other work was running and the timings are noisy; re-measure on a quiet "
+                     "machine (--force)")
     if run.failed:
         lines.append(f"{len(run.failed)} row(s) failed (the others are saved): " + "; ".join(run.failed[:3]))
     lines.append("")

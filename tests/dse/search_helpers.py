@@ -18,8 +18,11 @@ from models.assignment import layer_kinds
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"depth": 2}
-CLI_SETTINGS = ["--set", "model.kwargs={depth: 2}", "--set", "search.sensitivity_samples=48",
-                "--set", "search.population=20", "--set", "data.eval_batch_size=48"]
+IMG = 16  # 4x4 patches -> 16 tokens: a fast model for the plumbing tests
+# The config a test search runs with (as --set overrides, and as load_config overrides).
+OVERRIDES = ["model.kwargs={depth: 2}", f"data.img_size={IMG}", "data.val_fraction=0.1",
+             "search.sensitivity_samples=48", "search.population=20", "data.eval_batch_size=64"]
+CLI_SETTINGS = [arg for o in OVERRIDES for arg in ("--set", o)]
 
 
 def tiny_checkpoint(folder: Path) -> tuple[Path, Path, dict[str, str]]:
@@ -28,9 +31,9 @@ def tiny_checkpoint(folder: Path) -> tuple[Path, Path, dict[str, str]]:
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = models.create("vit_digits", num_classes=10, img_size=32, **TINY)
+    model = models.create("vit_digits", num_classes=10, img_size=IMG, **TINY)
     ckpt = folder / "dense.pt"
-    arch = {"name": "vit_digits", "kwargs": dict(TINY), "num_classes": 10, "img_size": 32}
+    arch = {"name": "vit_digits", "kwargs": dict(TINY), "num_classes": 10, "img_size": IMG}
     torch.save({"model": model.state_dict(), "meta": {"architecture": arch}}, ckpt)
     kinds = layer_kinds(model)
     costs = folder / "costs.json"

@@ -136,8 +136,10 @@ def test_moe_without_costs_is_an_error(tmp_path, dense_ckpt):
         finetune(cfg, tmp_path / "c", progress=False)
 
 
-def test_all_shift_needs_no_profile_and_converts_every_linear(tmp_path, dense_ckpt):
-    cfg = tiny_cfg("finetune.epochs=0")
+def test_all_shift_needs_no_profile_and_resume_refuses_another_assignment(tmp_path, dense_ckpt):
+    from dse.errors import CheckpointError
+
+    cfg = tiny_cfg("finetune.epochs=1")
     dense = build_dense(cfg)
     Assignment.uniform(dense, attention="msa", linear="shift").to_yaml(tmp_path / "shift.yaml")
     summary = finetune(cfg, tmp_path / "out", checkpoint=dense_ckpt, assignment=tmp_path / "shift.yaml",
@@ -145,6 +147,8 @@ def test_all_shift_needs_no_profile_and_converts_every_linear(tmp_path, dense_ck
     model, meta = load_finetuned(tmp_path / "out" / "weights.pt")
     assert meta["costs"] == {} and summary["moe_layers"] == 0
     assert all(isinstance(model.get_submodule(n), ShiftLinear) for n in linear_names(dense))
+    with pytest.raises(CheckpointError, match="another assignment"):
+        finetune(cfg, tmp_path / "out", checkpoint=dense_ckpt, costs=costs_for(dense), resume=True, progress=False)
 
 
 # ---- the stage end to end ----------------------------------------------------------------------------
@@ -221,6 +225,7 @@ def cli_args(out: Path, dense_ckpt: Path, costs_json: Path, *sets: str) -> list[
             "--profile", str(costs_json), "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, dense_ckpt):
     """`dse finetune` in a subprocess (so SIGKILL is real), killed during epoch 2, then `--resume`."""
     costs_json = write_cost_table(tmp_path / "costs.json", costs_for(build_dense(tiny_cfg())))

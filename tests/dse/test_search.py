@@ -32,7 +32,7 @@ from dse.search_space import SearchSpace
 from dse.sensitivity import Sensitivity, risk_table
 from dse.trial_store import TrialStore, open_storage
 from models.assignment import Assignment
-from tests.dse.search_helpers import CLI_SETTINGS, expected_objectives, kill, run_cli, spawn, tiny_checkpoint
+from tests.dse.search_helpers import CLI_SETTINGS, OVERRIDES, expected_objectives, kill, run_cli, spawn, tiny_checkpoint
 
 KINDS = {f"blocks.{i}.{p}": ("attention" if p == "attn" else "linear")
          for i in range(3) for p in ("attn", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
@@ -303,10 +303,9 @@ def test_run_search_both_stages_writes_outputs_and_reuses_stage_b(tmp_path, monk
     ckpt, costs_json, kinds = tiny_checkpoint(tmp_path)
     raw = json.loads(costs_json.read_text())
     dense_lat = raw["fixed"][0] + sum(v["msa" if "msa" in v else "mult"][0] for v in raw["layers"].values())
-    overrides = ["model.kwargs={depth: 2}", f"model.checkpoint={ckpt}", f"search.profile={costs_json}",
-                 "search.trials=150", "search.population=20", "search.sensitivity_samples=48",
+    overrides = [*OVERRIDES, f"model.checkpoint={ckpt}", f"search.profile={costs_json}", "search.trials=150",
                  "search.stage_b_candidates=1", "search.stage_b_epochs=0", "search.max_accuracy_drop=100",
-                 f"search.latency_budget_ms={dense_lat * 0.9}", "data.eval_batch_size=64", f"out={tmp_path / 'run'}"]
+                 f"search.latency_budget_ms={dense_lat * 0.9}", f"out={tmp_path / 'run'}"]
     cfg = load_config(None, overrides)
     summary = run_search(cfg)
     out = tmp_path / "run"
@@ -370,21 +369,21 @@ def test_cli_killed_search_continues_on_rerun(tmp_path):
                     stored = TrialStore(open_storage(f"sqlite:///{db}"), "shiftadd").count()
                 except Exception:  # the study may not exist yet
                     stored = 0
-                if stored >= 200:
+                if stored >= 100:
                     break
     finally:
         kill(proc, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-2000:]
-    assert 200 <= stored < 3000
+    assert 100 <= stored < 3000
     before = stored_trials(f"sqlite:///{db}", "shiftadd")
     assert len(before) >= stored
     # Rerun the same command with a smaller target so the test stays short: it continues, not restarts.
-    target = len(before) + 150
+    target = len(before) + 100
     args[args.index("--trials") + 1] = str(target)
     res = run_cli(*args, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
-    assert summary["stage_a"]["stored"] == target and summary["stage_a"]["evaluated"] == 150
+    assert summary["stage_a"]["stored"] == target and summary["stage_a"]["evaluated"] == 100
     assert summary["stage_a"]["worker"] == 1 and summary["sensitivity"]["reused"] is True
     after = stored_trials(f"sqlite:///{db}", "shiftadd")
     assert [t.number for t in after] == list(range(target))

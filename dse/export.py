@@ -1,0 +1,486 @@
+"""Stage: compile a fine-tuned ShiftAddViT for a target and package it (``dse export``).
+
+Steps:
+
+1. Load the model: a fine-tuned ``weights.pt`` (:func:`dse.finetune.load_finetuned`), or a dense one —
+   exported as is, or reparameterised for ``--assignment`` without training (hash fitted on one batch).
+2. MoE layers get a static capacity (models/moe.py ``mult_capacity``: the ``floor(r·T + 0.5)`` tokens of a
+   batch with the highest Mult probability go to Mult, the rest to Shift), which is what makes routing a
+   static graph. ``r`` is the layer's measured routing share on the validation set (top-1 routing, at the
+   export batch), unless the assignment fixes it. What that costs is measured and recorded: validation
+   accuracy under top-1 routing vs capacity routing (a token whose router is close to 50/50 may land on
+   the other expert) and the extra dispatch work in the graph (argsort + gathers + concat per MoE layer).
+3. Each shift layer (MoE Shift experts included, at their token count) gets the faster of ``matshift``
+   and ``matshift_decode`` for its shape: from the profile's cost model when a profile exists (the same
+   rule the cost model prices with), else measured here by timing both kernels, else (a target that
+   cannot run here and has no profile) ``matshift_decode``. The reason is recorded per layer.
+4. :func:`dse.graph.export_form` → :func:`dse.graph.to_relax` → :func:`dse.graph.compile_relax`, and the
+   artifact folder (:mod:`dse.artifact`) with the manifest written last, checksums included.
+5. Where the target runs here, the artifact is loaded back through the torch-free loader (checksums
+   verified) and checked against PyTorch on the whole validation set, batch by batch: validation
+   accuracy, top-1 agreement and the largest logit difference relative to the largest logit
+   (``max|z_tvm - z_torch| / max|z_torch|`` per batch); and its latency is measured. The PyTorch side
+   is the export form, whose shift layers compute exactly what each compiled kernel computes (see
+   :func:`dse.graph.packed_shift_linear`).
+
+With ``export.cuda_arch`` set and a CPU primary target, a compile-only CUDA artifact for the same model
+is written next to it (``<out>-cuda-<arch>``); its manifest says ``run_on_device: false``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import kernels
+import models
+from dse import artifact as art
+from dse import graph
+from dse.config import Config, config_to_dict
+from dse.data import load_data
+from dse.errors import CheckpointError, ShiftAddError
+from dse.fileio import atomic_write
+from models.assignment import Assignment, layer_kinds
+from models.hamming import fit_hamming
+from models.moe import moe_layers, reset_routing_stats, routing_shares, set_moe_capacity
+from models.ops import kernel_ops
+from models.reparam import reparameterize
+from models.shift import ShiftLinear
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``weights.pt`` itself, or the one inside a stage folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "weights.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the weights.pt (or its folder) that "
+                              "`dse finetune` or `dse pretrain` wrote")
+    return path
+
+
+def load_model(cfg: Config, checkpoint: str | Path, assignment: str | Path | None = None,
+               fit_images: torch.Tensor | None = None) -> tuple[nn.Module, Assignment, dict[str, Any]]:
+    """(ShiftAddViT in eval mode, its assignment, checkpoint meta)."""
+    from dse.finetune import build_from_architecture, load_finetuned
+    from dse.pretrain import architecture
+
+    path = checkpoint_file(checkpoint)
+    meta = dict(models.read_checkpoint(path).get("meta") or {})
+    if meta.get("assignment"):
+        model, meta = load_finetuned(path)
+        plan = Assignment.from_dict(meta["assignment"])
+        if assignment is not None:
+            given = Assignment.from_yaml(assignment)
+            if given.attention != plan.attention or given.linear != plan.linear:
+                raise CheckpointError(f"{path} was fine-tuned for another assignment than {assignment}; export it "
+                                      "without --assignment or fine-tune for that assignment")
+            plan.capacity = dict(given.capacity)
+        return model.eval(), plan, meta
+    arch = meta.get("architecture") or architecture(cfg)
+    dense = build_from_architecture(arch)
+    models.load_weights(dense, path)
+    meta = {**meta, "architecture": arch, "dense_checkpoint": str(path)}
+    if assignment is None:
+        return dense.eval(), Assignment(), meta
+    plan = Assignment.from_yaml(assignment)
+    plan.validate(dense)
+    log.warning("exporting %s reparameterised for %s without fine-tuning: accuracy will be that of the "
+                "converted dense weights", path, assignment)
+    from dse.finetune import reparam_options
+
+    model = reparameterize(dense, plan, costs=None, **reparam_options(cfg)).eval()
+    if fit_images is not None:
+        fit_hamming(model, fit_images)
+    return model, plan, meta
+
+
+def val_tensors(cfg: Config, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images and labels (the config's data, seeded split), stacked in order."""
+    data = load_data(cfg.data, cfg.seed)
+    xs, ys = [], []
+    loader = torch.utils.data.DataLoader(data.val, batch_size=256, shuffle=False)
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+        if limit is not None and sum(len(v) for v in xs) >= limit:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)
+
+
+def batches(x: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, int]]:
+    """``(batch tensor, real rows)``; the last partial batch repeats its final image (as the loader does)."""
+    out = []
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        real = len(chunk)
+        if real < batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch - real, *chunk.shape[1:])])
+        out.append((chunk, real))
+    return out
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(chunk)[:real] for chunk, real in batches(x, batch)])
+
+
+def accuracy(logits: np.ndarray | torch.Tensor, labels: torch.Tensor) -> float:
+    pred = np.asarray(logits).argmax(1)
+    return float((pred == labels.numpy()).mean() * 100.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MoE capacity
+
+
+@torch.no_grad()
+def calibrate_capacity(model: nn.Module, x: torch.Tensor, batch: int, fixed: dict[str, float] | None = None
+                       ) -> dict[str, float]:
+    """Set every MoE layer's capacity to its top-1 routing share on ``x`` (``fixed`` wins); returns them.
+
+    Routing is measured with the PyTorch reference of the shift layers (the arithmetic fine-tuning
+    validated with).
+    """
+    layers = dict(moe_layers(model))
+    if not layers:
+        return {}
+    fixed = dict(fixed or {})
+    set_moe_capacity(model, None)
+    reset_routing_stats(model)
+    with kernel_ops("off"):
+        logits_of(model, x, batch)
+    shares = routing_shares(model)
+    reset_routing_stats(model)
+    capacity = {name: float(fixed.get(name, shares[name])) for name in layers}
+    set_moe_capacity(model, capacity)
+    return capacity
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shift primitive per layer
+
+
+def shift_shapes(model: nn.Module, tokens: int) -> dict[str, tuple[int, int, int, int]]:
+    """``{ShiftLinear name: (1, rows, in, out)}``; a MoE Shift expert gets the tokens its capacity leaves."""
+    moe = dict(moe_layers(model))
+    shapes = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, ShiftLinear):
+            continue
+        rows = tokens
+        parent = name.rpartition(".")[0]
+        if parent in moe and moe[parent].mult_capacity is not None:
+            rows = tokens - int(math.floor(moe[parent].mult_capacity * tokens + 0.5))
+        if rows > 0:
+            shapes[name] = (1, rows, module.in_features, module.out_features)
+    return shapes
+
+
+def _profile_table(cfg: Config, target: Any, profile: str | Path | None) -> tuple[Any, str | None]:
+    """(cost table of the matching profile or None, why not / which file)."""
+    try:
+        from dse import cost, store
+        from dse.device import describe_device
+
+        tdict = kernels.targets.target_to_dict(kernels.resolve_target(target))
+        if profile is None:
+            device = describe_device("cuda" if tdict.get("kind") == "cuda" else "cpu")
+            profile = store.profile_path(cfg.profile.dir, device.slug, kernels.target_slug(tdict))
+        if not Path(profile).is_file():
+            return None, f"no profile at {profile}"
+        data = cost.read_profile(profile)
+        cost.check_profile(data, tdict)
+        return cost.CostTable(data), str(profile)
+    except ShiftAddError as exc:
+        return None, str(exc)
+    except (ImportError, AttributeError) as exc:  # the cost model is another engineer's, and optional here
+        return None, f"cost model unavailable ({exc})"
+
+
+def choose_shift_primitives(shapes: dict[str, tuple[int, int, int, int]], target: Any, table: Any,
+                            reason: str | None) -> dict[str, dict[str, Any]]:
+    """``{layer: {"primitive", "source", "latency_ms": {prim: ms}}}`` (see the module docstring, step 3)."""
+    from dse import cost
+
+    tgt = kernels.resolve_target(target)
+    runnable = not kernels.targets.is_cuda(tgt) or kernels.cuda_available()
+    measured: dict[tuple[int, int, int, int], dict[str, float]] = {}
+    out = {}
+    for name, shape in shapes.items():
+        if table is not None:
+            try:
+                prim = cost.fastest_shift_primitive(table, "tvm", *shape)
+                out[name] = {"primitive": prim, "source": "profile"}
+                continue
+            except ShiftAddError as exc:
+                reason = str(exc)
+        if runnable:
+            if shape not in measured:
+                measured[shape] = {p: kernels.build(p, *shape, target=tgt).time(min_repeat_ms=20, repeat=5).median_ms
+                                   for p in graph.SHIFT_PRIMITIVES}
+            out[name] = {"primitive": graph.fastest_shift(shape, measured[shape]), "source": "measured at export",
+                         "latency_ms": measured[shape]}
+        else:
+            out[name] = {"primitive": "matshift_decode",
+                         "source": f"default (cannot run {kernels.target_slug(tgt)} here; {reason})"}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost-model prediction
+
+
+def predict_cost(cfg: Config, model: nn.Module, plan: Assignment, batch: int, table: Any) -> dict[str, Any]:
+    """The cost model's whole-model latency/energy for this assignment, or why there is none."""
+    if table is None:
+        return {"available": False, "reason": "no matching profile"}
+    try:
+        from dse.cost import CostModel
+        from dse.inventory import build_inventory
+
+        cm = CostModel(table, backend="tvm", metric=cfg.cost.metric, mix_alpha=cfg.cost.mix_alpha)
+        inv = build_inventory(model, batch=batch)
+        pred = cm.for_model(inv).predict(plan)
+        return {"available": True, "latency_ms": float(pred.latency_ms), "energy_mj": float(pred.energy_mj)}
+    except (ShiftAddError, ImportError, AttributeError, TypeError, KeyError) as exc:
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_weights(path: Path, params: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **params)
+        tmp.write_bytes(buf.getvalue())
+
+    atomic_write(path, write)
+
+
+def _weights_summary(params: dict[str, np.ndarray]) -> dict[str, Any]:
+    by_dtype: dict[str, int] = {}
+    for value in params.values():
+        by_dtype[str(value.dtype)] = by_dtype.get(str(value.dtype), 0) + int(value.nbytes)
+    return {"arrays": len(params), "bytes": int(sum(by_dtype.values())), "bytes_by_dtype": by_dtype}
+
+
+def _kernel_summary(g: graph.RelaxGraph) -> list[dict[str, Any]]:
+    """One row per kernel PrimFunc: primitive, problem size and how often main() calls it."""
+    counts: dict[str, int] = {}
+    for name in graph.call_tir_targets(g.mod):
+        counts[name] = counts.get(name, 0) + 1
+    return [{"function": name, "primitive": prim, **dict(zip("bmkn", g.kernel_shapes[name])),
+             "calls": counts.get(name, 0)} for name, prim in sorted(g.kernel_calls.items())]
+
+
+def write_artifact(out: Path, g: graph.RelaxGraph, exe: Any, plan: Assignment, manifest: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (art.MANIFEST,):  # a half-written folder must never look finished
+        (out / stale).unlink(missing_ok=True)
+    exe.export_library(str(out / art.LIBRARY))
+    _write_weights(out / art.WEIGHTS, g.params)
+    plan.to_yaml(out / art.ASSIGNMENT)
+    art.write_manifest(out, manifest)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any = None,
+           assignment: str | Path | None = None, profile: str | Path | None = None,
+           cuda_arch: str | None | bool = True) -> dict[str, Any]:
+    """Compile and package the model (module docstring). Returns a summary; ``cuda_arch=True`` means
+    ``cfg.export.cuda_arch``."""
+    ex = cfg.export
+    out = Path(out)
+    target = target if target is not None else ex.target
+    tgt = kernels.resolve_target(target)
+    target_dict = kernels.targets.target_to_dict(tgt)
+    batch = ex.batch
+    t_start = time.perf_counter()
+
+    x_val, y_val = val_tensors(cfg, ex.val_images)
+    fit = x_val[: cfg.data.batch_size]
+    model, plan, meta = load_model(cfg, checkpoint, assignment, fit_images=fit)
+    tokens = batch * _tokens_per_image(model, x_val[:1])
+
+    capacity = calibrate_capacity(model, x_val, batch, plan.capacity)
+    plan = Assignment(attention=dict(plan.attention), linear=dict(plan.linear), capacity=capacity)
+    table, table_reason = _profile_table(cfg, tgt, profile)
+    choices = choose_shift_primitives(shift_shapes(model, tokens), tgt, table, table_reason)
+    form = graph.export_form(model, lambda name, _layer: choices[name]["primitive"])
+
+    t0 = time.perf_counter()
+    g = graph.to_relax(form, x_val[:batch].contiguous(), tgt)
+    exe = graph.compile_relax(g.mod, tgt)
+    compile_s = time.perf_counter() - t0
+
+    moe_cost = _moe_cost(model, form, x_val, y_val, batch, capacity)
+    ref_logits = logits_of(form, x_val, batch)
+    manifest = _manifest(cfg, meta, plan, g, tgt, target_dict, batch, tokens, choices, capacity, moe_cost,
+                         predict_cost(cfg, model, plan, batch, table), table_reason, checkpoint)
+    manifest["accuracy"] = {"val_images": len(x_val), "pytorch_val_acc": accuracy(ref_logits, y_val),
+                            "finetune_val_acc": meta.get("val_acc")}
+    manifest["compile_s"] = round(compile_s, 1)
+    runnable = not kernels.targets.is_cuda(tgt) or kernels.cuda_available()
+    manifest["run_on_device"] = False
+    write_artifact(out, g, exe, plan, manifest)
+    if runnable:
+        manifest = _check_on_device(out, manifest, x_val, y_val, ref_logits, ex.repeat)
+        art.write_manifest(out, manifest)
+    summary = _summary(out, manifest)
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+
+    arch = cfg.export.cuda_arch if cuda_arch is True else (cuda_arch or None)
+    if arch and not kernels.targets.is_cuda(tgt):
+        cuda_out = out.with_name(f"{out.name}-cuda-{arch}")
+        summary["cuda"] = export_compile_only(cfg, form, plan, x_val[:batch], cuda_out, arch, manifest)
+    return summary
+
+
+def export_compile_only(cfg: Config, form: nn.Module, plan: Assignment, example: torch.Tensor, out: Path,
+                        arch: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The same export form compiled for CUDA ``arch`` without running it (no GPU needed)."""
+    tgt = kernels.resolve_target(f"cuda:{arch}")
+    t0 = time.perf_counter()
+    choices = {name: dict(entry) for name, entry in base["shift_primitives"].items()}
+    g = graph.to_relax(form, example.contiguous(), tgt)
+    exe = graph.compile_relax(g.mod, tgt)
+    manifest = {k: v for k, v in base.items() if k not in ("latency", "files")}
+    manifest.update({
+        "target": kernels.targets.target_to_dict(tgt), "target_slug": kernels.target_slug(tgt),
+        "device": {"kind": "cuda", "name": f"any NVIDIA GPU of {arch}", "note": "compile-only, not run here"},
+        "kernels": _kernel_summary(g), "params": g.param_names, "weights": _weights_summary(g.params),
+        "shift_primitives": choices, "run_on_device": False, "compile_s": round(time.perf_counter() - t0, 1),
+        "latency": {"measured": None, "note": "compile-only artifact: no CUDA device on the exporting machine"},
+    })
+    manifest["accuracy"] = {**base.get("accuracy", {}), "compiled_val_acc": None, "top1_agreement": None,
+                            "max_rel_logit_err": None}
+    write_artifact(out, g, exe, plan, manifest)
+    return {"folder": str(out), "target": manifest["target_slug"], "run_on_device": False}
+
+
+def _tokens_per_image(model: nn.Module, image: torch.Tensor) -> int:
+    """Rows per image at the first decision Linear (patches + prefix tokens), seen by a forward hook."""
+    linear_names = [n for n, k in layer_kinds(model).items() if k == "linear"]
+    if not linear_names:
+        return 1
+    seen: list[int] = []
+    handle = model.get_submodule(linear_names[0]).register_forward_hook(
+        lambda _m, inp, _out: seen.append(int(inp[0].reshape(-1, inp[0].shape[-1]).shape[0])))
+    try:
+        with torch.no_grad(), kernel_ops("off"):
+            model.eval()(image)
+    finally:
+        handle.remove()
+    return seen[0] // len(image)
+
+
+def _moe_cost(model: nn.Module, form: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
+              capacity: dict[str, float]) -> dict[str, Any] | None:
+    """Validation accuracy with top-1 routing vs the static capacity (both on the export form)."""
+    if not capacity:
+        return None
+    set_moe_capacity(form, None)
+    top1 = accuracy(logits_of(form, x, batch), y)
+    set_moe_capacity(form, capacity)
+    cap = accuracy(logits_of(form, x, batch), y)
+    return {"val_acc_top1_routing": top1, "val_acc_capacity_routing": cap, "delta_points": cap - top1,
+            "dispatch_ops_per_layer": "argsort(T) + argsort (inverse) + 2 gathers + concat"}
+
+
+def _manifest(cfg: Config, meta: dict[str, Any], plan: Assignment, g: graph.RelaxGraph, tgt: Any,
+              target_dict: dict[str, Any], batch: int, tokens: int, choices: dict[str, Any], capacity: dict[str, float],
+              moe_cost: dict[str, Any] | None, prediction: dict[str, Any], table_reason: str | None,
+              checkpoint: str | Path) -> dict[str, Any]:
+    from dse.device import describe_device, versions
+
+    kind = "cuda" if kernels.targets.is_cuda(tgt) else "cpu"
+    try:
+        device = describe_device(kind).as_dict() if kind == "cpu" else {"kind": "cuda"}
+    except ShiftAddError as exc:
+        device = {"kind": kind, "error": str(exc)}
+    return {
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": {"architecture": meta.get("architecture"), "assignment_counts": plan.counts()},
+        "source_checkpoint": str(checkpoint_file(checkpoint)),
+        "dense_checkpoint": meta.get("dense_checkpoint"),
+        "data": config_to_dict(cfg)["data"], "seed": cfg.seed,
+        "target": target_dict, "target_slug": kernels.target_slug(tgt), "device": device, "versions": versions(),
+        "input": {"shape": list(g.input_shape), "dtype": g.input_dtype, "batch": batch},
+        "params": g.param_names, "weights": _weights_summary(g.params),
+        "kernels": _kernel_summary(g),
+        "shift_primitives": choices,
+        "moe": {"capacity": capacity, "cost": moe_cost, "tokens_per_batch": tokens} if capacity else None,
+        "prediction": {**prediction, "profile": table_reason},
+    }
+
+
+def _check_on_device(out: Path, manifest: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+                     ref: torch.Tensor, repeat: int) -> dict[str, Any]:
+    loaded = art.Artifact.load(out)
+    logits = loaded.predict(x.numpy())
+    ref_np = ref.numpy()
+    batch = loaded.batch
+    worst = 0.0
+    for start in range(0, len(ref_np), batch):
+        a, b = logits[start:start + batch], ref_np[start:start + batch]
+        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
+    agree = float((logits.argmax(1) == ref_np.argmax(1)).mean())
+    timing = loaded.time(x[:batch].numpy(), repeat=repeat)
+    manifest = dict(manifest)
+    manifest["accuracy"] = {**manifest["accuracy"], "compiled_val_acc": accuracy(logits, y), "top1_agreement": agree,
+                            "max_rel_logit_err": worst}
+    manifest["latency"] = {"measured": timing.as_dict(), "batch": batch,
+                           "threads": _tvm_threads(), "load_1m": _load()}
+    manifest["run_on_device"] = True
+    return manifest
+
+
+def _tvm_threads() -> int:
+    import os
+
+    return int(os.environ.get("TVM_NUM_THREADS") or kernels.targets.host_num_cores())
+
+
+def _load() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    acc = manifest.get("accuracy", {})
+    lat = (manifest.get("latency") or {}).get("measured") or {}
+    return {"folder": str(out), "target": manifest["target_slug"], "run_on_device": manifest["run_on_device"],
+            "kernels": sorted({k["primitive"] for k in manifest["kernels"]}),
+            "pytorch_val_acc": acc.get("pytorch_val_acc"), "compiled_val_acc": acc.get("compiled_val_acc"),
+            "top1_agreement": acc.get("top1_agreement"), "max_rel_logit_err": acc.get("max_rel_logit_err"),
+            "latency_ms": lat.get("median_ms"), "prediction": manifest.get("prediction"),
+            "moe": manifest.get("moe")}
+
+
+__all__ = ["calibrate_capacity", "choose_shift_primitives", "export", "load_model", "val_tensors"]

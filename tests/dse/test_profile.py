@@ -1,0 +1,208 @@
+"""``dse profile``: the plan, the PyTorch timer, reruns that measure only what is missing, --force,
+energy labelling, concurrent processes, and --target cuda without a GPU (through the real CLI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+import kernels
+import models
+from dse import nonprim
+from dse.cli import main
+from dse.energy import AnalyticalEnergyModel
+from dse.inventory import build_inventory
+from dse.profile import Settings, plan, profile_model, time_callable
+from dse.store import KEY, ProfileStore, load_profile, row_key
+from tests.conftest import ROOT, run_dse
+
+TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}  # 4 patches + cls
+TINY_SET = ["--set", "model.kwargs={img_size: 16, patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2}",
+            "--set", "profile.repeat=2", "--set", "profile.min_repeat_ms=1", "--batch", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_inventory():
+    return build_inventory(models.create("vit_digits", **TINY), batch=2, name="tiny")
+
+
+def fast(**kw) -> Settings:
+    return Settings(**{"repeat": 2, "min_repeat_ms": 1.0, "nonprim": False, **kw})
+
+
+def test_plan_covers_every_primitive_and_baseline(tiny_inventory):
+    specs = plan(tiny_inventory)
+    keys = {s.key for s in specs}
+    assert len(keys) == len(specs)
+    T, C = 2 * 5, 16
+    for shape in [(1, T, C, 3 * C), (1, T, C, C), (1, T, C, 4 * C), (1, T, 4 * C, C)]:
+        for prim, dtype in (("matmul", "float32"), ("matshift", "int32"), ("matshift_decode", "float32")):
+            assert (prim, "tvm", *shape, dtype) in keys
+        assert ("matmul", "torch", *shape, "float32") in keys
+    BH, N, d = 4, 5, 8
+    assert ("bmm", "tvm", BH, N, d, N, "float32") in keys and ("bmm", "torch", BH, N, d, N, "float32") in keys
+    assert ("matadd", "tvm", BH, 32, N, d + 1, "float32") in keys
+    for op in ("layernorm", "gelu", "softmax", "residual", "hash", "router", "dispatch", "embed", "head"):
+        assert {s.backend for s in specs if s.primitive == op} == {"tvm", "torch"}
+    assert not any(s.kind == "nonprim" for s in plan(tiny_inventory, include_nonprim=False))
+
+
+def test_time_callable_times_what_it_runs():
+    calls = []
+
+    def work():
+        calls.append(1)
+        time.sleep(0.002)
+
+    timing = time_callable(work, repeat=3, min_repeat_ms=10)
+    assert timing.repeats == 3
+    assert timing.median_ms >= 1.9  # never less than the sleep
+    assert timing.number * timing.median_ms >= 9.0  # each repeat lasted ~min_repeat_ms
+    assert len(calls) >= 1 + 3 * timing.number
+
+
+def _count_builds(monkeypatch) -> dict[str, int]:
+    counts = {"kernels": 0, "ops": 0}
+    real_build, real_op = kernels.build, nonprim.build_op
+
+    def build(*a, **kw):
+        counts["kernels"] += 1
+        return real_build(*a, **kw)
+
+    def build_op(*a, **kw):
+        counts["ops"] += 1
+        return real_op(*a, **kw)
+
+    monkeypatch.setattr(kernels, "build", build)
+    monkeypatch.setattr(nonprim, "build_op", build_op)
+    return counts
+
+
+def test_rerun_measures_only_missing_rows_and_force_measures_all(tmp_path, monkeypatch, tiny_inventory):
+    counts = _count_builds(monkeypatch)
+    settings = fast()
+    specs = plan(tiny_inventory, include_nonprim=False)
+    tvm_rows = [s for s in specs if s.backend == "tvm"]
+    first = profile_model(tiny_inventory, settings, tmp_path, progress=False)
+    assert first.measured == len(specs) and first.present == 0 and not first.failed
+    assert counts["kernels"] == len(tvm_rows)
+    prof = load_profile(first.path)
+    assert {row_key(r) for r in prof.frame.to_dict("records")} == {s.key for s in specs}
+    # every row labelled; analytical energy equals the model's estimate for the kernel's shape
+    model = AnalyticalEnergyModel()
+    for r in prof.frame.to_dict("records"):
+        assert r["energy_source"] == "model" and r["repeats"] == 2 and r["latency_ms"] > 0
+        prim = "bmm" if (r["backend"] == "torch" and r["primitive"] == "matadd") else r["primitive"]
+        dtype = r["dtype"] if r["backend"] == "tvm" else None
+        assert r["energy_mj"] == pytest.approx(model.estimate(prim, r["batch"], r["m"], r["k"], r["n"], dtype).energy_mj)
+
+    # drop one TVM row and one PyTorch row: a rerun measures exactly those two
+    store = ProfileStore(tmp_path, {**prof.meta["device"]}, prof.target, prof.meta["target_slug"], prof.meta["versions"])
+    drop = {tvm_rows[0].key, next(s for s in specs if s.backend == "torch").key}
+    kept = [r for r in prof.frame.to_dict("records") if row_key(r) not in drop]
+    from dse.store import format_rows
+
+    store.path.write_text(format_rows(kept))
+    counts["kernels"] = 0
+    second = profile_model(tiny_inventory, settings, tmp_path, progress=False)
+    assert (second.measured, second.present) == (2, len(specs) - 2)
+    assert counts["kernels"] == 1
+    unchanged = {row_key(r): r["measured_at"] for r in load_profile(first.path).frame.to_dict("records")}
+    assert all(unchanged[row_key(r)] == r["measured_at"] for r in kept)
+
+    counts["kernels"] = 0
+    third = profile_model(tiny_inventory, settings, tmp_path, progress=False)
+    assert third.measured == 0 and counts["kernels"] == 0
+
+    forced = profile_model(tiny_inventory, settings, tmp_path, force=True, progress=False)
+    assert forced.measured == len(specs) and counts["kernels"] == len(tvm_rows)
+    assert len(load_profile(first.path)) == len(specs)
+
+
+def test_nonprim_rows_measured_once(tmp_path, monkeypatch):
+    inv = build_inventory(models.create("vit_digits", **TINY), batch=1, name="tiny")
+    inv.items = [it for it in inv.items if it.op in ("layernorm", "softmax")]  # two ops keep it quick
+    counts = _count_builds(monkeypatch)
+    run = profile_model(inv, fast(nonprim=True), tmp_path, progress=False)
+    ops = {(r["primitive"], r["backend"]) for r in run.rows}
+    assert ops == {("layernorm", "tvm"), ("layernorm", "torch"), ("softmax", "tvm"), ("softmax", "torch")}
+    assert counts["ops"] == 2
+    for r in run.rows:  # analytical energy of the op's counted work
+        assert r["energy_mj"] == pytest.approx(nonprim.estimate_energy_mj(r["primitive"], (r["batch"], r["m"], r["k"],
+                                                                                               r["n"])))
+    assert profile_model(inv, fast(nonprim=True), tmp_path, progress=False).measured == 0
+    assert counts["ops"] == 2
+
+
+class FakeRapl:
+    """A meter stand-in: fixed energy per call, fixed idle power (what matters is the labelling)."""
+
+    name = "rapl"
+
+    def __init__(self):
+        self.measured = 0
+
+    def idle_power_w(self, duration_s=0.5, **kw):
+        return 7.5
+
+    def measure(self, fn, **kw):
+        fn()
+        self.measured += 1
+        return type("Reading", (), {"energy_mj_per_call": 0.42})()
+
+    def close(self):
+        pass
+
+
+def test_measured_energy_rows_are_labelled(tmp_path, monkeypatch):
+    import dse.energy
+
+    meter = FakeRapl()
+    monkeypatch.setattr(dse.energy, "select_source", lambda *a, **k: meter)
+    inv = build_inventory(models.create("vit_digits", **TINY), batch=1, name="tiny")
+    inv.items = [it for it in inv.items if it.name == "blocks.0.attn.proj"]
+    run = profile_model(inv, fast(), tmp_path, progress=False)
+    assert meter.measured == len(run.rows) == 4  # three primitives + the PyTorch baseline
+    for r in run.rows:
+        assert (r["energy_source"], r["energy_mj"], r["idle_power_w"]) == ("rapl", 0.42, 7.5)
+
+
+def test_cli_refuses_foreign_profile_and_reports_nothing_to_measure(tmp_path, capsys, tiny_inventory):
+    out = tmp_path / "profiles"
+    argv = ["profile", "--out", str(out), *TINY_SET, "--set", "profile.nonprim=false"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "measured" in first and "tvm/torch" in first
+    assert main(argv) == 0
+    assert "nothing to measure" in capsys.readouterr().out
+    (meta,) = out.glob("*/*.yaml")
+    meta.write_text(meta.read_text().replace("tvm: 0.27", "tvm: 0.26"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: profile") and "TVM version" in err and "--force" in err and "\n" not in err
+
+
+def test_two_concurrent_processes_write_every_row_once(tmp_path, tiny_inventory):
+    out = tmp_path / "profiles"
+    cmd = [sys.executable, "-m", "dse", "profile", "--out", str(out), *TINY_SET]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**__import__("os").environ, "CI": "true"}) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr
+    (csv,) = out.glob("*/*.csv")
+    prof = load_profile(csv)  # validates: one row per key, nothing truncated
+    assert not prof.frame.duplicated(list(KEY)).any()
+    assert {row_key(r) for r in prof.frame.to_dict("records")} == {s.key for s in plan(tiny_inventory)}
+
+
+@pytest.mark.skipif(kernels.cuda_available(), reason="this machine has a CUDA GPU")
+def test_target_cuda_without_gpu_is_one_line_exit_1():
+    proc = run_dse("profile", "--target", "cuda", timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: no CUDA device found") and "--compile-only" in lines[0]
