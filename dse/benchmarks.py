@@ -106,6 +106,14 @@ def cost_section(model_name: str = "deit_tiny_patch16_224", batch: int = 8) -> l
     ]
 
 
+@section("search")
+def search_section() -> list[str]:
+    """Stage-A trials/s of ``dse search`` on the embedded model's space (owned by dse.search)."""
+    from dse.search import bench_lines
+
+    return bench_lines()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dse.benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("sections", nargs="*", help=f"sections to run (default: all of {', '.join(SECTIONS)})")

@@ -73,8 +73,9 @@ def dse_command(*args: str) -> list[str]:
 
 def spawn(*args: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(dse_command(*args), cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+    # stdout to ``log``, stderr to ``log`` + ".err"; the child keeps its own copies of the descriptors.
+    with open(log, "w") as out, open(str(log) + ".err", "w") as err:
+        return subprocess.Popen(dse_command(*args), cwd=ROOT, stdout=out, stderr=err, env=env,
                                 start_new_session=True)
 
 

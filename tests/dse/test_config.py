@@ -65,3 +65,9 @@ def test_shipped_configs_load():
     for name in ("default.yaml", "deit_tiny_imagenet.yaml"):
         cfg = load_config(ROOT / "configs" / name)
         assert cfg.model.name
+
+
+def test_default_yaml_is_the_built_in_default():
+    from tests.conftest import ROOT
+
+    assert config_to_dict(load_config(ROOT / "configs" / "default.yaml")) == config_to_dict(load_config())

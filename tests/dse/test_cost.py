@@ -368,3 +368,110 @@ def test_profile_from_another_device_is_refused_for_another_target():
         check_profile(gpu, "cuda:sm_80", device_slug="nvidia-a100-sxm4-80gb")
     with pytest.raises(ProfileError, match="no device/target metadata"):
         check_profile(Profile.from_rows([_row("matmul", 1, 8, 8, 8)], {}), "cpu")
+
+
+# ---- a real (tiny) model's inventory ----------------------------------------------------------------
+
+
+def _tiny_vit():
+    import models
+
+    return models.create("vit_digits", img_size=16, embed_dim=48, depth=1, num_heads=3)
+
+
+def _plan_profile(inventory, meta=None):
+    """A complete profile for ``inventory`` as `dse profile` would plan it (latency from the LAWS-like law)."""
+    from dse.profile import plan
+
+    rows = []
+    for spec in plan(inventory):
+        row = _row(spec.primitive, *spec.shape, backend=spec.backend)
+        row.update(dtype=spec.dtype, schedule="eager" if spec.backend == "torch" else "default",
+                   measured_at="2026-01-01T00:00:00+00:00", target="llvm-test-2c", idle_power_w=None)
+        if spec.backend == "torch":
+            row["latency_ms"] *= 0.5  # distinguishable from the tvm rows
+        rows.append(row)
+    return rows
+
+
+def test_inventory_work_is_partitioned_by_choice():
+    from dse.inventory import build_inventory
+
+    inv = build_inventory(_tiny_vit(), batch=2, nbits=8)
+    work = ModelWork.from_inventory(inv)
+    assert [lw.name for lw in work.linears] == [it.name for it in inv.linears()]
+    counted = len(work.linears) + len(work.fixed) + sum(map(len, work.moe.values()))
+    counted += sum(map(len, work.requant.values()))
+    counted += sum(len(c) for aw in work.attention for c in aw.calls.values())
+    assert counted == len(inv.items)  # every work item lands in exactly one place
+    assert {c.primitive for calls in work.moe.values() for c in calls} == {"router", "dispatch"}
+    assert {c.primitive for calls in work.requant.values() for c in calls} == {"requant"}
+    (aw,) = work.attention
+    assert [c.primitive for c in aw.calls["msa"]] == ["bmm", "softmax", "bmm"]
+    assert sorted(c.primitive for c in aw.calls["hamming"]) == ["hamming_mix", "hash", "hash", "matadd", "matadd"]
+
+
+def test_dense_torch_prediction_is_the_sum_of_its_rows():
+    from dse.inventory import build_inventory
+
+    model = _tiny_vit()
+    inv = build_inventory(model, batch=2, nbits=8)
+    rows = _plan_profile(inv)
+    mc = CostModel(Profile.from_rows(rows, {}), backend="torch").for_model(inv)
+    by_key = {(r["primitive"], r["backend"], r["batch"], r["m"], r["k"], r["n"]): r["latency_ms"] for r in rows}
+    expect = 0.0
+    for it in inv.items:  # the dense model: matmul Linears, msa products, and work that always runs
+        if it.kind == "linear":
+            expect += by_key[("matmul", "torch", *it.shape)]
+        elif it.choice in (None, "msa"):
+            expect += by_key[(it.primitives[0], "torch", *it.shape)]
+    assert mc.predict(Assignment.uniform(model)).latency_ms == pytest.approx(expect)
+    assert {r.estimate.source for r in mc.per_layer(Assignment.uniform(model))} == {"measured"}
+
+
+# ---- the command line -------------------------------------------------------------------------------
+
+
+def _write_profile(tmp_path, rows, device, target_slug):
+    import yaml
+
+    from dse.store import format_rows
+
+    path = tmp_path / "p" / device / f"{target_slug}.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text(format_rows(rows))
+    meta = {"format": 1, "device": {"kind": "cpu", "name": device, "slug": device},
+            "target": kernels.targets.cpu_target_dict(), "target_slug": target_slug, "versions": {}}
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(meta))
+    return path
+
+
+def test_cli_prices_an_assignment_and_refuses_a_foreign_profile(tmp_path):
+    import json
+
+    from dse.device import describe_device
+    from dse.inventory import build_inventory
+    from tests.conftest import run_dse
+
+    inv = build_inventory(_tiny_vit(), batch=2, nbits=8)
+    rows = _plan_profile(inv)
+    here = describe_device("cpu").slug
+    import tvm  # noqa: F401  the host CPU's LLVM name needs TVM loaded; an earlier call may have cached a guess
+
+    kernels.targets.host_cpu_name.cache_clear()
+    slug = kernels.target_slug(kernels.resolve_target("cpu"))
+    good = _write_profile(tmp_path / "a", rows, here, slug)
+    plan = tmp_path / "plan.yaml"
+    Assignment(linear={"blocks.0.mlp.fc1": "moe"}, attention={"blocks.0.attn": "hamming"}).to_yaml(plan)
+    common = ["--set", "model.kwargs={embed_dim: 48, depth: 1, num_heads: 3}", "--set", "data.img_size=16",
+              "--batch", "2", "--set", "finetune.nbits=8"]
+    res = run_dse("cost", "--profile", str(good), "--assignment", str(plan), "--json", *common)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["latency_ms"] == pytest.approx(sum(r["latency_ms"] for r in out["layers"] + out["fixed"]))
+    assert out["moe"]["blocks.0.mlp.fc1"]["equilibrium_share"] > 0
+    foreign = _write_profile(tmp_path / "b", rows, "amd-epyc-9654", "llvm-znver4-2c")
+    res = run_dse("cost", "--profile", str(foreign), *common)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "amd-epyc-9654" in lines[-1] and "Traceback" not in res.stderr

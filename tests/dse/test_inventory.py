@@ -7,7 +7,13 @@ import json
 import pytest
 
 import models
-from dse.inventory import ATTENTION_PRODUCTS, LINEAR_PRIMITIVES, build_inventory, compact_names, infer_input_size
+from dse.inventory import (
+    ATTENTION_PRODUCTS,
+    LINEAR_PRIMITIVES,
+    build_inventory,
+    compact_names,
+    infer_input_size,
+)
 from dse.nonprim import check_shape
 from models.ops import kernel_ops
 

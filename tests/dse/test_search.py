@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -32,7 +33,15 @@ from dse.search_space import SearchSpace
 from dse.sensitivity import Sensitivity, risk_table
 from dse.trial_store import TrialStore, open_storage
 from models.assignment import Assignment
-from tests.dse.search_helpers import CLI_SETTINGS, OVERRIDES, expected_objectives, kill, run_cli, spawn, tiny_checkpoint
+from tests.dse.search_helpers import (
+    CLI_SETTINGS,
+    OVERRIDES,
+    expected_objectives,
+    kill,
+    run_cli,
+    spawn,
+    tiny_checkpoint,
+)
 
 KINDS = {f"blocks.{i}.{p}": ("attention" if p == "attn" else "linear")
          for i in range(3) for p in ("attn", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
@@ -247,6 +256,28 @@ def test_stage_a_persists_in_batches_and_a_rerun_continues(tmp_path):
     assert max(gens[90:]) > max(gens[:90])
 
 
+def test_sigterm_during_stage_a_writes_the_pending_batch(tmp_path):
+    space, costs, risk = _synthetic_problem()
+    objective = Objective(space, costs, risk)
+    calls = 0
+
+    def interrupted(params):
+        nonlocal calls
+        calls += 1
+        if calls == 60:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled as KeyboardInterrupt in the main thread
+        return objective(params)
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):  # no periodic flush: only the interrupt handler writes
+        run_stage_a(space, interrupted, url, "s", trials=10_000, population=20, persist_every_s=1e9)
+    assert signal.getsignal(signal.SIGTERM) is previous
+    stored = stored_trials(url, "s")
+    assert calls - 1 <= len(stored) <= calls and len(stored) >= 59
+    assert [t.number for t in stored] == list(range(len(stored)))
+
+
 def test_stage_a_front_contains_or_dominates_every_baseline(tmp_path):
     space, costs, risk = _synthetic_problem(seed=2)
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -373,7 +404,7 @@ def test_cli_killed_search_continues_on_rerun(tmp_path):
                     break
     finally:
         kill(proc, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-2000:]
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log.err").read_text()[-2000:]
     assert 100 <= stored < 3000
     before = stored_trials(f"sqlite:///{db}", "shiftadd")
     assert len(before) >= stored
@@ -399,3 +430,4 @@ def test_cli_killed_search_continues_on_rerun(tmp_path):
     assert (out / "best_assignment.yaml").is_file() and (out / "pareto.png").stat().st_size > 1000
     # trial datetimes survive the bulk path (naive local time, as Optuna hands them out)
     assert abs((after[-1].datetime_complete - datetime.datetime.now()).total_seconds()) < 900
+
