@@ -112,6 +112,11 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, bool) or value is None:
+        return value
+    for kind in (str, int, float):  # also subclasses (TVM FFI strings and integers)
+        if isinstance(value, kind):
+            return kind(value)
     if isinstance(value, Path):
         return str(value)
     return value

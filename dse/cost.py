@@ -12,17 +12,22 @@ Layers of lookup:
    of array lookups (microseconds; ``python -m dse.benchmarks cost`` prints it). Choices map to calls
    as in the contract:
 
-   * linear ``mult`` -> ``matmul``; ``shift`` -> the faster (by latency) of ``matshift`` and
-     ``matshift_decode`` for that shape — the exporter applies the same rule to the same profile;
+   * linear ``mult`` -> ``matmul``; ``shift`` -> the faster (by latency) of ``matshift`` plus its
+     fixed-point conversions (``requant``) and ``matshift_decode`` (float in, no conversions) for that
+     shape — :func:`fastest_shift_primitive`, the rule the exporter applies to the same profile;
    * linear ``moe`` -> expected cost at the Mult token share ``s``:
      ``s·mult + (1 - s)·shift + router + dispatch`` (the expert costs are the full-layer costs, so
-     this interpolates linearly between them; per-call fixed overheads of two half-size expert
-     calls are not modelled). ``s`` is the assignment's static capacity if given, else the
-     equilibrium share of the balance loss (tokens in inverse proportion to expert cost);
-   * attention ``msa`` -> ``bmm`` scores + ``softmax`` + ``bmm`` context; ``hamming`` -> ``hash`` +
-     ``matadd`` kv + ``matadd`` qkv_out;
-   * plus the non-primitive work the profiler measured (norms, GELU, residual adds, embed, head),
-     identical for every assignment.
+     this interpolates linearly between them; per-call fixed overheads of two smaller expert calls
+     are not modelled). ``s`` is the assignment's static capacity if given, else the equilibrium
+     share of the balance loss (tokens in inverse proportion to expert cost);
+   * attention ``msa`` -> ``bmm`` scores + ``softmax`` + ``bmm`` context; ``hamming`` -> ``hash`` of
+     queries and keys + ``matadd`` kv + ``matadd`` qkv_out + the normalise/mix step (``hamming_mix``);
+   * plus the non-primitive work that runs whatever the choice (norms, GELU, residual adds, Linear
+     biases, head split/merge, position and patch embedding, head), as the inventory lists it.
+
+Backends: ``tvm`` prices the compiled model from the ``tvm`` rows; ``torch`` prices the PyTorch model
+from the ``torch`` rows, where a kernel is replaced by its dense PyTorch baseline
+(``dse.inventory.TORCH_BASELINE``: a shift Linear runs as a float GEMM).
 
 Metric for the MoE balance loss (``cfg.cost.metric``): ``latency`` (ms per token), ``energy``
 (mJ per token) or ``mix`` = ``alpha·latency_share + (1 - alpha)·energy_share`` where a share is the

@@ -182,20 +182,42 @@ def time_model(model: Any, batch: int, input_size: tuple[int, int, int], *, thre
             "min_ms": float(arr.min()), "runs": len(times)}
 
 
-def validate_dense_model(profile: Any, model: Any, inventory: Any, *, threads: int = 2,
-                         min_runs: int = 30, min_seconds: float = 3.0) -> dict[str, Any]:
-    """Predicted (torch rows) vs measured eager latency of the dense model at the inventory's batch."""
+def dense_torch_specs(inventory: Any) -> list[Any]:
+    """The profile rows (backend torch) that price the dense model: its Linears as matmul, the msa
+    products, and every non-primitive op that runs under the dense choices."""
+    from dse.profile import plan
+
+    used = set()
+    for it in inventory.items:
+        if it.kind == "linear":
+            used.add(("matmul", *it.shape))
+        elif it.choice in (None, "msa"):
+            used.add((it.primitives[0], *it.shape))
+    return [s for s in plan(inventory) if s.backend == "torch" and (s.primitive, *s.shape) in used]
+
+
+def validate_dense_model(profile: Any, model: Any, inventory: Any, *, threads: int = 2, min_runs: int = 30,
+                         min_seconds: float = 3.0, settings: Any = None, rounds: int = 0) -> dict[str, Any]:
+    """Predicted (torch rows of ``profile``) vs measured eager latency of the dense model.
+
+    With ``settings`` and ``rounds > 0`` the check is also made side by side: each round re-measures the
+    dense model's torch rows (as the profiler does) and then the whole model, so both see the same
+    machine load; ``side_by_side_error`` is the median over rounds. It separates the method's own error
+    (sum of isolated ops vs the whole forward) from drift between profiling time and now.
+    """
+    from dse.store import Profile
     from models.assignment import Assignment
 
-    mc = CostModel(profile, backend="torch").for_model(inventory)
     dense = Assignment.uniform(model)
+    mc = CostModel(profile, backend="torch").for_model(inventory)
     rows = mc.per_layer(dense)
     predicted = mc.predict(dense).latency_ms
     measured_rows = sum(1 for r in rows if r.estimate.source == "measured")
-    load = _load()
+    loads = [_load()]
     timing = time_model(model, inventory.batch, inventory.input_size, threads=threads, min_runs=min_runs,
                         min_seconds=min_seconds)
-    return {
+    loads.append(_load())
+    out = {
         "model": inventory.model,
         "batch": inventory.batch,
         "threads": threads,
@@ -207,8 +229,24 @@ def validate_dense_model(profile: Any, model: Any, inventory: Any, *, threads: i
         "rel_error": (predicted - timing["median_ms"]) / timing["median_ms"],
         "rows_measured": measured_rows,
         "rows_predicted": len(rows) - measured_rows,
-        "load_1m": max((v for v in (load, _load()) if v is not None), default=None),
     }
+    if settings is not None and rounds > 0:
+        measurer = _measurer(dataclasses.replace(settings, torch_threads=threads))
+        specs = dense_torch_specs(inventory)
+        errors, preds, meas = [], [], []
+        for _ in range(rounds):
+            fresh = Profile.from_rows([measurer.measure(s) for s in specs], {})
+            pred = CostModel(fresh, backend="torch").for_model(inventory).predict(dense).latency_ms
+            t = time_model(model, inventory.batch, inventory.input_size, threads=threads, min_runs=min_runs // 2,
+                           min_seconds=min_seconds / 2)
+            loads.append(_load())
+            preds.append(pred)
+            meas.append(t["median_ms"])
+            errors.append((pred - t["median_ms"]) / t["median_ms"])
+        out.update(side_by_side_rounds=rounds, side_by_side_predicted_ms=float(np.median(preds)),
+                   side_by_side_measured_ms=float(np.median(meas)), side_by_side_error=float(np.median(errors)))
+    out["load_1m"] = max((v for v in loads if v is not None), default=None)
+    return out
 
 
 def _load() -> float | None:

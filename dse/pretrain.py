@@ -4,6 +4,7 @@ so the tool makes its own; a user with a real checkpoint sets ``model.checkpoint
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 
 import models
-from dse.config import Config
+from dse.config import Config, save_config
 from dse.data import DataBundle, load_data
+from dse.fileio import atomic_write_bytes
 from dse.train import TrainSpec, evaluate, train
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,13 @@ def pretrain(cfg: Config, out: Path, *, resume: bool = False, progress: bool = T
     model = build_dense(cfg)
     if cfg.model.checkpoint:
         models.load_weights(model, cfg.model.checkpoint)
+    save_config(cfg, out)  # only once the inputs are known to be usable: a failed start changes nothing
+    if cfg.model.checkpoint:
         metrics = evaluate(model, data.val, cfg.data.eval_batch_size, cfg.device)
         log.info("using the given checkpoint %s: val_acc %.2f%%", cfg.model.checkpoint, metrics["acc"])
-        torch.save({"model": model.state_dict(), "meta": {"architecture": architecture(cfg)}}, out / "weights.pt")
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "meta": {"architecture": architecture(cfg)}}, buf)
+        atomic_write_bytes(out / "weights.pt", buf.getvalue())
         return {"val_acc": metrics["acc"], "epochs": 0, "checkpoint": str(out / "weights.pt")}
     row = train(model, data, train_spec(cfg), out, resume=resume, device=cfg.device, progress=progress)
     return {"val_acc": row.get("val_acc"), "epochs": cfg.pretrain.epochs, "checkpoint": str(out / "weights.pt")}

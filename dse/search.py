@@ -247,7 +247,8 @@ def open_study(url: str, name: str, directions: Sequence[str], metric_names: Seq
         raise StageError(f"study '{name}' in {url} has objectives {have}, not {list(directions)}; use another "
                          "--study name")
     if study.metric_names is None:
-        study.set_metric_names(list(metric_names))
+        with contextlib.suppress(Exception):  # cosmetic (dashboard labels); a concurrent worker may win
+            study.set_metric_names(list(metric_names))
     if space is not None:
         fp = space.fingerprint()
         stored = study.user_attrs.get("dse:space")
@@ -316,7 +317,6 @@ class StageAResult:
     written: int  # of which written (a baseline another worker stored first is not)
     seconds: float
     worker: int
-    interrupted: bool = False
 
     @property
     def rate(self) -> float:
@@ -393,7 +393,7 @@ def run_stage_a(space: SearchSpace, objective: Callable[[Mapping[str, str]], Seq
             finally:
                 if interrupted:
                     log.warning("stage A: %d trials stored; rerun the same command to continue", stored_count)
-    return StageAResult(stored_count, evaluated, written, time.perf_counter() - t0, worker, interrupted)
+    return StageAResult(stored_count, evaluated, written, time.perf_counter() - t0, worker)
 
 
 def _check_space(space: SearchSpace, trials: Sequence[Any], study_name: str) -> None:
@@ -515,9 +515,7 @@ def run_stage_b(cfg: Config, out: Path, space: SearchSpace, candidates: Sequence
             summary = finetune(cfg_b, folder, checkpoint=checkpoint, assignment=plan_path, costs=costs,
                                resume=True, progress=progress, data=data)
             with _quiet_optuna():
-                study.enqueue_trial(cand["params"])
-                t = study.ask()
-                space.suggest(t)
+                t = _ask_enqueued(study, space, cand["params"])
                 if s.latency_budget_ms is not None:
                     t.set_constraint("latency_budget", cand["latency_ms"] - s.latency_budget_ms)
                 if s.energy_budget_mj is not None:
@@ -534,6 +532,20 @@ def run_stage_b(cfg: Config, out: Path, space: SearchSpace, candidates: Sequence
         row["stage_b_trial"] = trial.number
         results.append(row)
     return results
+
+
+def _ask_enqueued(study: Any, space: SearchSpace, params: Mapping[str, str]) -> Any:
+    """A running trial of ``study`` with exactly ``params``. A trial left waiting in the queue by a process
+    killed between enqueue and ask would be popped first; it is failed and the ask repeated."""
+    import optuna
+
+    study.enqueue_trial(dict(params))
+    for _ in range(100):
+        t = study.ask()  # the oldest waiting trial: ours, unless a stale one is ahead of it
+        if space.suggest(t) == dict(params):
+            return t
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+    raise StageError(f"cannot enqueue a stage-B trial in study '{study.study_name}'; its queue holds stale trials")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class HammingAttention(nn.Module):
         v_mean = v.mean(dim=2, keepdim=True)  # [B, H, 1, d]
         out = v_mean + self.beta.view(1, H, 1, 1) * (o - v_mean)
         if self.alpha is not None and self_keys:
-            out = out + self.alpha.view(1, H, 1, 1) * v
+            out = out + self.alpha.view(1, H, 1, 1) * (v - v_mean)
         return out
 
     # ---- fitting -------------------------------------------------------------------------------------

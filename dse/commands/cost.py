@@ -166,7 +166,7 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
     shapes = validate_shapes(profile, settings, inventory, count=cfg.cost.holdout_shapes, seed=cfg.seed)
     summary = summarize_shapes(shapes)
     dense = validate_dense_model(profile, model, inventory, threads=cfg.profile.torch_threads,
-                                 min_runs=cfg.cost.validate_runs)
+                                 min_runs=cfg.cost.validate_runs, settings=settings, rounds=cfg.cost.validate_rounds)
     atomic_write_text(out / "cost_holdout.csv", _csv_text([r.as_dict() for r in shapes]))
     atomic_write_text(out / "cost_dense_model.csv", _csv_text([dense]))
     per = [{"backend/primitive": key, "shapes": s["count"], "within_10": s["within_10"],
@@ -180,6 +180,10 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
         f"{dense['rows_measured']} measured + {dense['rows_predicted']} predicted rows, measured "
         f"{dense['measured_ms']:.3f} ms (median of {dense['runs']} runs; p90 {dense['measured_p90_ms']:.3f}) -> "
         f"error {100 * dense['rel_error']:+.1f}%",
+        *([f"  side by side ({dense['side_by_side_rounds']} rounds re-measuring its torch rows next to the model): "
+           f"predicted {dense['side_by_side_predicted_ms']:.3f} ms, measured {dense['side_by_side_measured_ms']:.3f} "
+           f"ms -> error {100 * dense['side_by_side_error']:+.1f}% (the method's own error, without drift since "
+           "profiling)"] if "side_by_side_error" in dense else []),
         f"load average during the check: {dense['load_1m']} ({settings.torch_threads} threads; a loaded machine "
         "makes both sides noisy)",
         f"-> {out / 'cost_holdout.csv'}, {out / 'cost_dense_model.csv'}",

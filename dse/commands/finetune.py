@@ -14,8 +14,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="per-layer assignment (default: config finetune.assignment, else the ShiftAddViT recipe: "
                         "hamming attention and moe in every Linear)")
     p.add_argument("--profile", metavar="FILE.csv",
-                   help="profile whose cost model weights the MoE balance loss (default: the stored profile "
-                        "for this device and profile.target)")
+                   help="profile CSV whose cost model weights the MoE balance loss, or a cost-table JSON "
+                        "(default: the stored profile for this device and profile.target)")
     p.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: config data)")
     p.add_argument("--epochs", type=int, help="override finetune.epochs")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in the output folder")

@@ -5,7 +5,6 @@ import time
 
 from dse.cli import command
 from dse.commands.common import config_from_args, out_dir
-from dse.config import save_config
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +19,6 @@ def run(args: argparse.Namespace):
     extra = [f"pretrain.epochs={args.epochs}"] if args.epochs is not None else []
     cfg = config_from_args(args, *extra)
     out = out_dir(cfg)
-    save_config(cfg, out)
     t0 = time.perf_counter()
     summary = pretrain(cfg, out, resume=args.resume)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
