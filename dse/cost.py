@@ -158,8 +158,9 @@ def default_profile_path(profile_cfg: Any) -> Path:
     from dse.device import describe_device
     from dse.store import profile_path
 
-    target = kernels.targets.target_dict(profile_cfg.target)
-    return profile_path(profile_cfg.dir, describe_device(target).slug, _target_slug(profile_cfg.target))
+    slug = _target_slug(profile_cfg.target)  # first: it loads TVM, which names the host CPU
+    device = describe_device(kernels.targets.target_dict(profile_cfg.target)).slug
+    return profile_path(profile_cfg.dir, device, slug)
 
 
 def _target_slug(target: Any) -> str:

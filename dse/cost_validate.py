@@ -49,13 +49,19 @@ class HoldoutResult:
     law_loo_rmspe: float | None
     extrapolated: bool
     load_1m: float | None
+    drift: float = 1.0  # now / at profiling, for this primitive's profiled shapes re-measured now
 
     @property
     def rel_error(self) -> float:
         return (self.predicted_ms - self.measured_ms) / self.measured_ms
 
+    @property
+    def drift_corrected_error(self) -> float:
+        return (self.predicted_ms * self.drift - self.measured_ms) / self.measured_ms
+
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "rel_error": self.rel_error}
+        return {**dataclasses.asdict(self), "rel_error": self.rel_error,
+                "drift_corrected_error": self.drift_corrected_error}
 
 
 def reference_shapes(table: CostTable, backend: str, primitive: str,
@@ -105,9 +111,15 @@ def _measurer(settings: Any) -> Any:
 
 
 def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count: int = 12, seed: int = 0,
-                    backends: Iterable[str] = ("tvm", "torch")) -> list[HoldoutResult]:
+                    backends: Iterable[str] = ("tvm", "torch"), anchors: int = 3) -> list[HoldoutResult]:
     """Measure ``count`` held-out shapes per kernel primitive and backend (:func:`holdout_shapes` around
-    the inventory's shapes) and compare each with the cost model's prediction from ``profile``."""
+    the inventory's shapes) and compare each with the cost model's prediction from ``profile``.
+
+    Up to ``anchors`` of the primitive's profiled shapes are re-measured first: their median ratio
+    now / at profiling (``drift``) tells how much the machine's speed moved since the profile was
+    taken (load, clocks), which a shared machine makes large; results carry it so that the report can
+    give the drift-corrected error next to the raw one.
+    """
     import kernels
     from dse.profile import RowSpec
 
@@ -115,6 +127,14 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
     measurer = _measurer(settings)
     rng = np.random.default_rng(seed)
     results = []
+
+    def measure(prim: str, backend: str, shape: tuple[int, int, int, int], dtype: str) -> float | None:
+        try:
+            return float(measurer.measure(RowSpec(prim, backend, *shape, dtype, "kernel"))["latency_ms"])
+        except Exception as exc:  # one shape failing to build must not void the others
+            log.warning("%s/%s %s failed: %s", prim, backend, shape, exc)
+            return None
+
     for backend in backends:
         for prim in KERNEL_PRIMITIVES[backend]:
             if not table.has(backend, prim):
@@ -122,31 +142,44 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
                 continue
             law = table.law(backend, prim)
             dtype = kernels.get(prim).default_dtype if backend == "tvm" else "float32"
-            exclude = {r[0] for r in table.measured(backend, prim)}
-            for shape in holdout_shapes(reference_shapes(table, backend, prim, inventory), exclude, count, rng):
-                try:
-                    row = measurer.measure(RowSpec(prim, backend, *shape, dtype, "kernel"))
-                except Exception as exc:  # one shape failing to build must not void the others
-                    log.warning("held-out %s/%s %s failed: %s", prim, backend, shape, exc)
+            profiled = {r[0]: r[1] for r in table.measured(backend, prim)}
+            reference = reference_shapes(table, backend, prim, inventory)
+            ratios = []
+            for shape in [s for s in dict.fromkeys(reference) if s in profiled][:anchors]:
+                now = measure(prim, backend, shape, dtype)
+                if now is not None:
+                    ratios.append(now / profiled[shape])
+            drift = float(np.median(ratios)) if ratios else 1.0
+            for shape in holdout_shapes(reference, set(profiled), count, rng):
+                now = measure(prim, backend, shape, dtype)
+                if now is None:
                     continue
                 est = table.estimate(backend, Call(prim, *shape))
-                results.append(HoldoutResult(prim, backend, *shape, float(row["latency_ms"]), est.latency_ms,
-                                             law.loo_rmspe if law else None, est.extrapolated, row.get("load_1m")))
-                log.info("%s/%s %s: measured %.4f ms, predicted %.4f ms", prim, backend, shape,
-                         results[-1].measured_ms, est.latency_ms)
+                results.append(HoldoutResult(prim, backend, *shape, now, est.latency_ms,
+                                             law.loo_rmspe if law else None, est.extrapolated, _load(), drift))
+                log.info("%s/%s %s: measured %.4f ms, predicted %.4f ms (drift %.2f)", prim, backend, shape, now,
+                         est.latency_ms, drift)
     return results
 
 
 def summarize_shapes(results: list[HoldoutResult]) -> dict[str, Any]:
-    """Overall and per (backend, primitive) error figures."""
-    out: dict[str, Any] = {"all": error_summary([r.predicted_ms for r in results], [r.measured_ms for r in results])}
+    """Overall and per (backend, primitive) error figures, raw and drift-corrected."""
+
+    def figures(rs: list[HoldoutResult]) -> dict[str, Any]:
+        out = error_summary([r.predicted_ms for r in rs], [r.measured_ms for r in rs])
+        corrected = error_summary([r.predicted_ms * r.drift for r in rs], [r.measured_ms for r in rs])
+        out.update({f"drift_corrected_{k}": v for k, v in corrected.items() if k != "count"})
+        return out
+
+    summary: dict[str, Any] = {"all": figures(results)}
     groups: dict[str, list[HoldoutResult]] = {}
     for r in results:
         groups.setdefault(f"{r.backend}/{r.primitive}", []).append(r)
     for key, rs in groups.items():
-        out[key] = error_summary([r.predicted_ms for r in rs], [r.measured_ms for r in rs])
-        out[key]["law_loo_rmspe"] = rs[0].law_loo_rmspe
-    return out
+        summary[key] = figures(rs)
+        summary[key]["law_loo_rmspe"] = rs[0].law_loo_rmspe
+        summary[key]["drift"] = rs[0].drift
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,8 +289,8 @@ def _load() -> float | None:
         return None
 
 
-def format_figure(summary: dict[str, Any]) -> str:
+def format_figure(summary: dict[str, Any], prefix: str = "") -> str:
     if not summary.get("count"):
         return "no shapes"
-    return (f"{summary['count']} shapes: {100 * summary['within_10']:.0f}% within ±10%, "
-            f"{100 * summary['within_15']:.0f}% within ±15%, RMSPE {100 * summary['rmspe']:.1f}%")
+    return (f"{summary['count']} shapes: {100 * summary[prefix + 'within_10']:.0f}% within ±10%, "
+            f"{100 * summary[prefix + 'within_15']:.0f}% within ±15%, RMSPE {100 * summary[prefix + 'rmspe']:.1f}%")

@@ -354,13 +354,66 @@ class ProfileRun:
     cores: int | None
 
 
-def _resolve(settings: Settings) -> tuple[Any, dict[str, Any], str, Any]:
-    import kernels
-    from dse.device import describe_device
+_TARGET_CACHE = ".targets.json"
 
-    tgt = kernels.resolve_target(settings.target)  # imports TVM first, so "cpu" names the CPU as LLVM does
+
+def _cpu_identity() -> str:
+    """What LLVM's host-CPU name is a function of: vendor, family, model and feature flags (cpuinfo)."""
+    import hashlib
+
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return "unknown"
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    parts = [fields.get(k, "") for k in ("vendor_id", "cpu family", "model", "flags", "Features", "CPU part")]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _resolve_target(spec: Any, root: str | Path, device: Any, *, use_cache: bool) -> tuple[dict[str, Any], str, bool]:
+    """(target JSON, target slug, from_cache) for ``spec`` on this device.
+
+    Resolving ``"cpu"`` asks LLVM (inside TVM, seconds to import) for the host CPU's name; the answer is
+    cached per device folder (``.targets.json``), keyed by the CPU's cpuinfo identity, the usable cores and
+    the TVM version, so a rerun with nothing to measure does not load TVM. Rows are only ever measured
+    after a fresh resolution (:func:`profile_model` checks the cache against it).
+    """
+    from dse.device import versions
+    from dse.fileio import atomic_write_text, file_lock
+
+    vers = versions()
+    key = json.dumps([spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True), device.kind,
+                      device.name, device.cores, _cpu_identity(), vers.get("tvm"), vers.get("tvm_ffi")])
+    path = Path(root) / device.slug / _TARGET_CACHE
+    if use_cache and device.kind == "cpu":
+        try:
+            hit = json.loads(path.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            hit = None
+        if isinstance(hit, dict) and isinstance(hit.get("target"), dict) and hit.get("slug"):
+            return hit["target"], str(hit["slug"]), True
+    import kernels
+
+    tgt = kernels.resolve_target(spec)  # imports TVM first, so "cpu" names the CPU as LLVM does
     target_json = json.loads(json.dumps(kernels.targets.target_to_dict(tgt)))  # plain str/int/list for YAML
-    return tgt, target_json, kernels.target_slug(tgt), describe_device(target_json)
+    slug = kernels.target_slug(tgt)
+    if device.kind == "cpu":
+        try:
+            with file_lock(path):
+                try:
+                    data = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    data = {}
+                data = data if isinstance(data, dict) else {}
+                data[key] = {"target": target_json, "slug": slug}
+                atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        except OSError as exc:  # a read-only profile folder still works, just slower next time
+            log.debug("cannot cache the target resolution in %s: %s", path, exc)
+    return target_json, slug, False
 
 
 def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int) -> bool:
@@ -375,24 +428,37 @@ def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int) -> boo
 def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *, force: bool = False,
                   progress: bool = True, label: str | None = None) -> ProfileRun:
     """Measure every missing row of ``inventory``'s plan into the store under ``root`` (all with ``force``)."""
-    from dse.device import versions
-    from dse.energy import select_source
+    from dse.device import describe_device, versions
+    from dse.energy import select_source, target_kind_of
 
     started = time.perf_counter()
     check_target_runnable(settings.target)
-    tgt, target_json, slug, device = _resolve(settings)
+    device = describe_device(target_kind_of(settings.target))
     label = label or f"{inventory.model} (batch {inventory.batch}, {'x'.join(map(str, inventory.input_size))})"
-    store = ProfileStore(root, device.as_dict(), target_json, slug, versions(), settings.header())
-    store.open(force=force, model=label)
     specs = plan(inventory, include_nonprim=settings.nonprim)
-    existing = {row_key(r): r for r in store.rows()}
-    todo = specs if force else [s for s in specs if not _satisfied(existing.get(s.key), s, settings.trials)]
+
+    def open_store(use_cache: bool) -> tuple[ProfileStore, list[RowSpec], dict[str, Any], str, bool]:
+        target_json, slug, cached = _resolve_target(settings.target, root, device, use_cache=use_cache)
+        store = ProfileStore(root, device.as_dict(), target_json, slug, versions(), settings.header())
+        store.open(force=force, model=label)
+        existing = {row_key(r): r for r in store.rows()}
+        todo = specs if force else [s for s in specs if not _satisfied(existing.get(s.key), s, settings.trials)]
+        return store, todo, target_json, slug, cached
+
+    store, todo, target_json, slug, cached = open_store(use_cache=not force)
+    if todo and cached:  # about to measure: never on the strength of a cached resolution
+        fresh_json, fresh_slug, _ = _resolve_target(settings.target, root, device, use_cache=False)
+        if (fresh_json, fresh_slug) != (target_json, slug):
+            log.warning("cached target resolution %s was stale (now %s); using the fresh one", slug, fresh_slug)
+            store, todo, target_json, slug, _ = open_store(use_cache=False)
     present = len(specs) - len(todo)
     source = select_source(target_json, list(settings.energy))
     measured, by_other, failed = 0, 0, []
     try:
         if todo:
-            measurer = Measurer(settings, tgt, source, slug)
+            import kernels
+
+            measurer = Measurer(settings, kernels.resolve_target(target_json), source, slug)
             for spec in _progress(todo, progress, slug):
                 if not force:
                     now = {row_key(r): r for r in store.rows()}  # another process may have measured it
@@ -409,6 +475,8 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
                 measured += 1
     finally:
         source.close()
+        if measured:
+            store.touch()
     final = {row_key(r): r for r in store.rows()}
     rows = [final[s.key] for s in specs if s.key in final]
     return ProfileRun(store.path, len(specs), present, measured, by_other, failed, time.perf_counter() - started,

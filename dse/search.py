@@ -54,6 +54,7 @@ from dse.config import Config, config_to_dict, save_config
 from dse.errors import ConfigError, ProfileError, StageError
 from dse.fileio import atomic_write_text, sha256_file
 from dse.search_space import SearchSpace
+from dse.sensitivity import risk_table
 
 log = logging.getLogger(__name__)
 
@@ -663,6 +664,17 @@ def measure_risk(cfg: Config, out: Path, dense: Any, kinds: Mapping[str, str], c
     return sensitivity.load_or_measure(out / "sensitivity.json", key, run)
 
 
+def _shift_share(costs: CostSource, kinds: Mapping[str, str], layer: str) -> float | None:
+    """The Shift expert's token share at the balance loss's equilibrium, ``c_mult / (c_mult + c_shift)``."""
+    if kinds[layer] != "linear":
+        return None
+    try:
+        c = costs.moe_expert_costs(layer)
+    except Exception:  # a layer MoE cannot be priced for is never searched as moe
+        return None
+    return c["mult"] / (c["mult"] + c["shift"])
+
+
 def run_search(cfg: Config, out: Path | None = None, *, costs: CostSource | None = None,
                progress: Callable[[str], None] | None = None, train_progress: bool = False) -> dict[str, Any]:
     """``dse search`` end to end (module docstring); returns a JSON-able summary."""
@@ -684,28 +696,15 @@ def run_search(cfg: Config, out: Path | None = None, *, costs: CostSource | None
     costs = costs if costs is not None else load_costs(cfg, dense, s.profile)
     space = SearchSpace.build(kinds, s.freeze, s.tie, priced_choices(costs, kinds))
     data = load_data(cfg.data, cfg.seed)
-    sens, reused = measure_risk(cfg, out, dense, kinds, checkpoint, data, progress)
-
-    def shift_share(layer: str) -> float | None:
-        if kinds[layer] != "linear":
-            return None
-        try:
-            c = costs.moe_expert_costs(layer)
-        except Exception:  # a layer MoE cannot be priced for is never searched as moe
-            return None
-        return c["mult"] / (c["mult"] + c["shift"])
-
-    from dse.sensitivity import risk_table
-
-    table = risk_table(sens, kinds, shift_share)
-    objective = Objective(space, costs, table)
     summary: dict[str, Any] = {
         "storage": storage_url, "study": s.study_name, "parameters": len(space), "layers": len(kinds),
         "pinned": len(space.pinned), "sampler": s.sampler, "population": s.population,
-        "sensitivity": {"reused": reused, "seconds": round(sens.seconds, 1), "samples": sens.samples,
-                        "dense_loss": sens.base_loss, "dense_acc_subset": sens.base_acc},
     }
     if s.stage in ("a", "both"):
+        sens, reused = measure_risk(cfg, out, dense, kinds, checkpoint, data, progress)
+        summary["sensitivity"] = {"reused": reused, "seconds": round(sens.seconds, 1), "samples": sens.samples,
+                                  "dense_loss": sens.base_loss, "dense_acc_subset": sens.base_acc}
+        objective = Objective(space, costs, risk_table(sens, kinds, lambda layer: _shift_share(costs, kinds, layer)))
         res = run_stage_a(space, objective, storage_url, s.study_name, trials=s.trials, sampler=s.sampler,
                           population=s.population, seed=cfg.seed, persist_every_s=s.persist_every_s,
                           progress=progress)

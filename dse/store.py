@@ -264,10 +264,10 @@ class Profile:
                dtype: str | None = None) -> dict[str, Any] | None:
         """The row for one measurement (any dtype if ``dtype`` is None and only one exists), or None."""
         f = self.frame
-        sel = f[(f.primitive == primitive) & (f.backend == backend) & (f.batch == b) & (f.m == m) & (f.k == k)
-                & (f.n == n)]
+        sel = f[(f["primitive"] == primitive) & (f["backend"] == backend) & (f["batch"] == b) & (f["m"] == m)
+                & (f["k"] == k) & (f["n"] == n)]
         if dtype is not None:
-            sel = sel[sel.dtype == dtype]
+            sel = sel[sel["dtype"] == dtype]
         if len(sel) == 0:
             return None
         if len(sel) > 1:
@@ -372,15 +372,22 @@ class ProfileStore:
                     log.warning("discarding %s: %s", self.path, problem)
                     meta = None
                     self._write_rows([], list(COLUMNS))
-            now = _now()
+            changed = meta is None
             if meta is None:
-                meta = {**self.header, "created": now, "models": []}
+                meta = {**self.header, "created": _now(), "updated": _now(), "models": []}
                 if not self.path.exists():
                     self._write_rows([], list(COLUMNS))
-            meta = {**meta, "settings": self.header["settings"], "updated": now}
             if model and model not in meta.get("models", []):
-                meta["models"] = [*meta.get("models", []), model]
-            self._write_meta(meta)
+                meta = {**meta, "models": [*meta.get("models", []), model]}
+                changed = True
+            if changed:  # a rerun that measures nothing leaves the files untouched
+                self._write_meta(meta)
+
+    def touch(self) -> None:
+        """Record that rows were just measured with this run's settings (``updated``, ``settings``)."""
+        with file_lock(self.path):
+            meta = read_meta(self.path)
+            self._write_meta({**meta, "settings": self.header["settings"], "updated": _now()})
 
     def keys(self) -> set[Key]:
         with file_lock(self.path):

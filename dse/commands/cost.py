@@ -170,11 +170,15 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_text(out / "cost_holdout.csv", _csv_text([r.as_dict() for r in shapes]))
     atomic_write_text(out / "cost_dense_model.csv", _csv_text([dense]))
     per = [{"backend/primitive": key, "shapes": s["count"], "within_10": s["within_10"],
-            "within_15": s["within_15"], "rmspe": s["rmspe"], "law_loo_rmspe": s.get("law_loo_rmspe")}
+            "within_15": s["within_15"], "rmspe": s["rmspe"], "law_loo_rmspe": s.get("law_loo_rmspe"),
+            "drift": s.get("drift"), "corr_within_15": s["drift_corrected_within_15"],
+            "corr_rmspe": s["drift_corrected_rmspe"]}
            for key, s in summary.items() if key != "all"]
     text = "\n".join([
         f"cost model validation: {cfg.model.name} (batch {inventory.batch}), profile {profile.path}",
         f"held-out shapes (not in the profile), predicted vs measured: {format_figure(summary['all'])}",
+        f"  drift-corrected (prediction x this primitive's now/profiled speed ratio on re-measured profiled "
+        f"shapes): {format_figure(summary['all'], 'drift_corrected_')}",
         table(per, floatfmt="{:.3f}"),
         f"dense PyTorch model, {dense['threads']} threads: predicted {dense['predicted_ms']:.3f} ms from "
         f"{dense['rows_measured']} measured + {dense['rows_predicted']} predicted rows, measured "

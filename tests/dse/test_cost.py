@@ -475,3 +475,30 @@ def test_cli_prices_an_assignment_and_refuses_a_foreign_profile(tmp_path):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "amd-epyc-9654" in lines[-1] and "Traceback" not in res.stderr
+
+
+# ---- validation helpers -----------------------------------------------------------------------------
+
+
+def test_holdout_shapes_are_new_and_around_the_reference():
+    from dse.cost_validate import holdout_shapes
+
+    ref = [(1, 520, 96, 288), (1, 520, 384, 96), (24, 65, 32, 65)]
+    exclude = set(ref) | {(1, 520, 96, 96)}
+    shapes = holdout_shapes(ref, exclude, 15, np.random.default_rng(0))
+    assert len(shapes) == len(set(shapes)) == 15
+    assert not set(shapes) & exclude
+    for b, m, k, n in shapes:
+        assert b in (1, 24)
+        assert 0.75 * 65 - 1 <= m <= 1.25 * 520 + 1 and 0.75 * 32 - 1 <= k <= 1.25 * 384 + 1
+        assert 0.75 * 65 - 1 <= n <= 1.25 * 288 + 1
+
+
+def test_validation_summary_figures():
+    from dse.cost_validate import HoldoutResult, summarize_shapes
+
+    rs = [HoldoutResult("matmul", "tvm", 1, 8, 8, 8, measured_ms=1.0, predicted_ms=p, law_loo_rmspe=0.1,
+                        extrapolated=False, load_1m=None, drift=d) for p, d in ((1.05, 1.0), (0.5, 2.0))]
+    s = summarize_shapes(rs)
+    assert s["all"]["within_10"] == 0.5 and s["all"]["drift_corrected_within_10"] == 1.0
+    assert s["tvm/matmul"]["rmspe"] == pytest.approx(math.sqrt((0.05**2 + 0.5**2) / 2))

@@ -141,6 +141,35 @@ def test_nonprim_rows_measured_once(tmp_path, monkeypatch):
     assert counts["ops"] == 2
 
 
+def test_cached_target_resolution_is_checked_before_measuring(tmp_path, monkeypatch):
+    import json as _json
+
+    from dse import profile as prof_mod
+    from dse.device import describe_device
+
+    inv = build_inventory(models.create("vit_digits", **TINY), batch=1, name="tiny")
+    inv.items = [it for it in inv.items if it.name == "blocks.0.attn.proj"]
+    real = profile_model(inv, fast(), tmp_path, progress=False)
+    device = describe_device("cpu")
+    cache = tmp_path / device.slug / ".targets.json"
+    data = _json.loads(cache.read_text())
+    assert [v["slug"] for v in data.values()] == [real.target_slug]
+    # a rerun with nothing to measure answers from the cache (no TVM target resolution)
+    calls = []
+    monkeypatch.setattr(kernels, "resolve_target", lambda *a, **k: calls.append(a) or pytest.fail("resolved"))
+    again = profile_model(inv, fast(), tmp_path, progress=False)
+    assert again.measured == 0 and again.path == real.path and not calls
+    monkeypatch.undo()
+    # a stale cache entry never decides where new measurements go
+    cache.write_text(_json.dumps({k: {**v, "slug": "llvm-stale-1c"} for k, v in data.items()}))
+    counts = _count_builds(monkeypatch)
+    inv.items = [it for it in build_inventory(models.create("vit_digits", **TINY), batch=1).items
+                 if it.name == "blocks.0.attn.qkv"]
+    fresh = profile_model(inv, fast(), tmp_path, progress=False)
+    assert fresh.path == real.path and fresh.measured == 4 and counts["kernels"] == 3
+    assert prof_mod._resolve_target("cpu", tmp_path, device, use_cache=True)[1] == real.target_slug
+
+
 class FakeRapl:
     """A meter stand-in: fixed energy per call, fixed idle power (what matters is the labelling)."""
 

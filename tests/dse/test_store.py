@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +139,23 @@ def _writer(root: str, start: int, count: int) -> None:
     store.open()
     for m in range(start, start + count):
         store.add(make_row(m=m))
+
+
+def test_sigkill_mid_write_leaves_a_valid_profile(tmp_path):
+    ctx = mp.get_context("fork")
+    proc = ctx.Process(target=_writer, args=(str(tmp_path), 1, 10_000))
+    proc.start()
+    path = make_store(tmp_path).path
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") > 20:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # lands at a random point of a read-merge-write
+    proc.join(10)
+    prof = load_profile(path)  # complete and valid: the last committed version
+    assert len(prof) >= 20
+    assert sorted(prof.frame.m.tolist()) == list(range(1, len(prof) + 1))
 
 
 def test_concurrent_writers_keep_every_row_once(tmp_path):
