@@ -285,7 +285,7 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
     bench = _read_json(root / "bench" / "bench.json")
     if isinstance(bench, dict) and bench.get("rows"):
         s.tables.append(("Latency (same inputs, same batch, one run)", bench["rows"]))
-        lat = {r["model"]: r.get("latency_ms") for r in bench["rows"]}
+        lat = {r["model"]: r.get("median_ms") for r in bench["rows"]}
         pred = {r["model"]: r.get("predicted_ms") for r in bench["rows"]}
         p = plot_bars(lat, "latency (ms, median)", "Exported ShiftAddViT vs dense PyTorch", plots / "bench.png",
                       markers=pred)

@@ -32,7 +32,7 @@ import optuna
 from optuna.distributions import BaseDistribution, distribution_to_json, json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
 
-from dse.errors import StageError
+from dse.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,17 @@ def _local(dt: datetime.datetime | None) -> datetime.datetime | None:
 def open_storage(url: str, retries: int = 5) -> optuna.storages.RDBStorage:
     """An :class:`optuna.storages.RDBStorage` for ``url``, tolerant of several workers creating the schema
     of a fresh database at the same moment (the loser of that race gets an integrity error; retry)."""
+    from sqlalchemy import exc as sa_exc
+
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 120}  # wait for another writer instead of failing fast
     for attempt in range(retries):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as exc:
+            raise ConfigError(f"invalid storage URL {url!r} ({str(exc).splitlines()[0]}); use e.g. "
+                              "sqlite:///study.db or postgresql://user@host/db") from None
         except Exception as exc:  # sqlalchemy raises a variety of errors for a concurrent create_all
             if attempt == retries - 1 or "already exists" not in str(exc) and "duplicate" not in str(exc).lower():
                 raise StageError(f"cannot open Optuna storage {url}: {str(exc).splitlines()[0]}") from None

@@ -6,13 +6,21 @@ from dse.cli import command
 from dse.commands.common import config_from_args, table
 
 
-@command("run", "the whole pipeline on a config (default: the embedded digits ViT)")
+@command("run", "the whole pipeline: pretrain, profile, search, finetune, export, bench, report")
 def run(args: argparse.Namespace):
     from dse.pipeline import run_pipeline
 
     cfg = config_from_args(args)
     result = run_pipeline(cfg)
-    rows = [{"stage": s["name"], "status": "reused" if s["reused"] else "ran", "seconds": s["seconds"],
-             "folder": str(s["folder"])} for s in result["stages"]]
-    text = table(rows, floatfmt="{:.1f}") + f"\n\ndense val top-1: {result['dense_val_acc']:.2f}%"
-    return {"text": text, "json": result}
+    rows = [{"stage": s["name"], "status": "reused (inputs unchanged)" if s["reused"] else "ran",
+             "seconds": s["seconds"], "folder": str(s["folder"])} for s in result["stages"]]
+    acc = result["accuracy"]
+    lines = [table(rows, floatfmt="{:.1f}"), "", "validation top-1:"]
+    lines += [f"  {name:<10} {v['acc']:.2f}%  ({v['source']})" for name, v in acc.items()]
+    bench = next((s["summary"] for s in result["stages"] if s["name"] == "bench"), {})
+    for row in bench.get("rows", []):
+        pred = row.get("predicted_ms")
+        lines.append(f"  {row['model']:<40} {row['median_ms']:.2f} ms"
+                     + (f" (predicted {pred:.2f} ms)" if pred else ""))
+    lines.append(f"\nreport: {result['report']['markdown']} and {result['report']['html']}")
+    return {"text": "\n".join(lines), "json": result}
