@@ -64,10 +64,17 @@ def spread(points: np.ndarray, k: int, start: int | None = None) -> list[int]:
     return chosen
 
 
-def plot_front(path: Path, all_points: np.ndarray, front_rows: Sequence[dict[str, Any]],
-               baselines: Sequence[dict[str, Any]], *, chosen: dict[str, Any] | None = None,
-               latency_budget: float | None = None, energy_budget: float | None = None,
-               title: str = "") -> Path:
+def plot_front(
+    path: Path,
+    all_points: np.ndarray,
+    front_rows: Sequence[dict[str, Any]],
+    baselines: Sequence[dict[str, Any]],
+    *,
+    chosen: dict[str, Any] | None = None,
+    latency_budget: float | None = None,
+    energy_budget: float | None = None,
+    title: str = "",
+) -> Path:
     """Two panels — latency vs accuracy-risk proxy and latency vs energy — with every evaluated trial in
     grey, the front in colour (by energy), baselines marked and named, stage-B accuracies written next to
     their points and the chosen design starred. Rendered with the Agg backend (no display needed)."""
@@ -81,28 +88,51 @@ def plot_front(path: Path, all_points: np.ndarray, front_rows: Sequence[dict[str
     f_lat = np.array([r["latency_ms"] for r in front_rows], dtype=float)
     f_en = np.array([r["energy_mj"] for r in front_rows], dtype=float)
     f_risk = np.array([r["risk"] for r in front_rows], dtype=float)
-    panels = ((axes[0], 2, f_risk, "accuracy-risk proxy (sum of per-layer loss increase)"),
-              (axes[1], 1, f_en, "predicted energy (mJ)"))
+    panels = (
+        (axes[0], 2, f_risk, "accuracy-risk proxy (sum of per-layer loss increase)"),
+        (axes[1], 1, f_en, "predicted energy (mJ)"),
+    )
     for ax, col, fy, ylabel in panels:
         if len(pts):
             ax.scatter(pts[:, 0], pts[:, col], s=4, c="0.8", label="evaluated", rasterized=True)
-        sc = ax.scatter(f_lat, fy, s=18, c=f_en if col == 2 else f_risk, cmap="viridis", label="Pareto front",
-                        zorder=3)
+        sc = ax.scatter(
+            f_lat, fy, s=18, c=f_en if col == 2 else f_risk, cmap="viridis", label="Pareto front", zorder=3
+        )
         fig.colorbar(sc, ax=ax, label="energy (mJ)" if col == 2 else "risk")
         for b in baselines:
             y = b["risk"] if col == 2 else b["energy_mj"]
             ax.scatter([b["latency_ms"]], [y], s=90, marker="D", facecolors="none", edgecolors="C3", zorder=4)
-            ax.annotate(b["baseline"], (b["latency_ms"], y), xytext=(5, 5), textcoords="offset points",
-                        color="C3", fontsize=8)
+            ax.annotate(
+                b["baseline"],
+                (b["latency_ms"], y),
+                xytext=(5, 5),
+                textcoords="offset points",
+                color="C3",
+                fontsize=8,
+            )
         for r in front_rows:
             if r.get("accuracy") is not None and not np.isnan(r["accuracy"]):
                 y = r["risk"] if col == 2 else r["energy_mj"]
-                ax.annotate(f"{r['accuracy']:.1f}%", (r["latency_ms"], y), xytext=(4, -10),
-                            textcoords="offset points", fontsize=7, color="C0")
+                ax.annotate(
+                    f"{r['accuracy']:.1f}%",
+                    (r["latency_ms"], y),
+                    xytext=(4, -10),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color="C0",
+                )
         if chosen is not None:
             y = chosen["risk"] if col == 2 else chosen["energy_mj"]
-            ax.scatter([chosen["latency_ms"]], [y], s=220, marker="*", c="gold", edgecolors="k", zorder=5,
-                       label="chosen")
+            ax.scatter(
+                [chosen["latency_ms"]],
+                [y],
+                s=220,
+                marker="*",
+                c="gold",
+                edgecolors="k",
+                zorder=5,
+                label="chosen",
+            )
         if latency_budget is not None:
             ax.axvline(latency_budget, ls="--", c="C1", lw=1, label="latency budget")
         if energy_budget is not None and col == 1:

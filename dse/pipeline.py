@@ -59,8 +59,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     def do_profile(out: Path) -> dict[str, Any]:
         inv = inventory_for_config(cfg_d, batch=cfg.profile.batch)
-        run = profile_model(inv, Settings.from_config(cfg.profile), cfg.profile.dir, progress=progress,
-                            label=cfg.model.name)
+        run = profile_model(inv, Settings.from_config(cfg.profile), cfg.profile.dir, progress=progress)
         summary = {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
                    "seconds": round(run.seconds, 1), "energy_source": run.energy_source}
         holder.update(summary)

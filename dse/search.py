@@ -98,14 +98,22 @@ class CostTableFile:
     layer's mult / shift latency (only the ratio matters to the balance loss).
     """
 
-    def __init__(self, fixed: Sequence[float], layers: Mapping[str, Mapping[str, Sequence[float]]],
-                 moe_expert_costs: Mapping[str, Mapping[str, float]] | None = None):
+    def __init__(
+        self,
+        fixed: Sequence[float],
+        layers: Mapping[str, Mapping[str, Sequence[float]]],
+        moe_expert_costs: Mapping[str, Mapping[str, float]] | None = None,
+    ):
         self.fixed = Cost(float(fixed[0]), float(fixed[1]))
-        self.layers = {name: {c: Cost(float(v[0]), float(v[1])) for c, v in choices.items()}
-                       for name, choices in layers.items()}
+        self.layers = {
+            name: {c: Cost(float(v[0]), float(v[1])) for c, v in choices.items()}
+            for name, choices in layers.items()
+        }
         # A layer priced for msa or hamming is an attention module, any other a Linear.
-        self.kinds = {name: "attention" if {"msa", "hamming"} & set(ch) else "linear"
-                      for name, ch in self.layers.items()}
+        self.kinds = {
+            name: "attention" if {"msa", "hamming"} & set(ch) else "linear"
+            for name, ch in self.layers.items()
+        }
         self._moe = {k: dict(v) for k, v in (moe_expert_costs or {}).items()}
 
     @classmethod
@@ -117,12 +125,16 @@ class CostTableFile:
         except FileNotFoundError:
             raise ProfileError(f"cost table {path} does not exist; check --profile") from None
         except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise ProfileError(f"cost table {path} is malformed ({type(exc).__name__}: {exc}); expected "
-                               "{'fixed': [ms, mJ], 'layers': {layer: {choice: [ms, mJ]}}}") from None
+            raise ProfileError(
+                f"cost table {path} is malformed ({type(exc).__name__}: {exc}); expected "
+                "{'fixed': [ms, mJ], 'layers': {layer: {choice: [ms, mJ]}}}"
+            ) from None
 
     def to_json(self, path: str | Path) -> Path:
-        data = {"fixed": list(self.fixed), "layers": {n: {c: list(v) for c, v in ch.items()}
-                                                       for n, ch in self.layers.items()}}
+        data = {
+            "fixed": list(self.fixed),
+            "layers": {n: {c: list(v) for c, v in ch.items()} for n, ch in self.layers.items()},
+        }
         if self._moe:
             data["moe_expert_costs"] = self._moe
         return atomic_write_text(path, json.dumps(data, indent=1))
@@ -163,7 +175,9 @@ def load_costs(cfg: Config, model: Any, profile: str | Path | None) -> CostSourc
         path = Path(profile) if profile is not None else finetune.default_profile(cfg)
         return finetune.cost_model_for(cfg, model, path)
     except (ImportError, AttributeError) as exc:
-        raise StageError(f"the cost model cannot load a profile here ({exc}); pass --profile COSTS.json") from None
+        raise StageError(
+            f"the cost model cannot load a profile here ({exc}); pass --profile COSTS.json"
+        ) from None
 
 
 def priced_choices(costs: CostSource, kinds: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
@@ -175,7 +189,11 @@ def priced_choices(costs: CostSource, kinds: Mapping[str, str]) -> dict[str, tup
     for name, kind in kinds.items():
         ok = []
         for choice in ATTENTION_CHOICES if kind == "attention" else LINEAR_CHOICES:
-            plan = Assignment(attention={name: choice}) if kind == "attention" else Assignment(linear={name: choice})
+            plan = (
+                Assignment(attention={name: choice})
+                if kind == "attention"
+                else Assignment(linear={name: choice})
+            )
             try:
                 got = costs.predict(plan)
             except (ProfileError, StageError, KeyError) as exc:
@@ -229,8 +247,13 @@ def _quiet_optuna() -> contextlib.AbstractContextManager:
     return quiet()
 
 
-def open_study(url: str, name: str, directions: Sequence[str], metric_names: Sequence[str],
-               space: SearchSpace | None = None):
+def open_study(
+    url: str,
+    name: str,
+    directions: Sequence[str],
+    metric_names: Sequence[str],
+    space: SearchSpace | None = None,
+):
     """(RDB storage, study) — created or loaded; a study of another search space or other objectives is
     refused rather than mixed."""
     import optuna
@@ -239,14 +262,16 @@ def open_study(url: str, name: str, directions: Sequence[str], metric_names: Seq
 
     storage = open_storage(url)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, directions=list(directions),
-                                    load_if_exists=True)
+        study = optuna.create_study(
+            storage=storage, study_name=name, directions=list(directions), load_if_exists=True
+        )
     except ValueError as exc:
         raise StageError(f"study '{name}' in {url} cannot be used: {exc}") from None
     have = [d.name.lower() for d in study.directions]
     if have != list(directions):
-        raise StageError(f"study '{name}' in {url} has objectives {have}, not {list(directions)}; use another "
-                         "--study name")
+        raise StageError(
+            f"study '{name}' in {url} has objectives {have}, not {list(directions)}; use another --study name"
+        )
     if study.metric_names is None:
         with contextlib.suppress(Exception):  # cosmetic (dashboard labels); a concurrent worker may win
             study.set_metric_names(list(metric_names))
@@ -259,8 +284,10 @@ def open_study(url: str, name: str, directions: Sequence[str], metric_names: Seq
                 study.set_user_attr("dse:params", {p.name: list(p.choices) for p in space.params})
             stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("dse:space", fp)
         if stored != fp:
-            raise StageError(f"study '{name}' in {url} was made for another search space (other layers, freeze "
-                             "or tie settings); use another --study name or output folder")
+            raise StageError(
+                f"study '{name}' in {url} was made for another search space (other layers, freeze "
+                "or tie settings); use another --study name or output folder"
+            )
     return storage, study
 
 
@@ -324,9 +351,19 @@ class StageAResult:
         return self.evaluated / self.seconds if self.seconds > 0 else float("nan")
 
 
-def run_stage_a(space: SearchSpace, objective: Callable[[Mapping[str, str]], Sequence[float]], storage_url: str,
-                study_name: str, *, trials: int, sampler: str = "nsga2", population: int = 100, seed: int = 0,
-                persist_every_s: float = 2.0, progress: Callable[[str], None] | None = None) -> StageAResult:
+def run_stage_a(
+    space: SearchSpace,
+    objective: Callable[[Mapping[str, str]], Sequence[float]],
+    storage_url: str,
+    study_name: str,
+    *,
+    trials: int,
+    sampler: str = "nsga2",
+    population: int = 100,
+    seed: int = 0,
+    persist_every_s: float = 2.0,
+    progress: Callable[[str], None] | None = None,
+) -> StageAResult:
     """Run stage A until the persistent study holds ``trials`` completed trials (module docstring)."""
     import optuna
 
@@ -337,8 +374,9 @@ def run_stage_a(space: SearchSpace, objective: Callable[[Mapping[str, str]], Seq
         storage, _ = open_study(storage_url, study_name, ["minimize"] * 3, OBJECTIVES_A, space)
         store = TrialStore(storage, study_name)
         worker = store.register_worker()
-        mem = optuna.create_study(directions=["minimize"] * 3,
-                                  sampler=_sampler(sampler, population, seed + 7919 * worker))
+        mem = optuna.create_study(
+            directions=["minimize"] * 3, sampler=_sampler(sampler, population, seed + 7919 * worker)
+        )
         stored = store.read_new()
         _check_space(space, stored, study_name)
         mem.add_trials(stored)
@@ -363,8 +401,10 @@ def run_stage_a(space: SearchSpace, objective: Callable[[Mapping[str, str]], Seq
             stored_count = store.count()
             last_flush = time.monotonic()
             if progress is not None:
-                progress(f"stage A: {stored_count}/{trials} trials stored "
-                         f"({evaluated / max(1e-9, time.perf_counter() - t0):.0f} trials/s here)")
+                progress(
+                    f"stage A: {stored_count}/{trials} trials stored "
+                    f"({evaluated / max(1e-9, time.perf_counter() - t0):.0f} trials/s here)"
+                )
 
         interrupted = False
         with _sigterm_as_interrupt():
@@ -401,8 +441,10 @@ def _check_space(space: SearchSpace, trials: Sequence[Any], study_name: str) -> 
     dists = space.distributions()
     for t in trials:
         if t.distributions != dists:
-            raise StageError(f"study '{study_name}' holds trial {t.number} of another search space; use another "
-                             "--study name or output folder")
+            raise StageError(
+                f"study '{study_name}' holds trial {t.number} of another search space; use another "
+                "--study name or output folder"
+            )
 
 
 def stored_trials(storage_url: str, study_name: str) -> list[Any]:
@@ -416,8 +458,9 @@ def stored_trials(storage_url: str, study_name: str) -> list[Any]:
 # The front
 
 
-def front_table(space: SearchSpace, trials: Sequence[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
-                                                                     np.ndarray]:
+def front_table(
+    space: SearchSpace, trials: Sequence[Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], np.ndarray]:
     """(front rows, baseline rows, all objective values [n, 3]); the front is de-duplicated by params
     (the lowest trial number stands for its duplicates)."""
     values = np.array([t.values for t in trials], dtype=float).reshape(-1, 3)
@@ -432,10 +475,15 @@ def front_table(space: SearchSpace, trials: Sequence[Any]) -> tuple[list[dict[st
     def row(i: int) -> dict[str, Any]:
         t = trials[i]
         layer_choice = space.choices(t.params)
-        return {"trial": t.number, "latency_ms": float(t.values[0]), "energy_mj": float(t.values[1]),
-                "risk": float(t.values[2]), "baseline": t.user_attrs.get("baseline", ""),
-                **{f"n_{k}": v for k, v in SearchSpace.counts(layer_choice).items()},
-                "params": dict(t.params)}
+        return {
+            "trial": t.number,
+            "latency_ms": float(t.values[0]),
+            "energy_mj": float(t.values[1]),
+            "risk": float(t.values[2]),
+            "baseline": t.user_attrs.get("baseline", ""),
+            **{f"n_{k}": v for k, v in SearchSpace.counts(layer_choice).items()},
+            "params": dict(t.params),
+        }
 
     front = sorted((row(i) for i in front_idx), key=lambda r: (r["latency_ms"], r["risk"]))
     baselines = []
@@ -452,11 +500,18 @@ def front_table(space: SearchSpace, trials: Sequence[Any]) -> tuple[list[dict[st
 
 def _feasible(row: Mapping[str, Any], latency_budget: float | None, energy_budget: float | None) -> bool:
     return (latency_budget is None or row["latency_ms"] <= latency_budget) and (
-        energy_budget is None or row["energy_mj"] <= energy_budget)
+        energy_budget is None or row["energy_mj"] <= energy_budget
+    )
 
 
-def stage_b_candidates(space: SearchSpace, front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
-                       k: int, latency_budget: float | None, energy_budget: float | None) -> list[dict[str, Any]]:
+def stage_b_candidates(
+    space: SearchSpace,
+    front: Sequence[dict[str, Any]],
+    baselines: Sequence[dict[str, Any]],
+    k: int,
+    latency_budget: float | None,
+    energy_budget: float | None,
+) -> list[dict[str, Any]]:
     """``k`` front designs spread along the front (the dense design excluded: its accuracy is known),
     preferring those within budget, plus the recipe."""
     dense_key = space.key(space.baselines()["all-mult"])
@@ -481,9 +536,19 @@ def _candidate_dir(space: SearchSpace, params: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(space.key(params)).encode()).hexdigest()[:12]
 
 
-def run_stage_b(cfg: Config, out: Path, space: SearchSpace, candidates: Sequence[dict[str, Any]], costs: CostSource,
-                storage_url: str, study_name: str, *, checkpoint: str | Path, data: Any = None,
-                progress: bool = True) -> list[dict[str, Any]]:
+def run_stage_b(
+    cfg: Config,
+    out: Path,
+    space: SearchSpace,
+    candidates: Sequence[dict[str, Any]],
+    costs: CostSource,
+    storage_url: str,
+    study_name: str,
+    *,
+    checkpoint: str | Path,
+    data: Any = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Fine-tune each candidate briefly and record its validation accuracy in the stage-B study; a
     candidate already recorded there is not trained again. Returns the candidates with ``accuracy``,
     ``dense_accuracy``, ``feasible`` and ``stage_b_trial`` added."""
@@ -494,10 +559,14 @@ def run_stage_b(cfg: Config, out: Path, space: SearchSpace, candidates: Sequence
 
     s = cfg.search
     with _quiet_optuna():
-        _, study = open_study(storage_url, study_name + STAGE_B_SUFFIX, ["minimize", "minimize"], OBJECTIVES_B, space)
+        _, study = open_study(
+            storage_url, study_name + STAGE_B_SUFFIX, ["minimize", "minimize"], OBJECTIVES_B, space
+        )
         study.sampler = optuna.samplers.RandomSampler(seed=cfg.seed)  # every trial is enqueued: no sampling
-        done = {space.key(t.params): t for t in study.get_trials(deepcopy=False,
-                                                                 states=[optuna.trial.TrialState.COMPLETE])}
+        done = {
+            space.key(t.params): t
+            for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+        }
     data = data if data is not None else load_data(cfg.data, cfg.seed)
     cfg_b = copy.deepcopy(cfg)
     cfg_b.finetune.epochs = s.stage_b_epochs
@@ -511,19 +580,38 @@ def run_stage_b(cfg: Config, out: Path, space: SearchSpace, candidates: Sequence
             folder = out / "stage_b" / _candidate_dir(space, cand["params"])
             folder.mkdir(parents=True, exist_ok=True)
             plan_path = space.assignment(cand["params"]).to_yaml(folder / "candidate.yaml")
-            log.info("stage B: fine-tuning trial %s (%s) for %d epoch(s) in %s", cand["trial"],
-                     cand.get("baseline") or "front", s.stage_b_epochs, folder)
-            summary = finetune(cfg_b, folder, checkpoint=checkpoint, assignment=plan_path, costs=costs,
-                               resume=True, progress=progress, data=data)
+            log.info(
+                "stage B: fine-tuning trial %s (%s) for %d epoch(s) in %s",
+                cand["trial"],
+                cand.get("baseline") or "front",
+                s.stage_b_epochs,
+                folder,
+            )
+            summary = finetune(
+                cfg_b,
+                folder,
+                checkpoint=checkpoint,
+                assignment=plan_path,
+                costs=costs,
+                resume=True,
+                progress=progress,
+                data=data,
+            )
             with _quiet_optuna():
                 t = _ask_enqueued(study, space, cand["params"])
                 if s.latency_budget_ms is not None:
                     t.set_constraint("latency_budget", cand["latency_ms"] - s.latency_budget_ms)
                 if s.energy_budget_mj is not None:
                     t.set_constraint("energy_budget", cand["energy_mj"] - s.energy_budget_mj)
-                attrs = {"stage_a_trial": cand["trial"], "energy_mj": cand["energy_mj"], "risk": cand["risk"],
-                         "baseline": cand.get("baseline", ""), "dense_accuracy": summary["dense_val_acc"],
-                         "epochs": s.stage_b_epochs, "folder": str(folder)}
+                attrs = {
+                    "stage_a_trial": cand["trial"],
+                    "energy_mj": cand["energy_mj"],
+                    "risk": cand["risk"],
+                    "baseline": cand.get("baseline", ""),
+                    "dense_accuracy": summary["dense_val_acc"],
+                    "epochs": s.stage_b_epochs,
+                    "folder": str(folder),
+                }
                 for k, v in attrs.items():
                     t.set_user_attr(k, v)
                 trial = study.tell(t, [-float(summary["val_acc"]), float(cand["latency_ms"])])
@@ -546,16 +634,24 @@ def _ask_enqueued(study: Any, space: SearchSpace, params: Mapping[str, str]) -> 
         if space.suggest(t) == dict(params):
             return t
         study.tell(t, state=optuna.trial.TrialState.FAIL)
-    raise StageError(f"cannot enqueue a stage-B trial in study '{study.study_name}'; its queue holds stale trials")
+    raise StageError(
+        f"cannot enqueue a stage-B trial in study '{study.study_name}'; its queue holds stale trials"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Choosing the design
 
 
-def choose(front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]],
-           *, max_drop: float, latency_budget: float | None, energy_budget: float | None
-           ) -> tuple[dict[str, Any] | None, str]:
+def choose(
+    front: Sequence[dict[str, Any]],
+    baselines: Sequence[dict[str, Any]],
+    measured: Sequence[dict[str, Any]],
+    *,
+    max_drop: float,
+    latency_budget: float | None,
+    energy_budget: float | None,
+) -> tuple[dict[str, Any] | None, str]:
     """The design for ``best_assignment.yaml`` and the rule that picked it (module docstring)."""
     if measured:
         feasible = [r for r in measured if r["feasible"] and _feasible(r, latency_budget, energy_budget)]
@@ -566,11 +662,15 @@ def choose(front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
         within = [r for r in feasible if r["accuracy"] >= dense - max_drop]
         if within:
             best = min(within, key=lambda r: (r["latency_ms"], -r["accuracy"]))
-            return best, (f"fastest predicted latency among stage-B candidates within {max_drop:g} points of the "
-                          f"dense accuracy {dense:.2f}%{note}")
+            return best, (
+                f"fastest predicted latency among stage-B candidates within {max_drop:g} points of the "
+                f"dense accuracy {dense:.2f}%{note}"
+            )
         best = max(feasible, key=lambda r: (r["accuracy"], -r["latency_ms"]))
-        return best, (f"no stage-B candidate within {max_drop:g} points of the dense accuracy {dense:.2f}%: the "
-                      f"most accurate{note}")
+        return best, (
+            f"no stage-B candidate within {max_drop:g} points of the dense accuracy {dense:.2f}%: the "
+            f"most accurate{note}"
+        )
     pool = [r for r in front if _feasible(r, latency_budget, energy_budget)] or list(front)
     recipe = next((b for b in baselines if b["baseline"] == "recipe"), None)
     if not pool:
@@ -579,8 +679,10 @@ def choose(front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
         safe = [r for r in pool if r["risk"] <= recipe["risk"] + 1e-12]
         if safe:
             best = min(safe, key=lambda r: (r["latency_ms"], r["risk"]))
-            return best, ("stage A only (no accuracy measured): fastest predicted latency among front designs whose "
-                          "risk proxy is no higher than the ShiftAddViT recipe's")
+            return best, (
+                "stage A only (no accuracy measured): fastest predicted latency among front designs whose "
+                "risk proxy is no higher than the ShiftAddViT recipe's"
+            )
     best = min(pool, key=lambda r: (r["risk"], r["latency_ms"]))
     return best, "stage A only: the lowest risk proxy on the front"
 
@@ -589,9 +691,16 @@ def choose(front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
 # Outputs
 
 
-def write_pareto_csv(path: Path, space: SearchSpace, front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
-                     measured: Sequence[dict[str, Any]], chosen: dict[str, Any] | None,
-                     latency_budget: float | None, energy_budget: float | None) -> Path:
+def write_pareto_csv(
+    path: Path,
+    space: SearchSpace,
+    front: Sequence[dict[str, Any]],
+    baselines: Sequence[dict[str, Any]],
+    measured: Sequence[dict[str, Any]],
+    chosen: dict[str, Any] | None,
+    latency_budget: float | None,
+    energy_budget: float | None,
+) -> Path:
     """One row per front design, then the baselines not on the front, then measured candidates not on
     the front; stage-B accuracy where measured; one column per search parameter."""
     import pandas as pd
@@ -607,16 +716,23 @@ def write_pareto_csv(path: Path, space: SearchSpace, front: Sequence[dict[str, A
         seen.add(r["trial"])
         m = acc.get(r["trial"])
         b = base_by_trial.get(r["trial"])
-        rows.append({
-            "trial": r["trial"], "source": source, "baseline": r.get("baseline", ""),
-            "latency_ms": r["latency_ms"], "energy_mj": r["energy_mj"], "risk": r["risk"],
-            "accuracy": m["accuracy"] if m else None, "dense_accuracy": m["dense_accuracy"] if m else None,
-            "feasible": _feasible(r, latency_budget, energy_budget),
-            "dominated_by": " ".join(map(str, b["dominated_by"])) if b and not b["on_front"] else "",
-            "chosen": chosen is not None and chosen["trial"] == r["trial"],
-            **{k: r[k] for k in r if k.startswith("n_")},
-            **{p.name: r["params"][p.name] for p in space.params},
-        })
+        rows.append(
+            {
+                "trial": r["trial"],
+                "source": source,
+                "baseline": r.get("baseline", ""),
+                "latency_ms": r["latency_ms"],
+                "energy_mj": r["energy_mj"],
+                "risk": r["risk"],
+                "accuracy": m["accuracy"] if m else None,
+                "dense_accuracy": m["dense_accuracy"] if m else None,
+                "feasible": _feasible(r, latency_budget, energy_budget),
+                "dominated_by": " ".join(map(str, b["dominated_by"])) if b and not b["on_front"] else "",
+                "chosen": chosen is not None and chosen["trial"] == r["trial"],
+                **{k: r[k] for k in r if k.startswith("n_")},
+                **{p.name: r["params"][p.name] for p in space.params},
+            }
+        )
 
     for r in front:
         emit(r, "front")
@@ -632,16 +748,31 @@ def write_pareto_csv(path: Path, space: SearchSpace, front: Sequence[dict[str, A
 # The command
 
 
-def _sensitivity_key(cfg: Config, checkpoint: str | Path, kinds: Mapping[str, str], reparam: Mapping[str, Any]) -> str:
-    blob = {"checkpoint": sha256_file(checkpoint), "model": config_to_dict(cfg.model), "data": config_to_dict(cfg.data),
-            "seed": cfg.seed, "samples": cfg.search.sensitivity_samples, "reparam": dict(reparam),
-            "layers": list(kinds)}
+def _sensitivity_key(
+    cfg: Config, checkpoint: str | Path, kinds: Mapping[str, str], reparam: Mapping[str, Any]
+) -> str:
+    blob = {
+        "checkpoint": sha256_file(checkpoint),
+        "model": config_to_dict(cfg.model),
+        "data": config_to_dict(cfg.data),
+        "seed": cfg.seed,
+        "samples": cfg.search.sensitivity_samples,
+        "reparam": dict(reparam),
+        "layers": list(kinds),
+    }
     blob["model"].pop("checkpoint", None)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def measure_risk(cfg: Config, out: Path, dense: Any, kinds: Mapping[str, str], checkpoint: str | Path, data: Any,
-                 progress: Callable[[str], None] | None = None):
+def measure_risk(
+    cfg: Config,
+    out: Path,
+    dense: Any,
+    kinds: Mapping[str, str],
+    checkpoint: str | Path,
+    data: Any,
+    progress: Callable[[str], None] | None = None,
+):
     """The cached (or freshly measured) per-layer sensitivity of ``dense`` (:mod:`dse.sensitivity`)."""
     import torch
     from torch.utils.data import Subset
@@ -658,8 +789,15 @@ def measure_risk(cfg: Config, out: Path, dense: Any, kinds: Mapping[str, str], c
         if 0 < n < len(val):
             gen = torch.Generator().manual_seed(cfg.seed)
             val = Subset(val, torch.randperm(len(val), generator=gen)[:n].sort().values.tolist())
-        return sensitivity.measure(dense, kinds, val, fit_batch(data, cfg), batch_size=cfg.data.eval_batch_size,
-                                   reparam=reparam, progress=progress)
+        return sensitivity.measure(
+            dense,
+            kinds,
+            val,
+            fit_batch(data, cfg),
+            batch_size=cfg.data.eval_batch_size,
+            reparam=reparam,
+            progress=progress,
+        )
 
     return sensitivity.load_or_measure(out / "sensitivity.json", key, run)
 
@@ -675,8 +813,14 @@ def _shift_share(costs: CostSource, kinds: Mapping[str, str], layer: str) -> flo
     return c["mult"] / (c["mult"] + c["shift"])
 
 
-def run_search(cfg: Config, out: Path | None = None, *, costs: CostSource | None = None,
-               progress: Callable[[str], None] | None = None, train_progress: bool = False) -> dict[str, Any]:
+def run_search(
+    cfg: Config,
+    out: Path | None = None,
+    *,
+    costs: CostSource | None = None,
+    progress: Callable[[str], None] | None = None,
+    train_progress: bool = False,
+) -> dict[str, Any]:
     """``dse search`` end to end (module docstring); returns a JSON-able summary."""
     from dse.data import load_data
     from dse.finetune import load_dense
@@ -688,65 +832,156 @@ def run_search(cfg: Config, out: Path | None = None, *, costs: CostSource | None
     save_config(cfg, out)
     checkpoint = cfg.model.checkpoint
     if not checkpoint:
-        raise ConfigError("dse search needs the dense checkpoint for its accuracy-risk proxy: pass --checkpoint "
-                          "DENSE.pt or set model.checkpoint (`dse pretrain` writes one)")
-    storage_url = s.storage or default_storage(out)
+        raise ConfigError(
+            "dse search needs the dense checkpoint for its accuracy-risk proxy: pass --checkpoint "
+            "DENSE.pt or set model.checkpoint (`dse pretrain` writes one)"
+        )
+    from dse.trial_store import with_driver
+
+    storage_url = with_driver(s.storage or default_storage(out))
     dense, _ = load_dense(cfg, checkpoint)
     kinds = layer_kinds(dense)
     costs = costs if costs is not None else load_costs(cfg, dense, s.profile)
     space = SearchSpace.build(kinds, s.freeze, s.tie, priced_choices(costs, kinds))
     data = load_data(cfg.data, cfg.seed)
     summary: dict[str, Any] = {
-        "storage": storage_url, "study": s.study_name, "parameters": len(space), "layers": len(kinds),
-        "pinned": len(space.pinned), "sampler": s.sampler, "population": s.population,
+        "storage": storage_url,
+        "study": s.study_name,
+        "parameters": len(space),
+        "layers": len(kinds),
+        "pinned": len(space.pinned),
+        "sampler": s.sampler,
+        "population": s.population,
     }
     if s.stage in ("a", "both"):
         sens, reused = measure_risk(cfg, out, dense, kinds, checkpoint, data, progress)
-        summary["sensitivity"] = {"reused": reused, "seconds": round(sens.seconds, 1), "samples": sens.samples,
-                                  "dense_loss": sens.base_loss, "dense_acc_subset": sens.base_acc}
-        objective = Objective(space, costs, risk_table(sens, kinds, lambda layer: _shift_share(costs, kinds, layer)))
-        res = run_stage_a(space, objective, storage_url, s.study_name, trials=s.trials, sampler=s.sampler,
-                          population=s.population, seed=cfg.seed, persist_every_s=s.persist_every_s,
-                          progress=progress)
-        summary["stage_a"] = {"stored": res.stored, "evaluated": res.evaluated, "written": res.written,
-                              "seconds": round(res.seconds, 2), "trials_per_s": round(res.rate, 1),
-                              "worker": res.worker}
+        summary["sensitivity"] = {
+            "reused": reused,
+            "seconds": round(sens.seconds, 1),
+            "samples": sens.samples,
+            "dense_loss": sens.base_loss,
+            "dense_acc_subset": sens.base_acc,
+        }
+        objective = Objective(
+            space, costs, risk_table(sens, kinds, lambda layer: _shift_share(costs, kinds, layer))
+        )
+        res = run_stage_a(
+            space,
+            objective,
+            storage_url,
+            s.study_name,
+            trials=s.trials,
+            sampler=s.sampler,
+            population=s.population,
+            seed=cfg.seed,
+            persist_every_s=s.persist_every_s,
+            progress=progress,
+        )
+        summary["stage_a"] = {
+            "stored": res.stored,
+            "evaluated": res.evaluated,
+            "written": res.written,
+            "seconds": round(res.seconds, 2),
+            "trials_per_s": round(res.rate, 1),
+            "worker": res.worker,
+        }
     trials = stored_trials(storage_url, s.study_name)
     if not trials:
-        raise StageError(f"study '{s.study_name}' in {storage_url} has no stage-A trials; run --stage a first")
+        raise StageError(
+            f"study '{s.study_name}' in {storage_url} has no stage-A trials; run --stage a first"
+        )
     _check_space(space, trials, s.study_name)
     front, baselines, values = front_table(space, trials)
     summary["trials"] = len(trials)
     summary["front_size"] = len(front)
-    summary["baselines"] = {b["baseline"]: {"trial": b["trial"], "on_front": b["on_front"],
-                                            "dominated_by": b["dominated_by"], "latency_ms": b["latency_ms"],
-                                            "energy_mj": b["energy_mj"], "risk": b["risk"]} for b in baselines}
+    summary["baselines"] = {
+        b["baseline"]: {
+            "trial": b["trial"],
+            "on_front": b["on_front"],
+            "dominated_by": b["dominated_by"],
+            "latency_ms": b["latency_ms"],
+            "energy_mj": b["energy_mj"],
+            "risk": b["risk"],
+        }
+        for b in baselines
+    }
     measured: list[dict[str, Any]] = []
     if s.stage in ("b", "both"):
-        cands = stage_b_candidates(space, front, baselines, s.stage_b_candidates, s.latency_budget_ms,
-                                   s.energy_budget_mj)
-        measured = run_stage_b(cfg, out, space, cands, costs, storage_url, s.study_name, checkpoint=checkpoint,
-                               data=data, progress=train_progress)
-        summary["stage_b"] = [{k: r[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy",
-                                                 "dense_accuracy", "feasible")} for r in measured]
-    chosen, rule = choose(front, baselines, measured, max_drop=s.max_accuracy_drop,
-                          latency_budget=s.latency_budget_ms, energy_budget=s.energy_budget_mj)
-    write_pareto_csv(out / "pareto.csv", space, front, baselines, measured, chosen, s.latency_budget_ms,
-                     s.energy_budget_mj)
+        cands = stage_b_candidates(
+            space, front, baselines, s.stage_b_candidates, s.latency_budget_ms, s.energy_budget_mj
+        )
+        measured = run_stage_b(
+            cfg,
+            out,
+            space,
+            cands,
+            costs,
+            storage_url,
+            s.study_name,
+            checkpoint=checkpoint,
+            data=data,
+            progress=train_progress,
+        )
+        summary["stage_b"] = [
+            {
+                k: r[k]
+                for k in (
+                    "trial",
+                    "baseline",
+                    "latency_ms",
+                    "energy_mj",
+                    "risk",
+                    "accuracy",
+                    "dense_accuracy",
+                    "feasible",
+                )
+            }
+            for r in measured
+        ]
+    chosen, rule = choose(
+        front,
+        baselines,
+        measured,
+        max_drop=s.max_accuracy_drop,
+        latency_budget=s.latency_budget_ms,
+        energy_budget=s.energy_budget_mj,
+    )
+    write_pareto_csv(
+        out / "pareto.csv", space, front, baselines, measured, chosen, s.latency_budget_ms, s.energy_budget_mj
+    )
     acc = {r["trial"]: r["accuracy"] for r in measured}
-    pareto.plot_front(out / "pareto.png", values, [dict(r, accuracy=acc.get(r["trial"])) for r in front], baselines,
-                      chosen=chosen, latency_budget=s.latency_budget_ms, energy_budget=s.energy_budget_mj,
-                      title=f"{cfg.model.name}: {len(trials)} trials, {len(front)} on the front")
+    pareto.plot_front(
+        out / "pareto.png",
+        values,
+        [dict(r, accuracy=acc.get(r["trial"])) for r in front],
+        baselines,
+        chosen=chosen,
+        latency_budget=s.latency_budget_ms,
+        energy_budget=s.energy_budget_mj,
+        title=f"{cfg.model.name}: {len(trials)} trials, {len(front)} on the front",
+    )
     if chosen is not None:
         space.assignment(chosen["params"]).to_yaml(out / "best_assignment.yaml")
-        summary["chosen"] = {k: chosen.get(k) for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk",
-                                                         "accuracy")}
+        summary["chosen"] = {
+            k: chosen.get(k) for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy")
+        }
         summary["chosen"]["counts"] = {k[2:]: v for k, v in chosen.items() if k.startswith("n_")}
     summary["rule"] = rule
-    summary["front"] = [{k: r[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk")} | {
-        "counts": {k[2:]: v for k, v in r.items() if k.startswith("n_")}} for r in front]
-    summary["outputs"] = {n: str(out / n) for n in ("pareto.csv", "pareto.png", "best_assignment.yaml",
-                                                    "sensitivity.json", "resolved_config.yaml")}
+    summary["front"] = [
+        {k: r[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk")}
+        | {"counts": {k[2:]: v for k, v in r.items() if k.startswith("n_")}}
+        for r in front
+    ]
+    summary["outputs"] = {
+        n: str(out / n)
+        for n in (
+            "pareto.csv",
+            "pareto.png",
+            "best_assignment.yaml",
+            "sensitivity.json",
+            "resolved_config.yaml",
+        )
+    }
     atomic_write_text(out / "search.json", json.dumps(summary, indent=1, default=str))
     return summary
 
@@ -764,11 +999,17 @@ def synthetic_costs(kinds: Mapping[str, str], seed: int = 0) -> CostTableFile:
         base = float(rng.uniform(0.5, 2.0))
         e = float(rng.uniform(0.8, 1.2))
         if kind == "attention":
-            layers[name] = {"msa": [base, base * e], "hamming": [base * rng.uniform(0.5, 0.9), base * e * 0.6]}
+            layers[name] = {
+                "msa": [base, base * e],
+                "hamming": [base * rng.uniform(0.5, 0.9), base * e * 0.6],
+            }
         else:
             sh = rng.uniform(0.4, 0.9)
-            layers[name] = {"mult": [base, base * e], "shift": [base * sh, base * e * 0.35],
-                            "moe": [base * (0.5 + 0.5 * sh) + 0.05, base * e * 0.7]}
+            layers[name] = {
+                "mult": [base, base * e],
+                "shift": [base * sh, base * e * 0.35],
+                "moe": [base * (0.5 + 0.5 * sh) + 0.05, base * e * 0.7],
+            }
     return CostTableFile([1.0, 1.0], layers)
 
 
@@ -785,15 +1026,23 @@ def bench_lines(trials: int = 2000, model: str = "vit_digits", population: int =
     space = SearchSpace.build(kinds)
     costs = synthetic_costs(kinds)
     rng = np.random.default_rng(1)
-    table = {n: ({"msa": 0.0, "hamming": float(rng.uniform(0, 0.2))} if k == "attention" else
-                 {"mult": 0.0, "shift": (d := float(rng.uniform(0, 0.3))), "moe": 0.6 * d}) for n, k in kinds.items()}
+    table = {
+        n: (
+            {"msa": 0.0, "hamming": float(rng.uniform(0, 0.2))}
+            if k == "attention"
+            else {"mult": 0.0, "shift": (d := float(rng.uniform(0, 0.3))), "moe": 0.6 * d}
+        )
+        for n, k in kinds.items()
+    }
     objective = Objective(space, costs, table)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/study.db"
         res = run_stage_a(space, objective, url, "bench", trials=trials, population=population)
-        lines.append(f"stage A ({model}, {len(space)} parameters, NSGA-II population {population}, SQLite): "
-                     f"{res.evaluated} trials in {res.seconds:.1f} s = {res.rate:.0f} trials/s")
+        lines.append(
+            f"stage A ({model}, {len(space)} parameters, NSGA-II population {population}, SQLite): "
+            f"{res.evaluated} trials in {res.seconds:.1f} s = {res.rate:.0f} trials/s"
+        )
         sample = stored_trials(url, "bench")[:50]
         with _quiet_optuna():
             for label in ("bulk", "add_trials"):
@@ -828,6 +1077,22 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["Cost", "CostSource", "CostTableFile", "Objective", "StageAResult", "choose", "front_table",
-           "load_costs", "open_study", "priced_choices", "run_search", "run_stage_a", "run_stage_b",
-           "stage_b_candidates", "stored_trials", "synthetic_costs", "write_pareto_csv"]
+__all__ = [
+    "Cost",
+    "CostSource",
+    "CostTableFile",
+    "Objective",
+    "StageAResult",
+    "choose",
+    "front_table",
+    "load_costs",
+    "open_study",
+    "priced_choices",
+    "run_search",
+    "run_stage_a",
+    "run_stage_b",
+    "stage_b_candidates",
+    "stored_trials",
+    "synthetic_costs",
+    "write_pareto_csv",
+]

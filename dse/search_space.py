@@ -1,4 +1,5 @@
-"""The search space of ``dse search``: one categorical Optuna parameter per decision (a layer, or a tied role).
+"""The search space of ``dse search``: one categorical Optuna parameter per decision (a layer or a
+tied role).
 
 Decision layers come from :func:`models.assignment.layer_kinds`: every attention module (``msa`` |
 ``hamming``) and every Linear (``mult`` | ``shift`` | ``moe``). Two config keys shape the space:
@@ -64,8 +65,13 @@ class SearchSpace:
         self._dists = {p.name: CategoricalDistribution(p.choices) for p in self.params}
 
     @classmethod
-    def build(cls, kinds: Mapping[str, str], freeze: Sequence[str] = (), tie: Sequence[str] = (),
-              available: Mapping[str, Sequence[str]] | None = None) -> SearchSpace:
+    def build(
+        cls,
+        kinds: Mapping[str, str],
+        freeze: Sequence[str] = (),
+        tie: Sequence[str] = (),
+        available: Mapping[str, Sequence[str]] | None = None,
+    ) -> SearchSpace:
         """``kinds``: {layer: "attention" | "linear"}; ``available``: {layer: choices the cost model can
         price} (default: all)."""
         if not kinds:
@@ -77,15 +83,21 @@ class SearchSpace:
         for glob in freeze:
             hits = [name for name in kinds if fnmatch.fnmatchcase(name, glob)]
             if not hits:
-                raise ConfigError(f"search.freeze pattern '{glob}' matches no layer; layers look like "
-                                  f"{', '.join(list(kinds)[:3])}")
+                raise ConfigError(
+                    f"search.freeze pattern '{glob}' matches no layer; layers look like "
+                    f"{', '.join(list(kinds)[:3])}"
+                )
             frozen.update(hits)
-        avail = {name: tuple(c for c in CHOICES[k] if available is None or c in available.get(name, ()))
-                 for name, k in kinds.items()}
+        avail = {
+            name: tuple(c for c in CHOICES[k] if available is None or c in available.get(name, ()))
+            for name, k in kinds.items()
+        }
         pinned = {name: DENSE[kinds[name]] for name in frozen}
         for name, choices in avail.items():
             if name not in frozen and DENSE[kinds[name]] not in choices:
-                raise ConfigError(f"the cost model cannot price the dense form of '{name}'; re-profile the model")
+                raise ConfigError(
+                    f"the cost model cannot price the dense form of '{name}'; re-profile the model"
+                )
         tied: dict[str, str] = {}
         params: list[Param] = []
         for role in tie:
@@ -93,12 +105,16 @@ class SearchSpace:
                 raise ConfigError(f"search.tie entry '{role}' must be a layer role such as fc1 or attn.qkv")
             members = [n for n in kinds if n not in frozen and _role_matches(role, n)]
             if not members:
-                raise ConfigError(f"search.tie role '{role}' matches no searchable layer; roles look like "
-                                  "attn, attn.qkv, attn.proj, mlp.fc1, fc2")
+                raise ConfigError(
+                    f"search.tie role '{role}' matches no searchable layer; roles look like "
+                    "attn, attn.qkv, attn.proj, mlp.fc1, fc2"
+                )
             member_kinds = {kinds[n] for n in members}
             if len(member_kinds) > 1:
-                raise ConfigError(f"search.tie role '{role}' matches both attention modules and Linears; "
-                                  "use a more specific role (e.g. attn.qkv)")
+                raise ConfigError(
+                    f"search.tie role '{role}' matches both attention modules and Linears; "
+                    "use a more specific role (e.g. attn.qkv)"
+                )
             for n in members:
                 if n in tied:
                     raise ConfigError(f"layer '{n}' matches two search.tie roles ('{tied[n]}' and '{role}')")
@@ -116,8 +132,9 @@ class SearchSpace:
             else:
                 searched.append(p)
         if not searched:
-            raise ConfigError("nothing to search: search.freeze (or the cost model) leaves every layer with "
-                              "one choice")
+            raise ConfigError(
+                "nothing to search: search.freeze (or the cost model) leaves every layer with one choice"
+            )
         order = {name: i for i, name in enumerate(kinds)}
         searched.sort(key=lambda p: order[p.layers[0]])
         return cls(kinds, searched, pinned)
@@ -142,8 +159,10 @@ class SearchSpace:
 
     def assignment(self, params: Mapping[str, str]) -> Assignment:
         layer_choice = self.choices(params)
-        return Assignment(attention={n: c for n, c in layer_choice.items() if self.kinds[n] == "attention"},
-                          linear={n: c for n, c in layer_choice.items() if self.kinds[n] == "linear"})
+        return Assignment(
+            attention={n: c for n, c in layer_choice.items() if self.kinds[n] == "attention"},
+            linear={n: c for n, c in layer_choice.items() if self.kinds[n] == "linear"},
+        )
 
     def params_for(self, attention: str, linear: str) -> dict[str, str]:
         """Every parameter set to ``attention``/``linear`` where allowed, else to the dense choice."""
@@ -162,8 +181,10 @@ class SearchSpace:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description (stored in the study; a rerun with another space is refused)."""
-        return {"params": {p.name: {"choices": list(p.choices), "layers": list(p.layers)} for p in self.params},
-                "pinned": dict(self.pinned)}
+        return {
+            "params": {p.name: {"choices": list(p.choices), "layers": list(p.layers)} for p in self.params},
+            "pinned": dict(self.pinned),
+        }
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
@@ -174,4 +195,3 @@ class SearchSpace:
 
     def __len__(self) -> int:
         return len(self.params)
-

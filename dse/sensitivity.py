@@ -69,14 +69,17 @@ class Sensitivity:
         return cls(**data)
 
 
-def risk_table(sens: Sensitivity, kinds: Mapping[str, str],
-               shift_share: Callable[[str], float | None]) -> dict[str, dict[str, float]]:
+def risk_table(
+    sens: Sensitivity, kinds: Mapping[str, str], shift_share: Callable[[str], float | None]
+) -> dict[str, dict[str, float]]:
     """{layer: {choice: risk}} for every decision layer; ``shift_share(layer)`` is the MoE equilibrium
     Shift share (None when MoE cannot be priced for that layer — its risk is then the full shift risk)."""
     table: dict[str, dict[str, float]] = {}
     for layer, kind in kinds.items():
         if layer not in sens.delta:
-            raise StageError(f"no sensitivity measured for layer '{layer}'; delete sensitivity.json to remeasure")
+            raise StageError(
+                f"no sensitivity measured for layer '{layer}'; delete sensitivity.json to remeasure"
+            )
         probe = max(0.0, float(sens.delta[layer][PROBE[kind]]))
         if kind == "attention":
             table[layer] = {"msa": 0.0, "hamming": probe}
@@ -91,8 +94,16 @@ def risk(table: Mapping[str, Mapping[str, float]], layer_choice: Mapping[str, st
     return math.fsum(table[layer][choice] for layer, choice in layer_choice.items())
 
 
-def measure(dense, kinds: Mapping[str, str], val, fit_images, *, batch_size: int, reparam: Mapping[str, Any],
-            progress: Callable[[str], None] | None = None) -> Sensitivity:
+def measure(
+    dense,
+    kinds: Mapping[str, str],
+    val,
+    fit_images,
+    *,
+    batch_size: int,
+    reparam: Mapping[str, Any],
+    progress: Callable[[str], None] | None = None,
+) -> Sensitivity:
     """Probe every layer of ``dense`` (one reparameterisation + one validation pass each)."""
     import torch
 
@@ -109,7 +120,11 @@ def measure(dense, kinds: Mapping[str, str], val, fit_images, *, batch_size: int
         base = evaluate(dense, val, batch_size)
         for i, (layer, kind) in enumerate(kinds.items()):
             choice = PROBE[kind]
-            plan = Assignment(attention={layer: choice}) if kind == "attention" else Assignment(linear={layer: choice})
+            plan = (
+                Assignment(attention={layer: choice})
+                if kind == "attention"
+                else Assignment(linear={layer: choice})
+            )
             torch.manual_seed(0)
             probe = reparameterize(dense, plan, costs=None, **reparam).eval()
             if kind == "attention":
@@ -117,11 +132,20 @@ def measure(dense, kinds: Mapping[str, str], val, fit_images, *, batch_size: int
             got = evaluate(probe, val, batch_size)
             delta[layer] = {choice: got["loss"] - base["loss"]}
             if progress is not None:
-                progress(f"sensitivity {i + 1}/{len(kinds)} {layer}:{choice} dloss={delta[layer][choice]:+.4f} "
-                         f"acc={got['acc']:.1f}%")
-            log.debug("sensitivity %s:%s = %+.4f (acc %.2f%%)", layer, choice, delta[layer][choice], got["acc"])
-    return Sensitivity(base_loss=base["loss"], base_acc=base["acc"], delta=delta, samples=len(val),
-                       seconds=time.perf_counter() - t0)
+                progress(
+                    f"sensitivity {i + 1}/{len(kinds)} {layer}:{choice} dloss={delta[layer][choice]:+.4f} "
+                    f"acc={got['acc']:.1f}%"
+                )
+            log.debug(
+                "sensitivity %s:%s = %+.4f (acc %.2f%%)", layer, choice, delta[layer][choice], got["acc"]
+            )
+    return Sensitivity(
+        base_loss=base["loss"],
+        base_acc=base["acc"],
+        delta=delta,
+        samples=len(val),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def load_or_measure(path: Path, key: str, measure_fn: Callable[[], Sensitivity]) -> tuple[Sensitivity, bool]:

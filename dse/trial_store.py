@@ -45,13 +45,24 @@ def _models():
     try:
         from optuna.storages._rdb import models
     except ImportError as exc:  # pragma: no cover - depends on the installed optuna
-        raise StageError(f"optuna {optuna.__version__} has no RDB models module ({exc}); install optuna>=5,<6") from None
-    needed = ("StudyModel", "TrialModel", "TrialParamModel", "TrialValueModel", "TrialUserAttributeModel",
-              "TrialSystemAttributeModel", "StudySystemAttributeModel")
+        raise StageError(
+            f"optuna {optuna.__version__} has no RDB models module ({exc}); install optuna>=5,<6"
+        ) from None
+    needed = (
+        "StudyModel",
+        "TrialModel",
+        "TrialParamModel",
+        "TrialValueModel",
+        "TrialUserAttributeModel",
+        "TrialSystemAttributeModel",
+        "StudySystemAttributeModel",
+    )
     missing = [n for n in needed if not hasattr(models, n)]
     if missing:  # pragma: no cover
-        raise StageError(f"optuna {optuna.__version__} changed its RDB schema (no {', '.join(missing)}); "
-                         "install optuna>=5,<6") from None
+        raise StageError(
+            f"optuna {optuna.__version__} changed its RDB schema (no {', '.join(missing)}); "
+            "install optuna>=5,<6"
+        ) from None
     return models
 
 
@@ -64,11 +75,28 @@ def _local(dt: datetime.datetime | None) -> datetime.datetime | None:
     return None if dt is None else dt.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
 
 
+def with_driver(url: str) -> str:
+    """``postgresql://`` names SQLAlchemy 2.1's default driver, psycopg 3; when only psycopg2 (the
+    ``psycopg2-binary`` package) is installed, name it explicitly."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                try:
+                    import psycopg2  # noqa: F401
+                except ImportError:
+                    return url
+                return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
 def open_storage(url: str, retries: int = 5) -> optuna.storages.RDBStorage:
     """An :class:`optuna.storages.RDBStorage` for ``url``, tolerant of several workers creating the schema
     of a fresh database at the same moment (the loser of that race gets an integrity error; retry)."""
     from sqlalchemy import exc as sa_exc
 
+    url = with_driver(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 120}  # wait for another writer instead of failing fast
@@ -76,10 +104,16 @@ def open_storage(url: str, retries: int = 5) -> optuna.storages.RDBStorage:
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as exc:
-            raise ConfigError(f"invalid storage URL {url!r} ({str(exc).splitlines()[0]}); use e.g. "
-                              "sqlite:///study.db or postgresql://user@host/db") from None
+            raise ConfigError(
+                f"invalid storage URL {url!r} ({str(exc).splitlines()[0]}); use e.g. "
+                "sqlite:///study.db or postgresql://user@host/db"
+            ) from None
         except Exception as exc:  # sqlalchemy raises a variety of errors for a concurrent create_all
-            if attempt == retries - 1 or "already exists" not in str(exc) and "duplicate" not in str(exc).lower():
+            if (
+                attempt == retries - 1
+                or "already exists" not in str(exc)
+                and "duplicate" not in str(exc).lower()
+            ):
                 raise StageError(f"cannot open Optuna storage {url}: {str(exc).splitlines()[0]}") from None
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")  # pragma: no cover
@@ -116,12 +150,17 @@ class TrialStore:
         for attempt in range(retries):
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(update(studies).where(studies.c.study_id == self.study_id)
-                                 .values(study_name=studies.c.study_name))
+                    conn.execute(
+                        update(studies)
+                        .where(studies.c.study_id == self.study_id)
+                        .values(study_name=studies.c.study_name)
+                    )
                     return fn(conn)
             except sa_exc.OperationalError as exc:
                 if attempt == retries - 1:
-                    raise StageError(f"cannot write to the study storage: {str(exc).splitlines()[0]}") from None
+                    raise StageError(
+                        f"cannot write to the study storage: {str(exc).splitlines()[0]}"
+                    ) from None
                 log.warning("storage busy (%s); retrying", str(exc).splitlines()[0])
                 time.sleep(0.1 * 2**attempt * (0.5 + random.random()))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -139,8 +178,11 @@ class TrialStore:
             raw = conn.scalar(select(attrs.c.value_json).where(where))
             index = json.loads(raw) if raw is not None else 0
             if raw is None:
-                conn.execute(insert(attrs).values(study_id=self.study_id, key=WORKERS_KEY,
-                                                  value_json=json.dumps(index + 1)))
+                conn.execute(
+                    insert(attrs).values(
+                        study_id=self.study_id, key=WORKERS_KEY, value_json=json.dumps(index + 1)
+                    )
+                )
             else:
                 conn.execute(update(attrs).where(where).values(value_json=json.dumps(index + 1)))
             return index
@@ -167,13 +209,22 @@ class TrialStore:
         from sqlalchemy import func, insert, select
 
         m = self._m
-        t_trials, t_params, t_values = (m.TrialModel.__table__, m.TrialParamModel.__table__,
-                                        m.TrialValueModel.__table__)
+        t_trials, t_params, t_values = (
+            m.TrialModel.__table__,
+            m.TrialParamModel.__table__,
+            m.TrialValueModel.__table__,
+        )
         t_user, t_sys = m.TrialUserAttributeModel.__table__, m.TrialSystemAttributeModel.__table__
         if unique_attr is not None and any(unique_attr in t.user_attrs for t in trials):
-            stored = conn.execute(
-                select(t_user.c.value_json).join(t_trials, t_user.c.trial_id == t_trials.c.trial_id)
-                .where(t_trials.c.study_id == self.study_id, t_user.c.key == unique_attr)).scalars().all()
+            stored = (
+                conn.execute(
+                    select(t_user.c.value_json)
+                    .join(t_trials, t_user.c.trial_id == t_trials.c.trial_id)
+                    .where(t_trials.c.study_id == self.study_id, t_user.c.key == unique_attr)
+                )
+                .scalars()
+                .all()
+            )
             present = set(stored)
             keep = []
             for t in trials:
@@ -185,13 +236,25 @@ class TrialStore:
             trials = keep
             if not trials:
                 return []
-        base = conn.scalar(select(func.count()).select_from(t_trials).where(t_trials.c.study_id == self.study_id))
+        base = conn.scalar(
+            select(func.count()).select_from(t_trials).where(t_trials.c.study_id == self.study_id)
+        )
         now = datetime.datetime.now()
-        rows = [{"number": base + i, "study_id": self.study_id, "state": t.state,
-                 "datetime_start": _utc(t.datetime_start or now), "datetime_complete": _utc(t.datetime_complete or now)}
-                for i, t in enumerate(trials)]
-        ids = conn.execute(insert(t_trials).returning(t_trials.c.trial_id, sort_by_parameter_order=True),
-                           rows).scalars().all()
+        rows = [
+            {
+                "number": base + i,
+                "study_id": self.study_id,
+                "state": t.state,
+                "datetime_start": _utc(t.datetime_start or now),
+                "datetime_complete": _utc(t.datetime_complete or now),
+            }
+            for i, t in enumerate(trials)
+        ]
+        ids = (
+            conn.execute(insert(t_trials).returning(t_trials.c.trial_id, sort_by_parameter_order=True), rows)
+            .scalars()
+            .all()
+        )
         params, values, user, system = [], [], [], []
         dist_json: dict[int, str] = {}
         for trial_id, t in zip(ids, trials):
@@ -200,24 +263,46 @@ class TrialStore:
                 js = dist_json.get(id(dist))
                 if js is None:
                     js = dist_json[id(dist)] = distribution_to_json(dist)
-                params.append({"trial_id": trial_id, "param_name": name,
-                               "param_value": dist.to_internal_repr(value), "distribution_json": js})
+                params.append(
+                    {
+                        "trial_id": trial_id,
+                        "param_name": name,
+                        "param_value": dist.to_internal_repr(value),
+                        "distribution_json": js,
+                    }
+                )
             for objective, value in enumerate(t.values or ()):
                 stored, kind = m.TrialValueModel.value_to_stored_repr(value)
-                values.append({"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind})
-            user += [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in t.user_attrs.items()]
-            system += [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
-                       for k, v in t.system_attrs.items()]
+                values.append(
+                    {"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind}
+                )
+            user += [
+                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in t.user_attrs.items()
+            ]
+            system += [
+                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                for k, v in t.system_attrs.items()
+            ]
         for table, batch in ((t_params, params), (t_values, values), (t_user, user), (t_sys, system)):
             if batch:
                 conn.execute(insert(table), batch)
         self._own_ids.update(ids)
         out = []
         for i, (trial_id, t) in enumerate(zip(ids, trials)):
-            stored = FrozenTrial(number=base + i, state=t.state, value=None, values=t.values,
-                                 datetime_start=t.datetime_start or now, datetime_complete=t.datetime_complete or now,
-                                 params=t.params, distributions=t.distributions, user_attrs=t.user_attrs,
-                                 system_attrs=t.system_attrs, intermediate_values={}, trial_id=trial_id)
+            stored = FrozenTrial(
+                number=base + i,
+                state=t.state,
+                value=None,
+                values=t.values,
+                datetime_start=t.datetime_start or now,
+                datetime_complete=t.datetime_complete or now,
+                params=t.params,
+                distributions=t.distributions,
+                user_attrs=t.user_attrs,
+                system_attrs=t.system_attrs,
+                intermediate_values={},
+                trial_id=trial_id,
+            )
             out.append(stored)
         return out
 
@@ -227,8 +312,11 @@ class TrialStore:
 
         t = self._m.TrialModel.__table__
         with self.engine.connect() as conn:
-            return conn.scalar(select(func.count()).select_from(t)
-                               .where(t.c.study_id == self.study_id, t.c.state.in_(list(states))))
+            return conn.scalar(
+                select(func.count())
+                .select_from(t)
+                .where(t.c.study_id == self.study_id, t.c.state.in_(list(states)))
+            )
 
     def read_new(self, states: Sequence[TrialState] = (TrialState.COMPLETE,)) -> list[FrozenTrial]:
         """Trials in ``states`` that this store has neither read nor written before, ordered by number.
@@ -239,41 +327,66 @@ class TrialStore:
         from sqlalchemy import select
 
         m = self._m
-        t_trials, t_params, t_values = (m.TrialModel.__table__, m.TrialParamModel.__table__,
-                                        m.TrialValueModel.__table__)
+        t_trials, t_params, t_values = (
+            m.TrialModel.__table__,
+            m.TrialParamModel.__table__,
+            m.TrialValueModel.__table__,
+        )
         t_user, t_sys = m.TrialUserAttributeModel.__table__, m.TrialSystemAttributeModel.__table__
-        cond = (t_trials.c.study_id == self.study_id) & (t_trials.c.trial_id > self._seen_max_id) & \
-            t_trials.c.state.in_(list(states))
+        cond = (
+            (t_trials.c.study_id == self.study_id)
+            & (t_trials.c.trial_id > self._seen_max_id)
+            & t_trials.c.state.in_(list(states))
+        )
         with self.engine.connect() as conn:
-            head = conn.execute(select(t_trials.c.trial_id, t_trials.c.number, t_trials.c.state,
-                                       t_trials.c.datetime_start, t_trials.c.datetime_complete)
-                                .where(cond).order_by(t_trials.c.trial_id)).all()
+            head = conn.execute(
+                select(
+                    t_trials.c.trial_id,
+                    t_trials.c.number,
+                    t_trials.c.state,
+                    t_trials.c.datetime_start,
+                    t_trials.c.datetime_complete,
+                )
+                .where(cond)
+                .order_by(t_trials.c.trial_id)
+            ).all()
             head = [h for h in head if h.trial_id not in self._own_ids]
             if not head:
                 self._advance(conn)
                 return []
             wanted = {h.trial_id for h in head}
-            fields: dict[int, dict[str, Any]] = {i: {"params": {}, "dists": {}, "values": {}, "user": {}, "sys": {}}
-                                                 for i in wanted}
+            fields: dict[int, dict[str, Any]] = {
+                i: {"params": {}, "dists": {}, "values": {}, "user": {}, "sys": {}} for i in wanted
+            }
 
             def rows(table, *cols):
-                return conn.execute(select(*cols).join(t_trials, table.c.trial_id == t_trials.c.trial_id)
-                                    .where(cond)).all()
+                return conn.execute(
+                    select(*cols).join(t_trials, table.c.trial_id == t_trials.c.trial_id).where(cond)
+                ).all()
 
-            for r in rows(t_params, t_params.c.trial_id, t_params.c.param_name, t_params.c.param_value,
-                          t_params.c.distribution_json):
+            for r in rows(
+                t_params,
+                t_params.c.trial_id,
+                t_params.c.param_name,
+                t_params.c.param_value,
+                t_params.c.distribution_json,
+            ):
                 if r.trial_id in wanted:
                     dist = self._dist_cache.get(r.distribution_json)
                     if dist is None:
-                        dist = self._dist_cache[r.distribution_json] = json_to_distribution(r.distribution_json)
+                        dist = self._dist_cache[r.distribution_json] = json_to_distribution(
+                            r.distribution_json
+                        )
                     f = fields[r.trial_id]
                     f["params"][r.param_name] = dist.to_external_repr(r.param_value)
                     f["dists"][r.param_name] = dist
-            for r in rows(t_values, t_values.c.trial_id, t_values.c.objective, t_values.c.value,
-                          t_values.c.value_type):
+            for r in rows(
+                t_values, t_values.c.trial_id, t_values.c.objective, t_values.c.value, t_values.c.value_type
+            ):
                 if r.trial_id in wanted:
                     fields[r.trial_id]["values"][r.objective] = m.TrialValueModel.stored_repr_to_value(
-                        r.value, r.value_type)
+                        r.value, r.value_type
+                    )
             for table, key in ((t_user, "user"), (t_sys, "sys")):
                 for r in rows(table, table.c.trial_id, table.c.key, table.c.value_json):
                     if r.trial_id in wanted:
@@ -284,10 +397,22 @@ class TrialStore:
         for h in head:
             f = fields[h.trial_id]
             vals = [f["values"][k] for k in sorted(f["values"])] or None
-            out.append(FrozenTrial(number=h.number, state=h.state, value=None, values=vals,
-                                   datetime_start=_local(h.datetime_start), datetime_complete=_local(h.datetime_complete),
-                                   params=f["params"], distributions=f["dists"], user_attrs=f["user"],
-                                   system_attrs=f["sys"], intermediate_values={}, trial_id=h.trial_id))
+            out.append(
+                FrozenTrial(
+                    number=h.number,
+                    state=h.state,
+                    value=None,
+                    values=vals,
+                    datetime_start=_local(h.datetime_start),
+                    datetime_complete=_local(h.datetime_complete),
+                    params=f["params"],
+                    distributions=f["dists"],
+                    user_attrs=f["user"],
+                    system_attrs=f["sys"],
+                    intermediate_values={},
+                    trial_id=h.trial_id,
+                )
+            )
         out.sort(key=lambda t: t.number)
         return out
 

@@ -58,6 +58,7 @@ def _cpuinfo_mcpu(text: str) -> str:
 def host_cpu_name() -> str:
     """LLVM's name for the host CPU (e.g. ``znver3``, ``sapphirerapids``)."""
     try:
+        import tvm  # noqa: F401  (registers the LLVM codegen functions; without it the lookup below fails)
         from tvm_ffi import get_global_func
 
         name = str(get_global_func("tvm.codegen.llvm.GetHostCPUName", allow_missing=False)())

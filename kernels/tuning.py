@@ -45,6 +45,24 @@ SELECTION_FILE = "selection.json"
 BUILDER_TIMEOUT_S = 120.0
 
 
+def build_candidate(mod: Any, target: Any, _params: Any = None) -> Any:
+    """MetaSchedule builder function: ``default_build`` without ``import tvm.s_tir.tensor_intrin``.
+
+    That import parses hundreds of TVMScript intrinsics (minutes on a loaded 2-core machine,
+    longer than any builder timeout) and only tensorizing rules need it; on CPU none of our
+    workloads do. Runs in the builder's worker processes, which import it by module name.
+    """
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    if not targets.is_cuda(target):
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        return tvm.tirx.build(mod, target=target)
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    return default_build(mod, target, _params)
+
+
 def tuning_root(tuning_dir: str | Path | None = None) -> Path:
     """Root of the per-target tuning folders (argument > $SHIFTADD_TUNING_DIR > profiles/tuning)."""
     if tuning_dir is not None:
@@ -178,7 +196,7 @@ def tune(
                 work_dir=work_dir,
                 max_trials_global=trials,
                 num_trials_per_iter=min(trials, 16),
-                builder=ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S),
+                builder=ms.builder.LocalBuilder(timeout_sec=BUILDER_TIMEOUT_S, f_build=build_candidate),
                 database=open_database(folder),
             )
         except Exception as exc:

@@ -10,7 +10,8 @@ from dse.errors import UsageError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    # --out (common option) is the profile root here: <out>/<device>/<target>.csv (default: config profile.dir)
+    p.epilog = ("--out DIR is the profile root here: rows go to DIR/<device>/<target>.csv with a .yaml beside it "
+                "(default: config profile.dir = profiles). A rerun measures only rows that are missing.")
     p.add_argument("--model", help="registered or timm model name (default: config model.name)")
     p.add_argument("--target", help="cpu | cuda | cuda:sm_NN | a JSON target dict (default: config profile.target)")
     p.add_argument("--batch", type=int, help="images per batch (default: config profile.batch)")

@@ -11,25 +11,49 @@ from dse.commands.common import config_from_args, out_dir, table
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name (config model.name); must match the checkpoint")
     p.add_argument("--checkpoint", metavar="DENSE.pt", help="dense weights (config model.checkpoint)")
-    p.add_argument("--profile", metavar="FILE", help="profile CSV from `dse profile`, or a cost-table JSON "
-                   "(config search.profile; default: the stored profile for profile.target)")
-    p.add_argument("--stage", choices=("a", "b", "both"), help="a: cost model + risk proxy only; b: fine-tune "
-                   "front candidates of an existing stage A; both (default, config search.stage)")
-    p.add_argument("--trials", type=int, help="stage-A trials the study should hold (config search.trials); "
-                   "a rerun continues until the stored count reaches it")
-    p.add_argument("--storage", metavar="URL", help="Optuna RDB URL shared by workers, e.g. "
-                   "postgresql://user@host/db (default: sqlite:///<out>/study.db)")
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="profile CSV from `dse profile`, or a cost-table JSON "
+        "(config search.profile; default: the stored profile for profile.target)",
+    )
+    p.add_argument(
+        "--stage",
+        choices=("a", "b", "both"),
+        help="a: cost model + risk proxy only; b: fine-tune "
+        "front candidates of an existing stage A; both (default, config search.stage)",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        help="stage-A trials the study should hold (config search.trials); "
+        "a rerun continues until the stored count reaches it",
+    )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna RDB URL shared by workers, e.g. "
+        "postgresql://user@host/db (default: sqlite:///<out>/study.db)",
+    )
     p.add_argument("--study", metavar="NAME", help="study name (config search.study_name)")
 
 
-@command("search", "Optuna search over per-layer assignments (study, pareto.csv/png, best_assignment.yaml)", _args)
+@command(
+    "search", "Optuna search over per-layer assignments (study, pareto.csv/png, best_assignment.yaml)", _args
+)
 def run(args: argparse.Namespace):
     from dse.search import run_search
 
     extra = []
-    for flag, key in (("model", "model.name"), ("checkpoint", "model.checkpoint"), ("profile", "search.profile"),
-                      ("stage", "search.stage"), ("trials", "search.trials"), ("storage", "search.storage"),
-                      ("study", "search.study_name")):
+    for flag, key in (
+        ("model", "model.name"),
+        ("checkpoint", "model.checkpoint"),
+        ("profile", "search.profile"),
+        ("stage", "search.stage"),
+        ("trials", "search.trials"),
+        ("storage", "search.storage"),
+        ("study", "search.study_name"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             extra.append(f"{key}={value}")
@@ -54,27 +78,46 @@ def _text(s: dict, stage: str) -> str:
     lines = []
     a = s.get("stage_a")
     if a:
-        lines.append(f"stage A: {a['evaluated']} trials evaluated here in {a['seconds']:.1f} s "
-                     f"({a['trials_per_s']:.0f} trials/s, worker {a['worker']}); study holds {a['stored']}")
-    lines.append(f"{s['parameters']} parameters over {s['layers']} layers; front: {s['front_size']} designs of "
-                 f"{s['trials']} trials")
-    rows = [{"trial": r["trial"], "baseline": r["baseline"], "latency_ms": r["latency_ms"], "energy_mj": r["energy_mj"],
-             "risk": r["risk"], **r["counts"]} for r in s["front"]]
+        lines.append(
+            f"stage A: {a['evaluated']} trials evaluated here in {a['seconds']:.1f} s "
+            f"({a['trials_per_s']:.0f} trials/s, worker {a['worker']}); study holds {a['stored']}"
+        )
+    lines.append(
+        f"{s['parameters']} parameters over {s['layers']} layers; front: {s['front_size']} designs of "
+        f"{s['trials']} trials"
+    )
+    rows = [
+        {
+            "trial": r["trial"],
+            "baseline": r["baseline"],
+            "latency_ms": r["latency_ms"],
+            "energy_mj": r["energy_mj"],
+            "risk": r["risk"],
+            **r["counts"],
+        }
+        for r in s["front"]
+    ]
     step = max(1, len(rows) // 12)
     lines += ["", table(rows[::step], floatfmt="{:.4g}")]
     b = s["baselines"]
     lines.append("")
     for name, info in b.items():
         where = "on the front" if info["on_front"] else f"dominated by trial(s) {info['dominated_by']}"
-        lines.append(f"baseline {name}: {info['latency_ms']:.4g} ms, {info['energy_mj']:.4g} mJ, risk "
-                     f"{info['risk']:.4g} -> {where}")
+        lines.append(
+            f"baseline {name}: {info['latency_ms']:.4g} ms, {info['energy_mj']:.4g} mJ, risk "
+            f"{info['risk']:.4g} -> {where}"
+        )
     if s.get("stage_b"):
         lines += ["", table(s["stage_b"], floatfmt="{:.4g}")]
     if s.get("chosen"):
         c = s["chosen"]
         acc = f", accuracy {c['accuracy']:.2f}%" if c.get("accuracy") is not None else ""
-        lines += ["", f"chosen: trial {c['trial']} ({c['latency_ms']:.4g} ms, {c['energy_mj']:.4g} mJ, risk "
-                      f"{c['risk']:.4g}{acc}) {c['counts']}", f"rule: {s['rule']}",
-                  f"wrote {s['outputs']['best_assignment.yaml']}, pareto.csv, pareto.png"]
+        lines += [
+            "",
+            f"chosen: trial {c['trial']} ({c['latency_ms']:.4g} ms, {c['energy_mj']:.4g} mJ, risk "
+            f"{c['risk']:.4g}{acc}) {c['counts']}",
+            f"rule: {s['rule']}",
+            f"wrote {s['outputs']['best_assignment.yaml']}, pareto.csv, pareto.png",
+        ]
     lines.append(f"dashboard: optuna-dashboard {s['storage']}")
     return "\n".join(lines)

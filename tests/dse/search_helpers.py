@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {"depth": 2}
 IMG = 16  # 4x4 patches -> 16 tokens: a fast model for the plumbing tests
 # The config a test search runs with (as --set overrides, and as load_config overrides).
-OVERRIDES = ["model.kwargs={depth: 2}", f"data.img_size={IMG}", "data.val_fraction=0.1",
-             "search.sensitivity_samples=48", "search.population=20", "data.eval_batch_size=64"]
+OVERRIDES = [
+    "model.kwargs={depth: 2}",
+    f"data.img_size={IMG}",
+    "data.val_fraction=0.1",
+    "search.sensitivity_samples=48",
+    "search.population=20",
+    "data.eval_batch_size=64",
+]
 CLI_SETTINGS = [arg for o in OVERRIDES for arg in ("--set", o)]
 
 
@@ -41,8 +47,14 @@ def tiny_checkpoint(folder: Path) -> tuple[Path, Path, dict[str, str]]:
     return ckpt, costs, kinds
 
 
-def expected_objectives(params_to_layers: dict[str, list[str]], params: dict[str, str], costs_json: Path,
-                        sensitivity_json: Path, kinds: dict[str, str], pinned: dict[str, str]) -> tuple[float, ...]:
+def expected_objectives(
+    params_to_layers: dict[str, list[str]],
+    params: dict[str, str],
+    costs_json: Path,
+    sensitivity_json: Path,
+    kinds: dict[str, str],
+    pinned: dict[str, str],
+) -> tuple[float, ...]:
     """Latency, energy and risk of one trial, summed by hand from the cost table and the sensitivity
     cache (the search's formula, re-derived: risk = sum max(0, dloss); moe = shift share x shift)."""
     table = json.loads(costs_json.read_text())
@@ -75,13 +87,16 @@ def spawn(*args: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
     # stdout to ``log``, stderr to ``log`` + ".err"; the child keeps its own copies of the descriptors.
     with open(log, "w") as out, open(str(log) + ".err", "w") as err:
-        return subprocess.Popen(dse_command(*args), cwd=ROOT, stdout=out, stderr=err, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            dse_command(*args), cwd=ROOT, stdout=out, stderr=err, env=env, start_new_session=True
+        )
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(dse_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        dse_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -17,7 +17,7 @@ from dse import nonprim
 from dse.cli import main
 from dse.energy import AnalyticalEnergyModel
 from dse.inventory import build_inventory
-from dse.profile import Settings, plan, profile_model, time_callable
+from dse.profile import RowSpec, Settings, _satisfied, plan, profile_model, summary_rows, time_callable
 from dse.store import KEY, ProfileStore, load_profile, row_key
 from tests.conftest import ROOT, run_dse
 
@@ -68,6 +68,16 @@ def test_time_callable_times_what_it_runs():
     assert len(calls) >= 1 + 3 * timing.number
 
 
+def test_trials_make_untuned_kernel_rows_missing():
+    kernel = RowSpec("matmul", "tvm", 1, 8, 4, 2, "float32", "kernel")
+    torch_row = RowSpec("matmul", "torch", 1, 8, 4, 2, "float32", "kernel")
+    assert not _satisfied(None, kernel, 0)
+    assert _satisfied({"tuned_trials": 0}, kernel, 0)
+    assert not _satisfied({"tuned_trials": 0}, kernel, 32)  # --trials 32 tunes it now
+    assert _satisfied({"tuned_trials": 64}, kernel, 32)
+    assert _satisfied({"tuned_trials": 0}, torch_row, 32)  # nothing to tune in PyTorch
+
+
 def _count_builds(monkeypatch) -> dict[str, int]:
     counts = {"kernels": 0, "ops": 0}
     real_build, real_op = kernels.build, nonprim.build_op
@@ -102,6 +112,14 @@ def test_rerun_measures_only_missing_rows_and_force_measures_all(tmp_path, monke
         prim = "bmm" if (r["backend"] == "torch" and r["primitive"] == "matadd") else r["primitive"]
         dtype = r["dtype"] if r["backend"] == "tvm" else None
         assert r["energy_mj"] == pytest.approx(model.estimate(prim, r["batch"], r["m"], r["k"], r["n"], dtype).energy_mj)
+
+    # the summary puts each TVM row next to the PyTorch row of the same shape
+    rows = {row_key(r): r for r in prof.frame.to_dict("records")}
+    for line in summary_rows(first):
+        b, m, k, n = (int(v) for v in line["shape"].split("x"))
+        base = "matmul" if line["primitive"].startswith("mat") and line["primitive"] != "matadd" else line["primitive"]
+        want = rows[(line["primitive"], "tvm", b, m, k, n, kernels.get(line["primitive"]).default_dtype)]["latency_ms"]
+        assert line["tvm/torch"] == pytest.approx(want / rows[(base, "torch", b, m, k, n, "float32")]["latency_ms"])
 
     # drop one TVM row and one PyTorch row: a rerun measures exactly those two
     store = ProfileStore(tmp_path, prof.meta["device"], prof.target, prof.meta["target_slug"], prof.meta["versions"])

@@ -1,4 +1,5 @@
-"""dse search: search space, bulk trial storage, stage A (resume, baselines), stage B, outputs, CLI kill/resume."""
+"""dse search: search space, bulk trial storage, stage A (resume, baselines), stage B, outputs, and
+the CLI killed and rerun."""
 
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ from tests.dse.search_helpers import (
     tiny_checkpoint,
 )
 
-KINDS = {f"blocks.{i}.{p}": ("attention" if p == "attn" else "linear")
-         for i in range(3) for p in ("attn", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+KINDS = {
+    f"blocks.{i}.{p}": ("attention" if p == "attn" else "linear")
+    for i in range(3)
+    for p in ("attn", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -57,7 +61,11 @@ def test_space_freeze_and_tie_map_params_to_layers():
     assert "tie:fc1" in names and "tie:attn.qkv" in names
     assert not any(n.startswith("blocks.0.") for n in names)
     tied = next(p for p in space.params if p.name == "tie:fc1")
-    assert tied.layers == ("blocks.1.mlp.fc1", "blocks.2.mlp.fc1") and tied.choices == ("mult", "shift", "moe")
+    assert tied.layers == ("blocks.1.mlp.fc1", "blocks.2.mlp.fc1") and tied.choices == (
+        "mult",
+        "shift",
+        "moe",
+    )
     # every searchable layer is decided by exactly one parameter; frozen ones are pinned dense
     decided = [layer for p in space.params for layer in p.layers]
     assert sorted(decided + list(space.pinned)) == sorted(KINDS)
@@ -67,7 +75,11 @@ def test_space_freeze_and_tie_map_params_to_layers():
     assert choice["blocks.2.mlp.fc1"] == choice["blocks.1.mlp.fc1"] == "moe"
     assert choice["blocks.0.mlp.fc1"] == "mult" and choice["blocks.0.attn"] == "msa"
     a = space.assignment(params)
-    assert isinstance(a, Assignment) and a.linear["blocks.1.attn.qkv"] == "moe" and a.attention["blocks.2.attn"] == "hamming"
+    assert (
+        isinstance(a, Assignment)
+        and a.linear["blocks.1.attn.qkv"] == "moe"
+        and a.attention["blocks.2.attn"] == "hamming"
+    )
 
 
 def test_space_rejects_typos_and_ambiguous_ties():
@@ -98,12 +110,21 @@ def test_cost_table_file_predict_and_priced_choices(tmp_path):
     costs = CostTableFile.from_json(path)
     raw = json.loads(path.read_text())
     plan = Assignment(attention={"blocks.0.attn": "hamming"}, linear={"blocks.2.mlp.fc1": "shift"})
-    want_lat = raw["fixed"][0] + sum(v["msa" if "msa" in v else "mult"][0] for v in raw["layers"].values()) \
-        - raw["layers"]["blocks.0.attn"]["msa"][0] + raw["layers"]["blocks.0.attn"]["hamming"][0] \
-        - raw["layers"]["blocks.2.mlp.fc1"]["mult"][0] + raw["layers"]["blocks.2.mlp.fc1"]["shift"][0]
+    want_lat = (
+        raw["fixed"][0]
+        + sum(v["msa" if "msa" in v else "mult"][0] for v in raw["layers"].values())
+        - raw["layers"]["blocks.0.attn"]["msa"][0]
+        + raw["layers"]["blocks.0.attn"]["hamming"][0]
+        - raw["layers"]["blocks.2.mlp.fc1"]["mult"][0]
+        + raw["layers"]["blocks.2.mlp.fc1"]["shift"][0]
+    )
     assert math.isclose(costs.predict(plan).latency_ms, want_lat, rel_tol=1e-12)
     avail = priced_choices(costs, KINDS)
-    assert avail["blocks.1.mlp.fc2"] == ("mult", "shift") and avail["blocks.0.mlp.fc2"] == ("mult", "shift", "moe")
+    assert avail["blocks.1.mlp.fc2"] == ("mult", "shift") and avail["blocks.0.mlp.fc2"] == (
+        "mult",
+        "shift",
+        "moe",
+    )
     with pytest.raises(ProfileError):
         costs.predict(Assignment(linear={"blocks.1.mlp.fc2": "moe"}))
     (tmp_path / "bad.json").write_text("{}")
@@ -112,8 +133,11 @@ def test_cost_table_file_predict_and_priced_choices(tmp_path):
 
 
 def test_risk_table_clamps_and_scales_moe_by_shift_share():
-    sens = Sensitivity(base_loss=1.0, base_acc=90.0,
-                       delta={"a": {"hamming": 0.2}, "l1": {"shift": 0.5}, "l2": {"shift": -0.1}})
+    sens = Sensitivity(
+        base_loss=1.0,
+        base_acc=90.0,
+        delta={"a": {"hamming": 0.2}, "l1": {"shift": 0.5}, "l2": {"shift": -0.1}},
+    )
     table = risk_table(sens, {"a": "attention", "l1": "linear", "l2": "linear"}, {"l1": 0.3, "l2": 0.9}.get)
     assert table["a"] == {"msa": 0.0, "hamming": 0.2}
     assert table["l1"] == {"mult": 0.0, "shift": 0.5, "moe": pytest.approx(0.15)}
@@ -136,7 +160,9 @@ def test_nondominated_matches_brute_force():
 
 
 def test_spread_starts_fastest_and_spreads():
-    pts = np.array([[0.0, 10.0, 0], [1.0, 9.0, 0], [5.0, 5.0, 0], [9.0, 1.0, 0], [10.0, 0.0, 0], [9.5, 0.5, 0]])
+    pts = np.array(
+        [[0.0, 10.0, 0], [1.0, 9.0, 0], [5.0, 5.0, 0], [9.0, 1.0, 0], [10.0, 0.0, 0], [9.5, 0.5, 0]]
+    )
     got = pareto.spread(pts, 3)
     assert got[0] == 0 and got[1] == 4 and got[2] == 2  # far end, then the middle
     assert len(set(pareto.spread(pts, 10))) == len(pts)
@@ -148,21 +174,34 @@ def test_spread_starts_fastest_and_spreads():
 
 def _trials(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    dists = {"a": CategoricalDistribution(("x", "y", "z")), "b": FloatDistribution(0.0, 1.0),
-             "c": IntDistribution(1, 9)}
+    dists = {
+        "a": CategoricalDistribution(("x", "y", "z")),
+        "b": FloatDistribution(0.0, 1.0),
+        "c": IntDistribution(1, 9),
+    }
     out = []
     for i in range(n):
         values = [float(rng.normal()), float("inf") if i == 3 else float(rng.normal())]
-        t = create_trial(params={"a": ("x", "y", "z")[i % 3], "b": float(rng.uniform()), "c": int(rng.integers(1, 10))},
-                         distributions=dists, values=values, user_attrs={"seq": i, "nested": {"k": [i, "s"]}},
-                         system_attrs={"NSGAIISampler:generation": i // 4})
+        t = create_trial(
+            params={"a": ("x", "y", "z")[i % 3], "b": float(rng.uniform()), "c": int(rng.integers(1, 10))},
+            distributions=dists,
+            values=values,
+            user_attrs={"seq": i, "nested": {"k": [i, "s"]}},
+            system_attrs={"NSGAIISampler:generation": i // 4},
+        )
         out.append(t)
     return out
 
 
 def _same(a, b) -> None:
-    assert (a.params, a.distributions, a.values, a.user_attrs, a.system_attrs, a.state) == \
-        (b.params, b.distributions, b.values, b.user_attrs, b.system_attrs, b.state)
+    assert (a.params, a.distributions, a.values, a.user_attrs, a.system_attrs, a.state) == (
+        b.params,
+        b.distributions,
+        b.values,
+        b.user_attrs,
+        b.system_attrs,
+        b.state,
+    )
     assert abs((a.datetime_start - b.datetime_start).total_seconds()) < 1e-3
 
 
@@ -192,8 +231,15 @@ def test_bulk_write_reads_back_through_optuna_and_vice_versa(tmp_path):
         _same(a, b)
     # A writer never reads its own trials back, and a baseline is stored once.
     assert store.read_new() == []
-    tagged = [create_trial(params={"a": "x"}, distributions={"a": src[0].distributions["a"]}, values=[1.0, 2.0],
-                           user_attrs={"baseline": "recipe"}) for _ in range(2)]
+    tagged = [
+        create_trial(
+            params={"a": "x"},
+            distributions={"a": src[0].distributions["a"]},
+            values=[1.0, 2.0],
+            user_attrs={"baseline": "recipe"},
+        )
+        for _ in range(2)
+    ]
     assert len(store.write(tagged, unique_attr="baseline")) == 1
     assert len(store.write(tagged[:1], unique_attr="baseline")) == 0
     assert store.count() == 11
@@ -216,8 +262,14 @@ def _synthetic_problem(seed: int = 0):
     space = SearchSpace.build(KINDS, freeze=["blocks.0.attn"], tie=["fc2"])
     costs = synthetic_costs(KINDS, seed=seed)
     rng = np.random.default_rng(seed)
-    risk = {n: ({"msa": 0.0, "hamming": float(rng.uniform(0, 0.3))} if k == "attention" else
-                {"mult": 0.0, "shift": (d := float(rng.uniform(0, 0.5))), "moe": 0.4 * d}) for n, k in KINDS.items()}
+    risk = {
+        n: (
+            {"msa": 0.0, "hamming": float(rng.uniform(0, 0.3))}
+            if k == "attention"
+            else {"mult": 0.0, "shift": (d := float(rng.uniform(0, 0.5))), "moe": 0.4 * d}
+        )
+        for n, k in KINDS.items()
+    }
     return space, costs, risk
 
 
@@ -244,11 +296,16 @@ def test_stage_a_persists_in_batches_and_a_rerun_continues(tmp_path):
     for old, new in zip(before, trials[:90]):
         assert (old.params, old.values) == (new.params, new.values)
     baselines = {t.user_attrs["baseline"]: t for t in trials if "baseline" in t.user_attrs}
-    assert sorted(baselines) == ["all-mult", "all-shift", "recipe"] and all(t.number < 3 for t in baselines.values())
+    assert sorted(baselines) == ["all-mult", "all-shift", "recipe"] and all(
+        t.number < 3 for t in baselines.values()
+    )
     assert baselines["recipe"].params == space.params_for("hamming", "moe")
     for w, n in ((0, 87), (1, 110)):
-        assert sorted(t.user_attrs["seq"] for t in trials if t.user_attrs.get("worker") == w
-                      and "baseline" not in t.user_attrs) == list(range(n))
+        assert sorted(
+            t.user_attrs["seq"]
+            for t in trials
+            if t.user_attrs.get("worker") == w and "baseline" not in t.user_attrs
+        ) == list(range(n))
     for t in trials:
         assert np.allclose(t.values, _by_hand(space, costs, risk, t.params), rtol=1e-12)
     # The NSGA-II generations carried over: the resumed run bred from the stored population.
@@ -281,7 +338,9 @@ def test_sigterm_during_stage_a_writes_the_pending_batch(tmp_path):
 def test_stage_a_front_contains_or_dominates_every_baseline(tmp_path):
     space, costs, risk = _synthetic_problem(seed=2)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    run_stage_a(space, Objective(space, costs, risk), url, "s", trials=400, population=40, persist_every_s=1.0)
+    run_stage_a(
+        space, Objective(space, costs, risk), url, "s", trials=400, population=40, persist_every_s=1.0
+    )
     trials = stored_trials(url, "s")
     front, baselines, values = front_table(space, trials)
     assert len(baselines) == 3
@@ -298,14 +357,42 @@ def test_stage_a_front_contains_or_dominates_every_baseline(tmp_path):
 
 def test_choose_rule():
     measured = [
-        {"trial": 1, "latency_ms": 5.0, "energy_mj": 1.0, "risk": 0.3, "accuracy": 90.0, "dense_accuracy": 95.0,
-         "feasible": True},
-        {"trial": 2, "latency_ms": 6.0, "energy_mj": 1.0, "risk": 0.2, "accuracy": 94.5, "dense_accuracy": 95.0,
-         "feasible": True},
-        {"trial": 3, "latency_ms": 7.0, "energy_mj": 1.0, "risk": 0.1, "accuracy": 94.8, "dense_accuracy": 95.0,
-         "feasible": True},
-        {"trial": 4, "latency_ms": 4.0, "energy_mj": 9.0, "risk": 0.0, "accuracy": 95.0, "dense_accuracy": 95.0,
-         "feasible": False},
+        {
+            "trial": 1,
+            "latency_ms": 5.0,
+            "energy_mj": 1.0,
+            "risk": 0.3,
+            "accuracy": 90.0,
+            "dense_accuracy": 95.0,
+            "feasible": True,
+        },
+        {
+            "trial": 2,
+            "latency_ms": 6.0,
+            "energy_mj": 1.0,
+            "risk": 0.2,
+            "accuracy": 94.5,
+            "dense_accuracy": 95.0,
+            "feasible": True,
+        },
+        {
+            "trial": 3,
+            "latency_ms": 7.0,
+            "energy_mj": 1.0,
+            "risk": 0.1,
+            "accuracy": 94.8,
+            "dense_accuracy": 95.0,
+            "feasible": True,
+        },
+        {
+            "trial": 4,
+            "latency_ms": 4.0,
+            "energy_mj": 9.0,
+            "risk": 0.0,
+            "accuracy": 95.0,
+            "dense_accuracy": 95.0,
+            "feasible": False,
+        },
     ]
     best, rule = choose([], [], measured, max_drop=1.0, latency_budget=None, energy_budget=None)
     assert best["trial"] == 2 and "fastest" in rule  # 4 is faster and exact but over budget
@@ -313,8 +400,10 @@ def test_choose_rule():
     assert best["trial"] == 3 and "most accurate" in rule
     best, _ = choose([], [], measured, max_drop=1.0, latency_budget=5.5, energy_budget=None)
     assert best["trial"] == 1  # the budget leaves only trial 1 (4 is infeasible in energy by its constraint)
-    front = [{"trial": 7, "latency_ms": 3.0, "energy_mj": 1.0, "risk": 0.9},
-             {"trial": 8, "latency_ms": 4.0, "energy_mj": 1.0, "risk": 0.4}]
+    front = [
+        {"trial": 7, "latency_ms": 3.0, "energy_mj": 1.0, "risk": 0.9},
+        {"trial": 8, "latency_ms": 4.0, "energy_mj": 1.0, "risk": 0.4},
+    ]
     recipe = {"trial": 0, "baseline": "recipe", "latency_ms": 6.0, "energy_mj": 2.0, "risk": 0.5}
     best, rule = choose(front, [recipe], [], max_drop=1.0, latency_budget=None, energy_budget=None)
     assert best["trial"] == 8 and "recipe" in rule
@@ -334,14 +423,29 @@ def test_run_search_both_stages_writes_outputs_and_reuses_stage_b(tmp_path, monk
     ckpt, costs_json, kinds = tiny_checkpoint(tmp_path)
     raw = json.loads(costs_json.read_text())
     dense_lat = raw["fixed"][0] + sum(v["msa" if "msa" in v else "mult"][0] for v in raw["layers"].values())
-    overrides = [*OVERRIDES, f"model.checkpoint={ckpt}", f"search.profile={costs_json}", "search.trials=150",
-                 "search.stage_b_candidates=1", "search.stage_b_epochs=0", "search.max_accuracy_drop=100",
-                 f"search.latency_budget_ms={dense_lat * 0.9}", f"out={tmp_path / 'run'}"]
+    overrides = [
+        *OVERRIDES,
+        f"model.checkpoint={ckpt}",
+        f"search.profile={costs_json}",
+        "search.trials=150",
+        "search.stage_b_candidates=1",
+        "search.stage_b_epochs=0",
+        "search.max_accuracy_drop=100",
+        f"search.latency_budget_ms={dense_lat * 0.9}",
+        f"out={tmp_path / 'run'}",
+    ]
     cfg = load_config(None, overrides)
     summary = run_search(cfg)
     out = tmp_path / "run"
-    for name in ("study.db", "pareto.csv", "pareto.png", "best_assignment.yaml", "resolved_config.yaml",
-                 "sensitivity.json", "search.json"):
+    for name in (
+        "study.db",
+        "pareto.csv",
+        "pareto.png",
+        "best_assignment.yaml",
+        "resolved_config.yaml",
+        "sensitivity.json",
+        "search.json",
+    ):
         assert (out / name).is_file(), name
     assert summary["stage_a"]["stored"] == 150 and summary["sensitivity"]["reused"] is False
     # stage B: one front candidate plus the recipe, each a trial of the second study with its constraint
@@ -386,8 +490,22 @@ def test_run_search_both_stages_writes_outputs_and_reuses_stage_b(tmp_path, monk
 def test_cli_killed_search_continues_on_rerun(tmp_path):
     ckpt, costs_json, kinds = tiny_checkpoint(tmp_path)
     out = tmp_path / "run"
-    args = ["search", "--checkpoint", str(ckpt), "--profile", str(costs_json), "--stage", "a", "--trials", "3000",
-            "--out", str(out), "--set", "search.persist_every_s=0.2", *CLI_SETTINGS]
+    args = [
+        "search",
+        "--checkpoint",
+        str(ckpt),
+        "--profile",
+        str(costs_json),
+        "--stage",
+        "a",
+        "--trials",
+        "3000",
+        "--out",
+        str(out),
+        "--set",
+        "search.persist_every_s=0.2",
+        *CLI_SETTINGS,
+    ]
     proc = spawn(*args, log=tmp_path / "first.log")
     db = out / "study.db"
     deadline = time.monotonic() + 240
@@ -420,14 +538,15 @@ def test_cli_killed_search_continues_on_rerun(tmp_path):
     assert [t.number for t in after] == list(range(target))
     for old, new in zip(before, after):
         assert (old.params, old.values, old.user_attrs) == (new.params, new.values, new.user_attrs)
-    assert all(t.user_attrs["worker"] == 1 for t in after[len(before):])
+    assert all(t.user_attrs["worker"] == 1 for t in after[len(before) :])
     assert sum("baseline" in t.user_attrs for t in after) == 3
     space = SearchSpace.build(kinds)
     layers = {p.name: list(p.layers) for p in space.params}
     for t in after[:: max(1, len(after) // 40)]:
-        want = expected_objectives(layers, t.params, costs_json, out / "sensitivity.json", kinds, space.pinned)
+        want = expected_objectives(
+            layers, t.params, costs_json, out / "sensitivity.json", kinds, space.pinned
+        )
         assert np.allclose(t.values, want, rtol=1e-9)
     assert (out / "best_assignment.yaml").is_file() and (out / "pareto.png").stat().st_size > 1000
     # trial datetimes survive the bulk path (naive local time, as Optuna hands them out)
     assert abs((after[-1].datetime_complete - datetime.datetime.now()).total_seconds()) < 900
-

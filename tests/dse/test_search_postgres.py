@@ -25,8 +25,13 @@ from tests.dse.search_helpers import CLI_SETTINGS, expected_objectives, kill, sp
 
 
 def _pg_bin() -> Path | None:
-    for candidate in [os.path.dirname(shutil.which("initdb") or ""), *sorted(glob.glob("/usr/lib/postgresql/*/bin"))]:
-        if candidate and all(os.access(Path(candidate) / b, os.X_OK) for b in ("initdb", "pg_ctl", "createdb")):
+    for candidate in [
+        os.path.dirname(shutil.which("initdb") or ""),
+        *sorted(glob.glob("/usr/lib/postgresql/*/bin")),
+    ]:
+        if candidate and all(
+            os.access(Path(candidate) / b, os.X_OK) for b in ("initdb", "pg_ctl", "createdb")
+        ):
             return Path(candidate)
     return None
 
@@ -37,8 +42,10 @@ def _ensure_pg_bin() -> Path:
         subprocess.run(["apt-get", "install", "-y", "postgresql"], capture_output=True, timeout=600)
         found = _pg_bin()
     if found is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, createdb) are missing and `apt-get install -y "
-                    "postgresql` did not provide them")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl, createdb) are missing and `apt-get install -y "
+            "postgresql` did not provide them"
+        )
     return found
 
 
@@ -68,15 +75,24 @@ def postgres_url():
 
     try:
         pg(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
-           f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+        pg(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(folder / "server.log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
+            "start",
+        )
         pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "dse")
     except subprocess.CalledProcessError as exc:
         pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop", check=False)
         shutil.rmtree(folder, ignore_errors=True)
         pytest.fail(f"could not start PostgreSQL: {exc.stderr or exc.stdout}")
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/dse"
+        yield f"postgresql://postgres@127.0.0.1:{port}/dse"  # the driver is resolved by dse.trial_store
     finally:
         pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop", check=False)
         shutil.rmtree(folder, ignore_errors=True)
@@ -102,10 +118,31 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_pa
     (outs[1] / "sensitivity.json").write_text((outs[0] / "sensitivity.json").read_text())
 
     target = 600
-    procs = [spawn("search", "--checkpoint", str(ckpt), "--profile", str(costs_json), "--stage", "a",
-                   "--trials", str(target), "--storage", postgres_url, "--study", "shared", "--out", str(out),
-                   "--json", "--set", "search.persist_every_s=0.2", *CLI_SETTINGS, log=tmp_path / f"w{i}.log")
-             for i, out in enumerate(outs)]
+    procs = [
+        spawn(
+            "search",
+            "--checkpoint",
+            str(ckpt),
+            "--profile",
+            str(costs_json),
+            "--stage",
+            "a",
+            "--trials",
+            str(target),
+            "--storage",
+            postgres_url,
+            "--study",
+            "shared",
+            "--out",
+            str(out),
+            "--json",
+            "--set",
+            "search.persist_every_s=0.2",
+            *CLI_SETTINGS,
+            log=tmp_path / f"w{i}.log",
+        )
+        for i, out in enumerate(outs)
+    ]
     try:
         deadline = time.monotonic() + 500
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -140,10 +177,14 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_pa
     layers = {p.name: list(p.layers) for p in space.params}
     for t in trials:
         assert set(t.params) == set(layers)
-        want = expected_objectives(layers, t.params, costs_json, outs[0] / "sensitivity.json", kinds, space.pinned)
+        want = expected_objectives(
+            layers, t.params, costs_json, outs[0] / "sensitivity.json", kinds, space.pinned
+        )
         assert np.allclose(t.values, want, rtol=1e-9)
     # The workers did run side by side (their trial ranges interleave in the shared numbering).
-    first = {w: min(t.number for t in trials if t.user_attrs.get("worker") == w and "baseline" not in t.user_attrs)
-             for w in (0, 1)}
+    first = {
+        w: min(t.number for t in trials if t.user_attrs.get("worker") == w and "baseline" not in t.user_attrs)
+        for w in (0, 1)
+    }
     last = {w: max(t.number for t in trials if t.user_attrs.get("worker") == w) for w in (0, 1)}
     assert first[0] < last[1] and first[1] < last[0]

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import argparse
+
+from dse.cli import command
+from dse.commands.common import config_from_args, table
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact", required=True, metavar="DIR", help="artifact folder written by `dse export`")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contestant (it compiles for ~40 s)")
+    p.add_argument("--dense", metavar="FILE", help="dense weights.pt (default: the manifest's dense_checkpoint)")
+    p.add_argument("--profile", metavar="FILE.csv", help="profile for the cost model's predictions "
+                   "(default: the one the artifact was exported with, else the stored one)")
+
+
+@command("bench", "the exported model vs the dense model in PyTorch (eager, torch.compile), same inputs, one run",
+         _args)
+def run(args: argparse.Namespace):
+    from dse.bench import bench
+
+    cfg = config_from_args(args)
+    result = bench(cfg, args.artifact, torch_compile=False if args.no_compile else None, dense=args.dense,
+                   profile=args.profile)
+    rows = [{"model": r["model"], "median ms": r["median_ms"], "p90 ms": r["p90_ms"],
+             "x eager": r["speedup_vs_eager"], "energy mJ": r["energy_mj"],
+             "predicted ms": r["predicted_ms"],
+             "pred. error %": r["prediction_error_pct"]} for r in result["rows"]]
+    sources = sorted({r["energy_source"] for r in result["rows"]})
+    text = "\n".join([
+        table(rows, floatfmt="{:.3f}"),
+        "",
+        f"batch {result['batch']} ({result['inputs']}), {result['repeat']} calls each, interleaved; threads: torch "
+        f"{result['threads']['torch']}, TVM {result['threads']['tvm']}; load average {result['load_1m']}",
+        f"energy source: {'; '.join(sources)}",
+        f"top-1 agreement with the dense model on this batch: {100 * result['top1_agreement_with_dense']:.1f}%",
+    ])
+    if result["torch_compile_s"] is not None:
+        text += f"\ntorch.compile took {result['torch_compile_s']:.1f} s"
+    return {"text": text, "json": result}
