@@ -95,6 +95,7 @@ class FinetuneConfig:
     gate: Literal["straight_through", "prob"] = "straight_through"  # MoE combine (models/moe.py)
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # autocast on CUDA; CPU always trains in fp32
     threads: int = 0  # torch intra-op threads; 0 = all cores
+    batch_size: int | None = None  # training batch; None = data.batch_size
 
 
 @dataclass
@@ -126,6 +127,8 @@ class ExportConfig:
     profile: str | None = None  # profile CSV for the shift-kernel choice and the prediction; None: the store's
     val_images: int | None = None  # validation images for calibration and checks; None: all
     repeat: int = 30  # latency samples taken after export (target runnable here)
+    # auto: the faster kernel per shape; or matshift | matshift_decode everywhere; or {layer: primitive}
+    shift_primitive: str | dict[str, str] = "auto"
 
 
 @dataclass
@@ -272,6 +275,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0.0 <= cfg.finetune.kd_weight <= 1.0:
         raise ConfigError(f"config key 'finetune.kd_weight' must be in [0, 1], got {cfg.finetune.kd_weight}")
+    shift = cfg.export.shift_primitive
+    allowed = ("auto", "matshift", "matshift_decode")
+    if any(v not in allowed for v in (shift.values() if isinstance(shift, dict) else [shift])):
+        raise ConfigError(f"config key 'export.shift_primitive' must be one of {', '.join(allowed)} (or a mapping "
+                          f"of layer name to one of them), got {shift!r}")
     if cfg.data.name == "imagefolder" and not cfg.data.path:
         raise ConfigError("config key 'data.path' is required when data.name is 'imagefolder'")
 

@@ -109,9 +109,6 @@ class Estimate:
     def scaled(self, factor: float) -> Estimate:
         return dataclasses.replace(self, latency_ms=self.latency_ms * factor, energy_mj=self.energy_mj * factor)
 
-    def value(self, metric: str) -> float:
-        return self.latency_ms if metric == "latency" else self.energy_mj
-
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

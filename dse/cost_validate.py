@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ class HoldoutResult:
     extrapolated: bool
     load_1m: float | None
     drift: float = 1.0  # now / at profiling, for this primitive's profiled shapes re-measured now
+    repeatability: float | None = None  # RMS relative difference of those shapes measured twice now
 
     @property
     def rel_error(self) -> float:
@@ -115,10 +117,11 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
     """Measure ``count`` held-out shapes per kernel primitive and backend (:func:`holdout_shapes` around
     the inventory's shapes) and compare each with the cost model's prediction from ``profile``.
 
-    Up to ``anchors`` of the primitive's profiled shapes are re-measured first: their median ratio
-    now / at profiling (``drift``) tells how much the machine's speed moved since the profile was
-    taken (load, clocks), which a shared machine makes large; results carry it so that the report can
-    give the drift-corrected error next to the raw one.
+    Up to ``anchors`` of the primitive's profiled shapes are re-measured first, twice: their median
+    ratio now / at profiling (``drift``) tells how much the machine's speed moved since the profile was
+    taken (load, clocks), which a shared machine makes large, and the two back-to-back measurements
+    give the noise floor (``repeatability``) no predictor can beat; results carry both so that the
+    report can give the drift-corrected error next to the raw one.
     """
     import kernels
     from dse.profile import RowSpec
@@ -144,22 +147,72 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
             dtype = kernels.get(prim).default_dtype if backend == "tvm" else "float32"
             profiled = {r[0]: r[1] for r in table.measured(backend, prim)}
             reference = reference_shapes(table, backend, prim, inventory)
-            ratios = []
+            ratios, repeat = [], []
             for shape in [s for s in dict.fromkeys(reference) if s in profiled][:anchors]:
-                now = measure(prim, backend, shape, dtype)
-                if now is not None:
-                    ratios.append(now / profiled[shape])
+                first, again = measure(prim, backend, shape, dtype), measure(prim, backend, shape, dtype)
+                if first is not None and again is not None:
+                    ratios.append(first / profiled[shape])
+                    repeat.append(2 * (again - first) / (again + first))
             drift = float(np.median(ratios)) if ratios else 1.0
+            repeatability = float(np.sqrt(np.mean(np.square(repeat)))) if repeat else None
             for shape in holdout_shapes(reference, set(profiled), count, rng):
                 now = measure(prim, backend, shape, dtype)
                 if now is None:
                     continue
                 est = table.estimate(backend, Call(prim, *shape))
                 results.append(HoldoutResult(prim, backend, *shape, now, est.latency_ms,
-                                             law.loo_rmspe if law else None, est.extrapolated, _load(), drift))
+                                             law.loo_rmspe if law else None, est.extrapolated, _load(), drift,
+                                             repeatability))
                 log.info("%s/%s %s: measured %.4f ms, predicted %.4f ms (drift %.2f)", prim, backend, shape, now,
                          est.latency_ms, drift)
     return results
+
+
+def calibrate(inventory: Any, settings: Any, root: str | Path, *, count: int = 12, seed: int = 1,
+              backends: Iterable[str] = ("tvm", "torch"), progress: bool = True) -> dict[str, Any]:
+    """Add ``count`` random shapes per kernel primitive and backend around the model's range to the
+    profile under ``root`` (device and target of ``settings``), measured as ``dse profile`` measures.
+
+    A profile holds only the model's own shapes (a handful per primitive), too few for the regression
+    to be trusted away from them; these extra rows are its training sample (nn-Meter samples its
+    kernel configurations the same way). Rows already present are not measured again.
+    """
+    import kernels
+    from dse.device import describe_device, versions
+    from dse.energy import select_source
+    from dse.profile import Measurer, RowSpec, check_target_runnable
+    from dse.store import ProfileStore, row_key
+
+    check_target_runnable(settings.target)
+    tgt = kernels.resolve_target(settings.target)
+    target_json = kernels.targets.target_to_dict(tgt)
+    slug = kernels.target_slug(tgt)
+    device = describe_device(kernels.targets.target_dict(settings.target))
+    store = ProfileStore(root, device.as_dict(), target_json, slug, versions(), settings.header())
+    store.open(model=f"calibration around {inventory.model} (batch {inventory.batch})")
+    existing = {row_key(r) for r in store.rows()}
+    source = select_source(target_json, list(settings.energy))
+    measurer = Measurer(settings, tgt, source, slug)
+    rng = np.random.default_rng(seed)
+    added, failed = 0, []
+    try:
+        for backend in backends:
+            for prim in KERNEL_PRIMITIVES[backend]:
+                dtype = kernels.get(prim).default_dtype if backend == "tvm" else "float32"
+                present = {k[2:6] for k in existing if k[0] == prim and k[1] == backend}
+                reference = [it.shape for it in inventory.items if it.kind in ("linear", "product") and any(
+                    (TORCH_BASELINE[p] if backend == "torch" else p) == prim for p in it.primitives)]
+                for shape in holdout_shapes(reference, present, count, rng):
+                    try:
+                        store.add(measurer.measure(RowSpec(prim, backend, *shape, dtype, "kernel")), replace=True)
+                        added += 1
+                    except Exception as exc:  # keep the others
+                        failed.append(f"{prim}/{backend} {shape}: {' '.join(str(exc).split())}")
+                if progress:
+                    log.info("calibrated %s/%s", prim, backend)
+    finally:
+        source.close()
+    return {"profile": str(store.path), "added": added, "failed": failed}
 
 
 def summarize_shapes(results: list[HoldoutResult]) -> dict[str, Any]:
@@ -179,6 +232,7 @@ def summarize_shapes(results: list[HoldoutResult]) -> dict[str, Any]:
         summary[key] = figures(rs)
         summary[key]["law_loo_rmspe"] = rs[0].law_loo_rmspe
         summary[key]["drift"] = rs[0].drift
+        summary[key]["repeatability"] = rs[0].repeatability
     return summary
 
 

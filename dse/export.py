@@ -47,7 +47,7 @@ from dse import artifact as art
 from dse import graph
 from dse.config import Config, config_to_dict
 from dse.data import load_data
-from dse.errors import CheckpointError, ShiftAddError
+from dse.errors import CheckpointError, ConfigError, ShiftAddError
 from dse.fileio import atomic_write
 from models.assignment import Assignment, layer_kinds
 from models.hamming import fit_hamming
@@ -139,8 +139,13 @@ def batches(x: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, int]]:
 
 @torch.no_grad()
 def logits_of(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Eval-mode logits, ``batch`` images per call. The shift/matadd custom ops run their PyTorch
+    references (same arithmetic as the kernels, exact for the integer ones), not per-shape TVM builds."""
+    from kernels.torch_ops import use_tvm
+
     model.eval()
-    return torch.cat([model(chunk)[:real] for chunk, real in batches(x, batch)])
+    with use_tvm(False):
+        return torch.cat([model(chunk)[:real] for chunk, real in batches(x, batch)])
 
 
 def accuracy(logits: np.ndarray | torch.Tensor, labels: torch.Tensor) -> float:
@@ -217,15 +222,32 @@ def _profile_table(cfg: Config, target: Any, profile: str | Path | None) -> tupl
 
 
 def choose_shift_primitives(shapes: dict[str, tuple[int, int, int, int]], target: Any, table: Any,
-                            reason: str | None) -> dict[str, dict[str, Any]]:
-    """``{layer: {"primitive", "source", "latency_ms": {prim: ms}}}`` (see the module docstring, step 3)."""
+                            reason: str | None, force: str | dict[str, str] = "auto") -> dict[str, dict[str, Any]]:
+    """``{layer: {"primitive", "source", "latency_ms": {prim: ms}}}`` (see the module docstring, step 3).
+
+    ``force`` is ``export.shift_primitive``: a primitive for every layer, or ``{layer: primitive}`` for some
+    (a MoE layer's name covers its Shift expert); ``auto`` (or an unnamed layer) applies the rule.
+    """
     from dse import cost
 
+    forced: dict[str, str] = {}
+    for name in shapes:
+        choice = force.get(name, force.get(name.rpartition(".")[0], "auto")) if isinstance(force, dict) else force
+        if choice != "auto":
+            forced[name] = choice
+    unknown = sorted(set(force) - {n for n in shapes} - {n.rpartition(".")[0] for n in shapes}) \
+        if isinstance(force, dict) else []
+    if unknown:
+        raise ConfigError(f"export.shift_primitive names {', '.join(unknown)}, which are not shift layers of this "
+                          f"model; shift layers: {', '.join(shapes)}")
     tgt = kernels.resolve_target(target)
     runnable = not kernels.targets.is_cuda(tgt) or kernels.cuda_available()
     measured: dict[tuple[int, int, int, int], dict[str, float]] = {}
     out = {}
     for name, shape in shapes.items():
+        if name in forced:
+            out[name] = {"primitive": forced[name], "source": "export.shift_primitive"}
+            continue
         if table is not None:
             try:
                 prim = cost.fastest_shift_primitive(table, "tvm", *shape)
@@ -329,56 +351,67 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
 
     capacity = calibrate_capacity(model, x_val, batch, plan.capacity)
     plan = Assignment(attention=dict(plan.attention), linear=dict(plan.linear), capacity=capacity)
+    log.info("loaded and calibrated the model in %.1f s (MoE capacity %s)", time.perf_counter() - t_start, capacity)
+    shapes = shift_shapes(model, tokens)
     table, table_reason = _profile_table(cfg, tgt, profile)
-    choices = choose_shift_primitives(shift_shapes(model, tokens), tgt, table, table_reason)
+    choices = choose_shift_primitives(shapes, tgt, table, table_reason, ex.shift_primitive)
     form = graph.export_form(model, lambda name, _layer: choices[name]["primitive"])
 
     t0 = time.perf_counter()
     g = graph.to_relax(form, x_val[:batch].contiguous(), tgt)
+    log.info("imported the traced model into Relax in %.1f s", time.perf_counter() - t0)
     exe = graph.compile_relax(g.mod, tgt)
     compile_s = time.perf_counter() - t0
+    log.info("compiled for %s in %.1f s", kernels.target_slug(tgt), compile_s)
 
-    moe_cost = _moe_cost(model, form, x_val, y_val, batch, capacity)
+    t0 = time.perf_counter()
+    moe_cost = _moe_cost(form, x_val, y_val, batch, capacity)
     ref_logits = logits_of(form, x_val, batch)
     manifest = _manifest(cfg, meta, plan, g, tgt, target_dict, batch, tokens, choices, capacity, moe_cost,
                          predict_cost(cfg, model, plan, batch, table), table_reason, checkpoint)
     manifest["accuracy"] = {"val_images": len(x_val), "pytorch_val_acc": accuracy(ref_logits, y_val),
                             "finetune_val_acc": meta.get("val_acc")}
     manifest["compile_s"] = round(compile_s, 1)
-    runnable = not kernels.targets.is_cuda(tgt) or kernels.cuda_available()
     manifest["run_on_device"] = False
     write_artifact(out, g, exe, plan, manifest)
-    if runnable:
+    if not kernels.targets.is_cuda(tgt) or kernels.cuda_available():
         manifest = _check_on_device(out, manifest, x_val, y_val, ref_logits, ex.repeat)
         art.write_manifest(out, manifest)
+    log.info("checked the artifact against PyTorch in %.1f s", time.perf_counter() - t0)
     summary = _summary(out, manifest)
-    summary["seconds"] = round(time.perf_counter() - t_start, 1)
 
     arch = cfg.export.cuda_arch if cuda_arch is True else (cuda_arch or None)
     if arch and not kernels.targets.is_cuda(tgt):
-        cuda_out = out.with_name(f"{out.name}-cuda-{arch}")
-        summary["cuda"] = export_compile_only(cfg, form, plan, x_val[:batch], cuda_out, arch, manifest)
+        t0 = time.perf_counter()
+        cuda_tgt = kernels.resolve_target(f"cuda:{arch}")
+        cuda_table, cuda_reason = _profile_table(cfg, cuda_tgt, None)
+        cuda_choices = choose_shift_primitives(shapes, cuda_tgt, cuda_table, cuda_reason, ex.shift_primitive)
+        cuda_form = graph.export_form(model, lambda name, _layer: cuda_choices[name]["primitive"])
+        summary["cuda"] = export_compile_only(cuda_form, plan, x_val[:batch], out.with_name(f"{out.name}-cuda-{arch}"),
+                                              cuda_tgt, cuda_choices, manifest)
+        log.info("compiled the CUDA companion in %.1f s", time.perf_counter() - t0)
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
     return summary
 
 
-def export_compile_only(cfg: Config, form: nn.Module, plan: Assignment, example: torch.Tensor, out: Path,
-                        arch: str, base: dict[str, Any]) -> dict[str, Any]:
-    """The same export form compiled for CUDA ``arch`` without running it (no GPU needed)."""
-    tgt = kernels.resolve_target(f"cuda:{arch}")
+def export_compile_only(form: nn.Module, plan: Assignment, example: torch.Tensor, out: Path, tgt: Any,
+                        choices: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The export form compiled for a CUDA target without running it (no GPU needed)."""
     t0 = time.perf_counter()
-    choices = {name: dict(entry) for name, entry in base["shift_primitives"].items()}
     g = graph.to_relax(form, example.contiguous(), tgt)
     exe = graph.compile_relax(g.mod, tgt)
+    arch = kernels.targets.target_to_dict(tgt).get("arch")
     manifest = {k: v for k, v in base.items() if k not in ("latency", "files")}
     manifest.update({
         "target": kernels.targets.target_to_dict(tgt), "target_slug": kernels.target_slug(tgt),
-        "device": {"kind": "cuda", "name": f"any NVIDIA GPU of {arch}", "note": "compile-only, not run here"},
+        "device": {"kind": "cuda", "name": f"an NVIDIA GPU of {arch}", "note": "compile-only, not run here"},
         "kernels": _kernel_summary(g), "params": g.param_names, "weights": _weights_summary(g.params),
         "shift_primitives": choices, "run_on_device": False, "compile_s": round(time.perf_counter() - t0, 1),
         "latency": {"measured": None, "note": "compile-only artifact: no CUDA device on the exporting machine"},
+        "prediction": {"available": False, "reason": "no CUDA profile used for the companion artifact"},
     })
     manifest["accuracy"] = {**base.get("accuracy", {}), "compiled_val_acc": None, "top1_agreement": None,
-                            "max_rel_logit_err": None}
+                            "max_rel_logit_err": None, "median_rel_logit_err": None}
     write_artifact(out, g, exe, plan, manifest)
     return {"folder": str(out), "target": manifest["target_slug"], "run_on_device": False}
 
@@ -399,7 +432,7 @@ def _tokens_per_image(model: nn.Module, image: torch.Tensor) -> int:
     return seen[0] // len(image)
 
 
-def _moe_cost(model: nn.Module, form: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
+def _moe_cost(form: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
               capacity: dict[str, float]) -> dict[str, Any] | None:
     """Validation accuracy with top-1 routing vs the static capacity (both on the export form)."""
     if not capacity:

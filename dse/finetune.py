@@ -115,11 +115,9 @@ def moe_names(assignment: Assignment) -> list[str]:
 
 def default_profile(cfg: Config) -> Path:
     """The stored profile for this device and ``profile.target``: ``<profile.dir>/<device>/<target>.csv``."""
-    import kernels
-    from dse.device import describe_device
+    from dse.cost import default_profile_path
 
-    target = kernels.targets.target_dict(cfg.profile.target)
-    return Path(cfg.profile.dir) / describe_device(target).slug / f"{kernels.target_slug(target)}.csv"
+    return default_profile_path(cfg.profile)
 
 
 def cost_model_for(cfg: Config, model: nn.Module, profile: str | Path) -> CostSource:
@@ -253,9 +251,16 @@ class RoutingMonitor:
         return sum(abs(shares[n] - self.equilibrium[n]) for n in self.equilibrium) / len(self.equilibrium)
 
 
+def batch_size(cfg: Config) -> int:
+    size = cfg.finetune.batch_size or cfg.data.batch_size
+    if size < 1:
+        raise ConfigError(f"config key 'finetune.batch_size' must be positive, got {size}")
+    return size
+
+
 def fit_batch(data: DataBundle, cfg: Config) -> torch.Tensor:
     """The first training batch of epoch 0, un-augmented: the hashing fit's input (the same on every rank)."""
-    loader = epoch_loader(data.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed, epoch=0)
+    loader = epoch_loader(data.train, batch_size(cfg), shuffle=True, seed=cfg.seed, epoch=0)
     images, _ = next(iter(loader))
     return images
 
@@ -275,7 +280,7 @@ def train_spec(cfg: Config, objective: FinetuneObjective, monitor: RoutingMonito
     ft = cfg.finetune
     return TrainSpec(epochs=ft.epochs, lr=ft.lr, min_lr=ft.min_lr, weight_decay=ft.weight_decay,
                      warmup_epochs=ft.warmup_epochs, label_smoothing=ft.label_smoothing, grad_clip=ft.grad_clip,
-                     batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
+                     batch_size=batch_size(cfg), eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
                      workers=cfg.data.workers, extra_loss=objective,
                      epoch_metrics=monitor.metrics if monitor.layers else None,
                      on_epoch_start=monitor.reset if monitor.layers else None,

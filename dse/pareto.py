@@ -102,8 +102,10 @@ def plot_front(
         for b in baselines:
             y = b["risk"] if col == 2 else b["energy_mj"]
             ax.scatter([b["latency_ms"]], [y], s=90, marker="D", facecolors="none", edgecolors="C3", zorder=4)
+            acc = b.get("accuracy")
+            label = b["baseline"] if acc is None or np.isnan(acc) else f"{b['baseline']} ({acc:.1f}%)"
             ax.annotate(
-                b["baseline"],
+                label,
                 (b["latency_ms"], y),
                 xytext=(5, 5),
                 textcoords="offset points",

@@ -954,7 +954,7 @@ def run_search(
         out / "pareto.png",
         values,
         [dict(r, accuracy=acc.get(r["trial"])) for r in front],
-        baselines,
+        [dict(b, accuracy=acc.get(b["trial"])) for b in baselines],
         chosen=chosen,
         latency_budget=s.latency_budget_ms,
         energy_budget=s.energy_budget_mj,

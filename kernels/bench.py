@@ -7,7 +7,8 @@ round by round (the machine may be shared, so only ratios measured together mean
 default schedule, the TVM tuned schedule when the target's tuning database has a record (``--trials
 N`` tunes kernels that have none, with budget N), and PyTorch fp32 ``torch.matmul`` with 2 threads
 for the same ``(b, m, k, n)`` (``x @ wᵀ`` for the linear primitives, a batched matmul for ``bmm``
-and ``matadd``). Times are medians over rounds of per-round medians, in milliseconds.
+and ``matadd``). Times are medians over rounds of per-round medians, in milliseconds. On a shared 2-core machine PyTorch's
+2-thread OpenMP is often stalled by other processes, so a 1-thread PyTorch column is shown too.
 """
 
 from __future__ import annotations
@@ -98,13 +99,25 @@ def _tvm_call(kernel: Any, arrays: Sequence[np.ndarray]) -> Callable[[], Any]:
     return lambda: fn(*args, out)
 
 
-def race(fns: dict[str, Callable[[], Any]], rounds: int, min_round_s: float = 0.05) -> dict[str, dict[str, float]]:
-    """Interleaved timing: each round times every function for >= ``min_round_s``; median of rounds."""
-    for f in fns.values():  # warm-up
+def race(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    min_round_s: float = 0.05,
+    setup: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Interleaved timing: each round times every function for >= ``min_round_s``; median of rounds.
+
+    ``setup[name]`` runs (untimed) before each of ``name``'s rounds, e.g. to set a thread count.
+    """
+    setup = setup or {}
+    for name, f in fns.items():  # warm-up
+        setup.get(name, lambda: None)()
         f()
     per_round: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, f in fns.items():
+            setup.get(name, lambda: None)()
+            f()
             times = []
             start = time.perf_counter()
             while True:
@@ -117,7 +130,11 @@ def race(fns: dict[str, Callable[[], Any]], rounds: int, min_round_s: float = 0.
     return {name: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v))} for name, v in per_round.items()}
 
 
-def bench_one(shape: BenchShape, target: str, trials: int, rounds: int, tuning_dir: str | None) -> dict[str, Any]:
+def bench_one(
+    shape: BenchShape, target: str, trials: int, rounds: int, tuning_dir: str | None, threads: int = 2
+) -> dict[str, Any]:
+    import torch
+
     from kernels import tuning
     from kernels.build import build
 
@@ -126,7 +143,9 @@ def bench_one(shape: BenchShape, target: str, trials: int, rounds: int, tuning_d
     tuned = kernel if kernel.schedule == "tuned" else tuning.tuned_kernel(default, tuning_dir)
     arrays = primitives.random_inputs(shape.primitive, shape.b, shape.m, shape.k, shape.n, seed=0)
     ref = primitives.reference(shape.primitive, *arrays)
-    fns = {"torch": _torch_dense(shape), "default": _tvm_call(default, arrays)}
+    dense = _torch_dense(shape)
+    fns = {"torch": dense, "torch_1t": dense, "default": _tvm_call(default, arrays)}
+    setup = {"torch": lambda: torch.set_num_threads(threads), "torch_1t": lambda: torch.set_num_threads(1)}
     for name, kern in (("default", default), ("tuned", tuned)):
         if kern is None:
             continue
@@ -134,7 +153,8 @@ def bench_one(shape: BenchShape, target: str, trials: int, rounds: int, tuning_d
         if not np.allclose(out, ref, rtol=1e-4, atol=1e-3 * np.sqrt(shape.k)):
             raise AssertionError(f"{shape.key}: TVM {name} kernel disagrees with the reference")
         fns[name] = _tvm_call(kern, arrays)
-    res = race(fns, rounds)
+    res = race(fns, rounds, setup=setup)
+    torch.set_num_threads(threads)
     row: dict[str, Any] = {
         "primitive": shape.primitive,
         "layer": shape.label,
@@ -143,6 +163,9 @@ def bench_one(shape: BenchShape, target: str, trials: int, rounds: int, tuning_d
         "k": shape.k,
         "n": shape.n,
         "torch_ms": res["torch"]["median_ms"],
+        "torch_1t_ms": res["torch_1t"]["median_ms"],
+        "torch_min_ms": res["torch"]["min_ms"],
+        "default_min_ms": res["default"]["min_ms"],
         "default_ms": res["default"]["median_ms"],
         "tuned_ms": res["tuned"]["median_ms"] if "tuned" in res else None,
         "tuned_trials": tuned.tuned_trials if tuned is not None else 0,
@@ -151,6 +174,8 @@ def bench_one(shape: BenchShape, target: str, trials: int, rounds: int, tuning_d
     row["default_vs_torch"] = row["default_ms"] / row["torch_ms"]
     row["tuned_vs_torch"] = row["tuned_ms"] / row["torch_ms"] if row["tuned_ms"] is not None else None
     row["best_vs_torch"] = min(v for v in (row["default_vs_torch"], row["tuned_vs_torch"]) if v is not None)
+    best_ms = min(v for v in (row["default_ms"], row["tuned_ms"]) if v is not None)
+    row["best_vs_torch_1t"] = best_ms / row["torch_1t_ms"]
     return row
 
 
@@ -167,8 +192,12 @@ def build_default(shape: BenchShape, target: str) -> Any:
     )
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'primitive':16s} {'layer':14s} {'b':>3s} {'m':>5s} {'k':>4s} {'n':>4s} {'torch':>8s} {'default':>8s} {'tuned':>8s} {'trials':>6s} {'def/t':>6s} {'tun/t':>6s}"
+def format_table(rows: list[dict[str, Any]], threads: int = 2) -> str:
+    head = (
+        f"{'primitive':16s} {'layer':14s} {'b':>3s} {'m':>5s} {'k':>4s} {'n':>4s} "
+        f"{'torch' + str(threads) + 't':>8s} {'torch1t':>8s} {'default':>8s} {'tuned':>8s} {'trials':>6s} "
+        f"{'def/t':>6s} {'tun/t':>6s} {'best/1t':>7s}"
+    )
     lines = [head, "-" * len(head)]
     last = None
     for r in rows:
@@ -179,8 +208,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         tratio = f"{r['tuned_vs_torch']:6.2f}" if r["tuned_vs_torch"] is not None else f"{'-':>6s}"
         lines.append(
             f"{r['primitive']:16s} {r['layer']:14s} {r['b']:3d} {r['m']:5d} {r['k']:4d} {r['n']:4d} "
-            f"{r['torch_ms']:8.3f} {r['default_ms']:8.3f} {tuned} {r['tuned_trials']:6d} "
-            f"{r['default_vs_torch']:6.2f} {tratio}"
+            f"{r['torch_ms']:8.3f} {r['torch_1t_ms']:8.3f} {r['default_ms']:8.3f} {tuned} {r['tuned_trials']:6d} "
+            f"{r['default_vs_torch']:6.2f} {tratio} {r['best_vs_torch_1t']:7.2f}"
         )
     return "\n".join(lines)
 
@@ -206,14 +235,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     shapes = [s for s in shapes_for(args.shapes) if not wanted or any(w in s.key for w in wanted)]
     rows = []
     for shape in shapes:
-        rows.append(bench_one(shape, args.target, args.trials, args.rounds, args.tuning_dir))
+        rows.append(bench_one(shape, args.target, args.trials, args.rounds, args.tuning_dir, args.threads))
         if not args.json:
             print(f"measured {shape.key}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"times in ms (median of {args.rounds} interleaved rounds); torch = fp32 torch.matmul, {args.threads} threads")
-        print(format_table(rows))
+        print(
+            f"times in ms, median of {args.rounds} interleaved rounds; torch = fp32 torch.matmul with "
+            f"{args.threads} threads (torch1t: 1 thread); ratios are TVM / torch ({args.threads} threads), "
+            "best/1t = the faster TVM schedule / torch 1 thread"
+        )
+        print(format_table(rows, args.threads))
     return 0
 
 

@@ -272,8 +272,13 @@ def build(
 def scheduled_primfunc(
     name: str, b: int, m: int, k: int, n: int, target: Any = "cpu", dtype: str | None = None
 ) -> tvm.tirx.PrimFunc:
-    """The PrimFunc that :func:`build` compiles (tuned if that won), for embedding in a Relax module."""
-    return build(name, b=b, m=m, k=k, n=n, target=target, dtype=dtype).primfunc
+    """The PrimFunc that :func:`build` compiles (tuned if that won), for embedding in a Relax module.
+
+    It carries no ``global_symbol``: ``BlockBuilder.add_func(func, name)`` names it, and
+    ``relax.call_tir(gv, args, out_sinfo)`` calls it (the output is the last argument).
+    """
+    func = build(name, b=b, m=m, k=k, n=n, target=target, dtype=dtype).primfunc
+    return func.without_attr("global_symbol") if func.attrs and "global_symbol" in func.attrs else func
 
 
 def te_compute(name: str) -> Any:

@@ -12,14 +12,18 @@ next to the ``O(b·m·n·k)`` reduction) and then runs a register-blocked micro-
   ``-(x >> s) == (~x >> s) + 1`` (arithmetic shift commutes with bitwise not) every term is
   ``src >> s`` where ``src`` is ``x``, ``~x`` or ``0`` picked per weight by its sign, plus one per
   negative weight, added once per output column (``cneg[n]``). The per-tile table
-  ``xpm[k, 3, rows] = (x, ~x, 0)`` makes the choice a scalar index, so the inner loop is a vector
-  load, one variable arithmetic shift and one add: no select, no multiply, no negate. Results are
-  exact and identical to ``Σ_k sign·(x >> shift)`` modulo 2^32.
+  ``xpm[k, 4, rows] = (x, ~x, 0, 0)`` (four rows so that ``& 3`` bounds the index for compute_at)
+  makes the choice a scalar index, so the inner loop is a vector load, one per-lane arithmetic
+  shift and one add: no select, no multiply, no negate. Results are exact and identical to
+  ``Σ_k sign·(x >> shift)`` modulo 2^32.
 - **matadd** vectorises over ``n`` (rows of ``v`` are contiguous) and accumulates
   ``select(bit, v, -0.0)``, which LLVM turns into masked adds.
 
-Tiles come from ``_TILES`` (chosen by measurement on AVX-512 and AVX2 machines); ``(b, m, k, n)``
-that do not divide into tiles are handled with predicated tails.
+Tile sizes follow the register file (``_gemm_tile``: 16 accumulators of 32 AVX-512 registers, 8 of 16
+AVX2 ones); they were compared by measurement on this project's 2-core AVX-512 machine, which is shared
+and noisy, so treat them as sensible defaults rather than optima. Rows that do not fill a tile run
+under a predicate (LLVM keeps it out of the vector loop); columns are zero-padded instead, because a
+predicate inside the vectorised loop makes TVM scalarise it.
 """
 
 from __future__ import annotations
@@ -56,10 +60,8 @@ def _gemm_tile(lanes: int, n: int) -> GemmTile:
     return GemmTile(mr=max(1, budget // nv), nv=nv)
 
 
-def _pack_weights(
-    n: int, k: int, nb: int, value: te.Tensor | None = None, fn=None, dtype: str = "float32", name: str = "wpack"
-) -> te.Tensor:
-    """``wp[n/NB, k, NB]`` from ``value[n, k]`` (or ``fn(j, r)``), zero-padded past ``n``."""
+def _pack_weights(n: int, k: int, nb: int, fn, dtype: str = "float32", name: str = "wpack") -> te.Tensor:
+    """``wp[n/NB, k, NB] = fn(j, r)``, zero-padded past ``n``."""
     from tvm import te, tirx
 
     no = _ceil_div(n, nb)
@@ -67,15 +69,12 @@ def _pack_weights(
     def body(jo, r, ji):
         j = jo * nb + ji
         jc = tirx.min(j, n - 1)  # keep the padded lanes' loads in bounds
-        v = fn(jc, r) if fn is not None else value[jc, r]
-        return tirx.if_then_else(j < n, v, tirx.const(0, dtype))
+        return tirx.if_then_else(j < n, fn(jc, r), tirx.const(0, dtype))
 
     return te.compute((no, k, nb), body, name=name)
 
 
-def _packed_gemm(
-    shape: tuple[int, int, int, int], nb: int, a_fn, w_fn, combine, name: str, dtype: str = "float32"
-) -> te.Tensor:
+def _packed_gemm(shape: tuple[int, int, int, int], nb: int, a_fn, w_fn, combine, name: str) -> te.Tensor:
     """``out[b,i,j] = Σ_r combine(a_fn(b,i,r), w_fn(b, j/NB, r, j%NB))`` over a zero-padded ``n``.
 
     When ``n`` is not a multiple of ``NB`` the reduction writes a padded intermediate and a
@@ -247,11 +246,11 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
     shift = te.placeholder((n, k), "int8", name="shift")
     sign = te.placeholder((n, k), "int8", name="sign")
 
-    def xpm_body(bi, r, src, i):  # src 0: x, 1: ~x, 2: 0; rows past m are 0
+    def xpm_body(bi, r, src, i):  # src 0: x, 1: ~x, 2 and 3: 0; rows past m are 0
         v = x[bi, tirx.min(i, m - 1), r]
         return tirx.if_then_else(i < m, tirx.Select(src == 0, v, tirx.Select(src == 1, ~v, zero)), zero)
 
-    xpm = te.compute((b, k, 3, m_pad), xpm_body, name="xpm")
+    xpm = te.compute((b, k, 4, m_pad), xpm_body, name="xpm")
 
     def src_body(jo, r, ji):  # which xpm row a weight reads; padded columns read zeros
         j = jo * nb + ji
@@ -261,8 +260,13 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
 
     wsrc = te.compute((n_pad // nb, k, nb), src_body, name="wsrc")
     wsh = te.compute(
-        (n_pad // nb, k, nb), lambda jo, r, ji: shift[tirx.min(jo * nb + ji, n - 1), r].astype("int32"), name="wsh"
+        (n_pad // nb, k, nb),
+        lambda jo, r, ji: tirx.min(shift[tirx.min(jo * nb + ji, n - 1), r].astype("int32"), 31),
+        name="wsh",
     )
+    # shift_lanes[s, l] = s: reading the shift count as a vector (not a splat) makes LLVM emit a
+    # per-lane shift (vpsravd, 1 uop) instead of a shift by xmm count (2 uops on AVX-512 cores).
+    shift_lanes = te.compute((32, mt), lambda sv, lane: sv, name="shift_lanes")
     rc = te.reduce_axis((0, k), name="kc")
     j_c = lambda j: tirx.min(j, n - 1)  # noqa: E731
     cneg = te.compute(
@@ -276,8 +280,8 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
 
     def acc_body(bi, j, i):
         rr = tirx.max(r - 1, 0)
-        row = tirx.min(tirx.max(wsrc[j // nb, rr, j % nb], 0), 2)  # clamp: bounds for compute_at
-        term = xpm[bi, rr, row, i] >> wsh[j // nb, rr, j % nb]
+        row = wsrc[j // nb, rr, j % nb] & 3  # the mask bounds the data-dependent index for compute_at
+        term = xpm[bi, rr, row, i] >> shift_lanes[wsh[j // nb, rr, j % nb], i % mt]
         return te.sum(tirx.Select(r == 0, cneg[j], term), axis=r)
 
     acc = te.compute((b, n_pad, m_pad), acc_body, name="acc")
@@ -301,7 +305,7 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
     sch.parallel(sch.fuse(bl, io))
     sch.decompose_reduction(a_blk, rl)
     sch.loop_partition(rl, [1, None])
-    for name in ("wsrc", "wsh"):
+    for name in ("wsrc", "wsh", "shift_lanes"):
         loops = sch.get_loops(sch.get_sblock(name))
         sch.parallel(loops[0])
         sch.vectorize(loops[-1])

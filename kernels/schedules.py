@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Bump when a default schedule changes: tuned-vs-default choices recorded against an older
 # default are measured again.
-VERSION = "1"
+VERSION = "2"
 
 CpuScheduleFn = Callable[[int, int, int, int, str, "tvm.target.Target"], "tvm.tirx.PrimFunc"]
 _CPU_SCHEDULES: dict[str, CpuScheduleFn] = {}

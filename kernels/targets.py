@@ -151,7 +151,7 @@ def target_to_dict(target: tvm.target.Target) -> dict[str, Any]:
 
 
 def _slug_part(value: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")
+    return re.sub(r"[^A-Za-z0-9._]+", "-", str(value)).strip("-")
 
 
 def target_slug(target: str | dict[str, Any] | tvm.target.Target) -> str:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import inspect
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -45,6 +47,33 @@ SELECTION_FILE = "selection.json"
 BUILDER_TIMEOUT_S = 120.0
 
 
+def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
+    """``inspect.stack()`` without source lookups (the frames are all TVMScript's parser uses)."""
+    frame = sys._getframe(1)
+    out = []
+    while frame is not None:
+        out.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None, None))
+        frame = frame.f_back
+    return out
+
+
+def preload_tensor_intrin() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` quickly (MetaSchedule's TuneContext imports it).
+
+    Each of its hundreds of ``@T.prim_func`` calls ``inspect.stack()``, which, for every
+    ``<frozen importlib>`` frame of the import, scans all of ``sys.modules`` for a source file:
+    minutes on a loaded 2-core machine. The parser only needs the frame objects.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+    inspect.stack = _fast_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
+
+
 def build_candidate(mod: Any, target: Any, _params: Any = None) -> Any:
     """MetaSchedule builder function: ``default_build`` without ``import tvm.s_tir.tensor_intrin``.
 
@@ -60,6 +89,7 @@ def build_candidate(mod: Any, target: Any, _params: Any = None) -> Any:
         return tvm.tirx.build(mod, target=target)
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
+    preload_tensor_intrin()
     return default_build(mod, target, _params)
 
 
@@ -85,6 +115,21 @@ def _workload(name: str, b: int, m: int, k: int, n: int, dtype: str) -> tvm.IRMo
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     return _normalize_mod(schedules.canonical_primfunc(name, b, m, k, n, dtype))
+
+
+_DB_CACHE: dict[Path, tuple[tuple[float, ...], Any]] = {}
+
+
+def _cached_database(folder: Path) -> Any:
+    """A read handle on ``folder``'s database, reloaded only when its files change."""
+    files = (folder / "database_workload.json", folder / "database_tuning_record.json")
+    stamp = tuple(f.stat().st_mtime if f.exists() else 0.0 for f in files)
+    hit = _DB_CACHE.get(folder)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    db = open_database(folder)
+    _DB_CACHE[folder] = (stamp, db)
+    return db
 
 
 def open_database(folder: Path) -> Any:
@@ -145,10 +190,15 @@ class TuneResult:
 def tuned_primfunc(
     name: str, b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target, folder: Path
 ) -> tvm.tirx.PrimFunc | None:
-    """The best recorded schedule of this kernel in ``folder``'s database, or None."""
+    """The best recorded schedule of this kernel in ``folder``'s database, or None.
+
+    ``selection.json`` indexes the tuned kernels, so a kernel never tuned costs no database load.
+    """
+    if kernel_key(name, b, m, k, n, dtype) not in _read_selection(folder):
+        return None
     if not (folder / "database_tuning_record.json").exists():
         return None
-    db = open_database(folder)
+    db = _cached_database(folder)
     mod = _workload(name, b, m, k, n, dtype)
     if not db.has_workload(mod):
         return None
@@ -186,7 +236,9 @@ def tune(
         recorded = int(_read_selection(folder).get(key, {}).get("trials", 0))
         log.info("%s: reusing the tuning record in %s (tuned with %d trials)", key, folder, recorded)
         return TuneResult(key, folder, recorded, False, 0.0)
+    targets.require_runnable(tgt)  # tuning measures candidates on the device
     start = time.perf_counter()
+    preload_tensor_intrin()
     log.info("%s: tuning for %s with %d trials", key, targets.target_slug(tgt), trials)
     with _locked(folder), tempfile.TemporaryDirectory(prefix="shiftadd-tune-") as work_dir:
         try:
@@ -202,12 +254,12 @@ def tune(
         except Exception as exc:
             raise KernelError(f"MetaSchedule tuning of {key} failed: {str(exc).strip().splitlines()[-1]}") from exc
     seconds = time.perf_counter() - start
+    _update_selection(folder, key, {"trials": trials, "tuning_seconds": round(seconds, 1)})
     if tuned_primfunc(name, b, m, k, n, dtype, tgt, folder) is None:
         raise KernelError(
             f"MetaSchedule tuning of {key} produced no valid record in {trials} trials; "
             "raise the trial budget or check the builder log"
         )
-    _update_selection(folder, key, {"trials": trials, "tuning_seconds": round(seconds, 1)})
     return TuneResult(key, folder, trials, True, seconds)
 
 

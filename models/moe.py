@@ -4,12 +4,14 @@ Routing is per token per Linear, as in the method: a router ``Linear(in, 2)`` gi
 ``p = softmax(router(x))`` over the experts [Mult (``nn.Linear``), Shift (:class:`ShiftLinear`)], each token
 goes to its argmax expert, and the router is trained by two signals:
 
-* the task loss, through the gate ``g = p[chosen]``. ``gate="prob"`` outputs ``g * y_chosen`` (Shazeer et
-  al. 2017, Switch Transformer); ``gate="straight_through"`` (the default) outputs ``y_chosen * g / sg(g)``:
-  the same value as the chosen expert alone (so a converted pretrained model keeps its function — a
-  2-expert top-1 ``g`` is >= 0.5, so ``g * y`` would halve freshly converted layers) and, at inference, no
-  per-token multiply, while the router gradient has the direction of ``g * y``'s
-  (``dL/dlogits = <dL/dout, y> * dlog g/dlogits``). Never a log-space combine (the release's ``y + log g``).
+* the task loss, through the gate ``g = p[chosen]``. ``gate="prob"`` (the default) outputs ``g * y_chosen``
+  (Shazeer et al. 2017; Switch Transformer). ``gate="straight_through"`` outputs ``y_chosen * g / sg(g)``:
+  the chosen expert's value unscaled (a freshly converted layer keeps the dense function, where ``g * y``
+  with a 2-expert top-1 ``g >= 0.5`` roughly halves it) and no per-token multiply at inference, with a
+  router gradient of the same direction (``dL/dlogits = <dL/dout, y> * dlog g/dlogits``). Measured on the
+  digits ViT (Hamming attention + MoE in all 16 Linears, 15 epochs, one seed): ``prob`` 97.2% and
+  ``straight_through`` 95.3% top-1 — hence the default. Never a log-space combine (the release's
+  ``y + log g``).
 * the latency-aware load-balancing loss (:meth:`MoELinear.balance_loss`), after the method's NoisyGate
   (``fmoe_new.py``) and Shazeer et al., "Outrageously large neural networks", ICLR 2017::
 
@@ -49,7 +51,7 @@ from models.errors import ModelError
 from models.shift import ShiftLinear
 
 EXPERTS = ("mult", "shift")  # index 0 = Mult, 1 = Shift
-GATE_MODES = ("straight_through", "prob")
+GATE_MODES = ("prob", "straight_through")
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,7 @@ class MoELinear(nn.Module):
     """Top-1 mixture of a Mult (``nn.Linear``) and a Shift (:class:`ShiftLinear`) expert; see module doc."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 5,
-                 frac_bits: int = 16, gate: str = "straight_through", noise_std: float = 0.0,
+                 frac_bits: int = 16, gate: str = "prob", noise_std: float = 0.0,
                  device: torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         if gate not in GATE_MODES:
@@ -228,6 +230,8 @@ class MoELinear(nn.Module):
         counts["add"] += n_mult * ((k - 1) * n + (n if bias else 0))
         for key, value in self.shift.op_counts(n_shift).items():
             counts[key] += value
+        if self.gate_mode == "prob":
+            counts["mul"] += tokens * n  # g * y
         return counts
 
     def __getstate__(self) -> dict:

@@ -81,7 +81,7 @@ def apply_costs(model: nn.Module, costs: CostSource) -> int:
 
 
 def reparameterize(model: nn.Module, assignment: Assignment, costs: CostSource | None = None, *,
-                   nbits: int = 16, weight_bits: int = 5, frac_bits: int = 16, gate: str = "straight_through",
+                   nbits: int = 16, weight_bits: int = 5, frac_bits: int = 16, gate: str = "prob",
                    seed: int = 0) -> nn.Module:
     """A reparameterised deep copy of ``model`` (``model`` itself is not modified)."""
     if not isinstance(assignment, Assignment):

@@ -27,6 +27,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="tvm: the compiled ShiftAddViT (default); torch: the PyTorch model")
     p.add_argument("--validate", action="store_true", help="measure held-out shapes and the dense PyTorch model "
                    "here and report the prediction error (CSV files in --out)")
+    p.add_argument("--calibrate", type=int, metavar="N", help="measure N random shapes per kernel primitive and "
+                   "backend around the model's range into the profile (the regression's sample), then exit")
     p.add_argument("--holdout", type=int, help="--validate: held-out shapes per primitive and backend "
                    "(default: config cost.holdout_shapes)")
 
@@ -60,6 +62,10 @@ def _load(cfg, profile_arg: str | None):
          _args)
 def run(args: argparse.Namespace):
     cfg = _config(args)
+    if args.calibrate is not None:
+        if args.calibrate < 1:
+            raise UsageError(f"--calibrate must be positive, got {args.calibrate}")
+        return _calibrate(cfg, args)
     if args.validate:
         if args.assignment:
             raise UsageError("--validate checks the cost model itself; drop --assignment")
@@ -138,7 +144,26 @@ def _price_text(r: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# validation
+# calibration and validation
+
+
+def _calibrate(cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from dse.cost_validate import calibrate
+    from dse.inventory import build_inventory
+    from dse.pretrain import build_dense
+    from dse.profile import Settings
+
+    if args.profile:
+        raise UsageError("--calibrate extends the stored profile under profile.dir; drop --profile")
+    model = build_dense(cfg)
+    inventory = build_inventory(model, batch=cfg.profile.batch, nbits=cfg.finetune.nbits, name=cfg.model.name)
+    res = calibrate(inventory, Settings.from_config(cfg.profile), cfg.profile.dir, count=args.calibrate,
+                    seed=cfg.seed + 1)
+    text = f"added {res['added']} calibration rows to {res['profile']}"
+    if res["failed"]:
+        text += f"; {len(res['failed'])} failed: " + "; ".join(res["failed"][:3])
+    return {"text": text, "json": res}
+
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -171,7 +196,8 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_text(out / "cost_dense_model.csv", _csv_text([dense]))
     per = [{"backend/primitive": key, "shapes": s["count"], "within_10": s["within_10"],
             "within_15": s["within_15"], "rmspe": s["rmspe"], "law_loo_rmspe": s.get("law_loo_rmspe"),
-            "drift": s.get("drift"), "corr_within_15": s["drift_corrected_within_15"],
+            "drift": s.get("drift"), "repeat": s.get("repeatability"),
+            "corr_within_15": s["drift_corrected_within_15"],
             "corr_rmspe": s["drift_corrected_rmspe"]}
            for key, s in summary.items() if key != "all"]
     text = "\n".join([
@@ -180,6 +206,8 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
         f"  drift-corrected (prediction x this primitive's now/profiled speed ratio on re-measured profiled "
         f"shapes): {format_figure(summary['all'], 'drift_corrected_')}",
         table(per, floatfmt="{:.3f}"),
+        "  (law_loo_rmspe: the law's leave-one-out error on the profile; drift: now/profiled speed; repeat: RMS "
+        "difference of one shape measured twice now, the noise floor)",
         f"dense PyTorch model, {dense['threads']} threads: predicted {dense['predicted_ms']:.3f} ms from "
         f"{dense['rows_measured']} measured + {dense['rows_predicted']} predicted rows, measured "
         f"{dense['measured_ms']:.3f} ms (median of {dense['runs']} runs; p90 {dense['measured_p90_ms']:.3f}) -> "

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace):
     cfg = _config(args)
     out = Path(args.out) if args.out else Path(cfg.out) / "export"
     summary = export(cfg, args.checkpoint, out, target=args.target, assignment=args.assignment,
-                     profile=args.profile or cfg.export.profile, cuda_arch=False if args.no_cuda else True)
+                     profile=args.profile or cfg.export.profile, cuda_arch=not args.no_cuda)
     lines = [f"artifact {summary['folder']} ({summary['target']}), kernels: {', '.join(summary['kernels'])}"]
     if summary["run_on_device"]:
         lines.append(f"val top-1 compiled {summary['compiled_val_acc']:.2f}% vs PyTorch {summary['pytorch_val_acc']:.2f}% "

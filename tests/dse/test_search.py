@@ -413,6 +413,7 @@ def test_choose_rule():
 # the whole search, in process: stage A + stage B + outputs
 
 
+@pytest.mark.slow
 def test_run_search_both_stages_writes_outputs_and_reuses_stage_b(tmp_path, monkeypatch):
     from dse.config import load_config
     from dse.finetune import load_finetuned
@@ -487,6 +488,7 @@ def test_run_search_both_stages_writes_outputs_and_reuses_stage_b(tmp_path, monk
 # the CLI: SIGKILL mid-run, rerun continues
 
 
+@pytest.mark.slow
 def test_cli_killed_search_continues_on_rerun(tmp_path):
     ckpt, costs_json, kinds = tiny_checkpoint(tmp_path)
     out = tmp_path / "run"

@@ -98,6 +98,7 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_path, postgres_url):
     from dse.config import load_config
     from dse.search import measure_risk, stored_trials

@@ -169,3 +169,52 @@ def test_cuda_kernel_matches_reference(name: str) -> None:  # pragma: no cover -
     arrays = kernels.random_inputs(name, b, m, k, n, seed=4)
     out = kernels.build(name, b=b, m=m, k=k, n=n, target="cuda")(*arrays)
     np.testing.assert_allclose(out, kernels.reference(name, *arrays), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_canonical_definition_on_cpu(name: str) -> None:
+    """The canonical TE (what te_compute exports and MetaSchedule tunes) under the generic schedule."""
+    from kernels import schedules
+    from kernels.build import compile_primfunc
+
+    b, m, k, n = 2, 9, 21, 35
+    tgt = kernels.resolve_target("cpu")
+    func = schedules.generic_cpu_schedule(schedules.canonical_primfunc(name, b, m, k, n), tgt)
+    exe = compile_primfunc(func, tgt)
+    arrays = kernels.random_inputs(name, b, m, k, n, seed=11)
+    prim = primitives.get(name)
+    kernel = kernels.CompiledKernel(name, (b, m, k, n), prim.default_dtype, tgt, exe, func, "default", 0)
+    np.testing.assert_allclose(kernel(*arrays), kernels.reference(name, *arrays), rtol=2e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(kernels.cuda_available(), reason="a CUDA device is present")
+def test_tuning_cuda_without_gpu_raises(tmp_path) -> None:
+    with pytest.raises(kernels.TargetUnavailableError):
+        kernels.tune("matmul", 1, 8, 8, 8, target="cuda:sm_80", trials=2, tuning_dir=tmp_path)
+
+
+def test_kernels_embed_in_a_relax_graph() -> None:
+    """The export path: the scheduled PrimFunc via call_tir and the TE definition via emit_te."""
+    import tvm
+    from tvm import relax
+
+    b, m, k, n = 2, 9, 24, 10
+    func = kernels.scheduled_primfunc("matshift", b, m, k, n, "cpu")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((b, m, k), "int32"))
+    shift = relax.Var("shift", relax.TensorType((n, k), "int8"))
+    sign = relax.Var("sign", relax.TensorType((n, k), "int8"))
+    with bb.function("main", [x, shift, sign]):
+        gv = bb.add_func(func, "matshift_kernel")
+        with bb.dataflow():
+            y = bb.emit(relax.call_tir(gv, [x, shift, sign], relax.TensorType((b, m, n), "int32")))
+            z = bb.emit_te(kernels.te_compute("matshift"), x, shift, sign)
+            out = bb.emit_output(relax.Tuple([y, z]))
+        bb.emit_func_output(out)
+    exe = tvm.compile(bb.get(), target=kernels.resolve_target("cpu"))
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    arrays = kernels.random_inputs("matshift", b, m, k, n, seed=9)
+    res = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
+    ref = kernels.reference("matshift", *arrays)
+    np.testing.assert_array_equal(res[0].numpy(), ref)
+    np.testing.assert_array_equal(res[1].numpy(), ref)

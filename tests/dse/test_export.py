@@ -1,0 +1,292 @@
+"""dse export: the compiled graph holds the project's kernels, matches PyTorch, and ships as a verified,
+torch-free artifact (plus a compile-only CUDA one).
+
+One small but trained model serves every test: a 2-block vit_digits pretrained for 2 epochs, then
+reparameterised with a mixed assignment (Hamming and softmax attention, shift, mult and MoE Linears) and
+its hash fitted — realistic weights, so top-1 agreement is a meaningful check. The PyTorch reference is
+computed here, independently of the exporter's own check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, run_dse
+
+ASSIGNMENT = {
+    "attention": {"blocks.0.attn": "hamming", "blocks.1.attn": "msa"},
+    "linear": {"blocks.0.attn.qkv": "shift", "blocks.0.attn.proj": "moe", "blocks.0.mlp.fc1": "shift",
+               "blocks.0.mlp.fc2": "mult", "blocks.1.attn.qkv": "mult", "blocks.1.attn.proj": "shift",
+               "blocks.1.mlp.fc1": "moe", "blocks.1.mlp.fc2": "shift"},
+}
+COSTS = {"blocks.0.attn.proj": {"mult": 1.0, "shift": 1.0}, "blocks.1.mlp.fc1": {"mult": 1.0, "shift": 1.0}}
+OVERRIDES = ["model.kwargs={depth: 2}", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "data.augment=false",
+             "export.repeat=5"]
+# One layer and one MoE Shift expert on the integer kernel, the rest chosen by the exporter's rule.
+FORCED = "export.shift_primitive={blocks.0.attn.qkv: matshift, blocks.1.mlp.fc1: matshift}"
+
+
+def _config(out: Path):
+    from dse.config import load_config
+
+    return load_config(None, [*OVERRIDES, f"out={out}"])
+
+
+@pytest.fixture(scope="session")
+def shiftadd_checkpoint(tmp_path_factory) -> Path:
+    """A ``dse finetune``-format weights.pt (and resolved config) of the mixed ShiftAddViT."""
+    import models
+    from dse.config import save_config
+    from dse.data import load_data
+    from dse.finetune import fit_batch, reparam_options
+    from dse.pretrain import architecture, build_dense, pretrain
+    from models.assignment import Assignment
+    from models.hamming import fit_hamming
+    from models.reparam import reparameterize
+
+    root = tmp_path_factory.mktemp("shiftadd")
+    cfg = _config(root)
+    pretrain(cfg, root / "dense", progress=False)
+    dense = build_dense(cfg)
+    models.load_weights(dense, root / "dense" / "weights.pt")
+    plan = Assignment.from_dict(ASSIGNMENT)
+    torch.manual_seed(0)
+    model = reparameterize(dense, plan, costs=COSTS, **reparam_options(cfg)).eval()
+    fit_hamming(model, fit_batch(load_data(cfg.data, cfg.seed), cfg))
+    folder = root / "finetune"
+    folder.mkdir()
+    meta = {"architecture": architecture(cfg), "assignment": plan.to_dict(), "costs": COSTS,
+            "reparam": reparam_options(cfg), "dense_checkpoint": str(root / "dense" / "weights.pt")}
+    torch.save({"model": model.state_dict(), "meta": meta}, folder / "weights.pt")
+    save_config(cfg, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def artifact(shiftadd_checkpoint, tmp_path_factory) -> Path:
+    """``dse export`` through the CLI (CPU artifact and the compile-only CUDA companion)."""
+    out = tmp_path_factory.mktemp("artifact") / "vit"
+    res = run_dse("export", "--checkpoint", str(shiftadd_checkpoint), "--out", str(out), "--set", FORCED, "--json",
+                  timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert summary["folder"] == str(out)
+    return out
+
+
+def _reference(checkpoint: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(val images, labels, PyTorch logits of the export form, batch by batch as the artifact runs)."""
+    from dse.config import load_config
+    from dse.export import logits_of, val_tensors
+    from dse.finetune import load_finetuned
+    from dse.graph import export_form
+    from models.moe import set_moe_capacity
+
+    cfg = load_config(checkpoint / "resolved_config.yaml")
+    x, y = val_tensors(cfg)  # all 360 validation images
+    model, _ = load_finetuned(checkpoint / "weights.pt")
+    set_moe_capacity(model, manifest["moe"]["capacity"])
+    prims = {name: entry["primitive"] for name, entry in manifest["shift_primitives"].items()}
+    form = export_form(model, lambda name, _layer: prims[name])
+    return x.numpy(), y.numpy(), logits_of(form, x, int(manifest["input"]["batch"])).numpy()
+
+
+def _rel_errors(out: np.ndarray, ref: np.ndarray, batch: int) -> np.ndarray:
+    return np.array([np.abs(out[i:i + batch] - ref[i:i + batch]).max() / np.abs(ref[i:i + batch]).max()
+                     for i in range(0, len(ref), batch)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The graph
+
+
+def test_relax_module_calls_the_kernels(shiftadd_checkpoint):
+    """The imported Relax module: kernel PrimFuncs by name, reached through call_tir from main(), one per
+    shift primitive as chosen per layer; shift weights enter as int8 arrays."""
+    from dse import graph
+    from dse.config import load_config
+    from dse.export import calibrate_capacity, val_tensors
+    from dse.finetune import load_finetuned
+
+    cfg = load_config(shiftadd_checkpoint / "resolved_config.yaml")
+    x, _ = val_tensors(cfg, 64)
+    model, _ = load_finetuned(shiftadd_checkpoint / "weights.pt")
+    capacity = calibrate_capacity(model, x, 8)
+    assert set(capacity) == set(COSTS) and all(0.0 < v < 1.0 for v in capacity.values())
+    integer = {"blocks.0.attn.qkv", "blocks.1.mlp.fc1.shift"}
+    form = graph.export_form(model, lambda name, _l: "matshift" if name in integer else "matshift_decode")
+    g = graph.to_relax(form, x[:8].contiguous(), "cpu")
+
+    names = {gv.name_hint for gv in g.mod.functions}
+    called = graph.call_tir_targets(g.mod)
+    by_prim: dict[str, set[str]] = {}
+    for name in called:
+        if name in g.kernel_calls:
+            by_prim.setdefault(g.kernel_calls[name], set()).add(name)
+    assert set(by_prim) == {"matshift", "matshift_decode", "matadd", "matmul", "bmm"}
+    assert all(n.startswith("shiftadd_") and n in names for fns in by_prim.values() for n in fns)
+    # blocks.0.attn.qkv: 8 images x 65 tokens, 96 -> 288, on the integer kernel
+    assert "shiftadd_matshift_b1_m520_k96_n288" in by_prim["matshift"]
+    assert len(by_prim["matadd"]) == 2  # the two products of the one Hamming attention
+    assert g.kernel_shapes["shiftadd_matshift_b1_m520_k96_n288"] == (1, 520, 96, 288)
+    assert g.params["blocks.0.attn.qkv.shift"].dtype == np.int8
+    assert g.params["blocks.0.attn.qkv.sign"].dtype == np.int8
+    assert not any(n.startswith("blocks.0.attn.qkv.weight") for n in g.param_names)
+    assert list(g.params) == g.param_names
+
+
+def test_fast_layer_norm_and_gelu_match_pytorch():
+    """The pipeline's own LayerNorm kernel and fast-erf GELU against PyTorch."""
+    import tvm
+    from tvm import relax
+
+    from dse.graph import compile_relax
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 65, 96)) * 3 + 1).astype("float32")
+    gamma, beta = rng.standard_normal(96).astype("float32"), rng.standard_normal(96).astype("float32")
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    gv = relax.Var("g", relax.TensorType((96,), "float32"))
+    bv = relax.Var("b", relax.TensorType((96,), "float32"))
+    with bb.function("main", [xv, gv, bv]):
+        with bb.dataflow():
+            ln = bb.emit(relax.op.nn.layer_norm(xv, gv, bv, axes=[-1], epsilon=1e-6))
+            out = bb.emit_output(bb.emit(relax.op.nn.gelu(ln)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    exe = compile_relax(mod, "cpu")
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](*(tvm.runtime.tensor(a) for a in (x, gamma, beta))).numpy()
+    ref = torch.nn.functional.gelu(torch.nn.functional.layer_norm(
+        torch.from_numpy(x), (96,), torch.from_numpy(gamma), torch.from_numpy(beta), 1e-6)).numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-5)
+    import kernels
+    from dse.graph import _layer_norm_pass
+
+    rewritten = _layer_norm_pass(kernels.resolve_target("cpu"))(mod)
+    assert any(gv.name_hint.startswith("dse_layer_norm_r130_c96") for gv in rewritten.functions)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The artifact
+
+
+def test_artifact_matches_pytorch_on_the_validation_set(artifact, shiftadd_checkpoint):
+    from dse.artifact import Artifact
+
+    manifest = yaml.safe_load((artifact / "manifest.yaml").read_text())
+    x, y, ref = _reference(shiftadd_checkpoint, manifest)
+    assert len(x) == 360
+    got = Artifact.load(artifact).predict(x)
+    errs = _rel_errors(got, ref, 8)
+    assert errs.max() <= 1e-3, f"max relative logit error {errs.max():.2e}"
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    assert (ref.argmax(1) == y).mean() > 0.3  # realistic weights: well above chance, agreement is meaningful
+    assert {e["primitive"] for e in manifest["shift_primitives"].values()} >= {"matshift"}
+    acc = manifest["accuracy"]
+    assert acc["compiled_val_acc"] == pytest.approx(100.0 * (got.argmax(1) == y).mean())
+    assert acc["top1_agreement"] == 1.0 and acc["max_rel_logit_err"] <= 1e-3
+
+
+def test_artifact_folder_and_manifest(artifact):
+    from dse.artifact import verify
+    from dse.fileio import sha256_file
+
+    manifest = yaml.safe_load((artifact / "manifest.yaml").read_text())
+    assert verify(artifact)["files"] == manifest["files"]
+    assert set(manifest["files"]) == {"model.so", "weights.npz", "assignment.yaml"}
+    for name, digest in manifest["files"].items():
+        assert sha256_file(artifact / name) == digest
+    assert manifest["run_on_device"] is True
+    assert manifest["target"]["kind"] == "llvm" and manifest["input"]["shape"] == [8, 3, 32, 32]
+    assert manifest["latency"]["measured"]["median_ms"] > 0
+    prims = {k["primitive"] for k in manifest["kernels"]}
+    assert {"matadd", "matmul", "bmm"} <= prims and prims & {"matshift", "matshift_decode"}
+    assert all(k["calls"] >= 1 for k in manifest["kernels"])
+    assert set(manifest["moe"]["capacity"]) == set(COSTS)
+    with np.load(artifact / "weights.npz") as npz:
+        assert list(manifest["params"]) == [n for n in manifest["params"] if n in npz.files]
+        assert npz["blocks.0.attn.qkv.shift"].dtype == np.int8 and npz["blocks.0.attn.qkv.sign"].dtype == np.int8
+        assert set(np.unique(npz["blocks.0.attn.qkv.sign"])) <= {-1, 0, 1}
+        assert "blocks.0.attn.qkv.weight" not in npz.files
+    saved = yaml.safe_load((artifact / "assignment.yaml").read_text())
+    assert saved["linear"] == ASSIGNMENT["linear"] and set(saved["capacity"]) == set(COSTS)
+
+
+def test_cuda_companion_is_compile_only(artifact):
+    from dse.artifact import verify
+
+    cuda = artifact.with_name(f"{artifact.name}-cuda-sm_90")
+    manifest = verify(cuda)
+    assert manifest["run_on_device"] is False
+    assert manifest["target"]["kind"] == "cuda" and manifest["target"]["arch"] == "sm_90"
+    assert manifest["latency"]["measured"] is None and manifest["accuracy"]["compiled_val_acc"] is None
+    assert (cuda / "model.so").stat().st_size > 0
+    assert {k["primitive"] for k in manifest["kernels"]} >= {"matadd", "matmul"}
+
+
+LOADER = r"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
+from dse.artifact import Artifact
+art = Artifact.load(sys.argv[1])
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], art.predict(x))
+assert sys.modules["torch"] is None
+"""
+
+
+def test_loader_runs_without_torch(artifact, tmp_path):
+    from dse.artifact import Artifact
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((11, 3, 32, 32)).astype("float32")  # not a multiple of the batch
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", LOADER, str(artifact), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = np.load(tmp_path / "y.npy")
+    assert got.shape == (11, 10)
+    np.testing.assert_allclose(got, Artifact.load(artifact).predict(x), rtol=0, atol=1e-5)
+
+
+def test_tampered_artifact_is_refused_before_loading(artifact, tmp_path, monkeypatch):
+    import shutil
+
+    import tvm
+
+    from dse.artifact import Artifact, ArtifactError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    with open(bad / "weights.npz", "r+b") as fh:
+        fh.seek(200)
+        byte = fh.read(1)
+        fh.seek(200)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the library was loaded before its checksum was verified")
+
+    monkeypatch.setattr(tvm.runtime, "load_module", no_load)
+    with pytest.raises(ArtifactError, match="weights.npz fails its checksum"):
+        Artifact.load(bad)
+    res = run_dse("bench", "--artifact", str(bad), "--no-compile", timeout=300)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "checksum" in lines[0]
+
+    (bad / "model.so").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        Artifact.load(bad)
