@@ -1,18 +1,23 @@
-"""Validation of the cost model against fresh measurements (``dse cost --validate``).
+"""Calibration and validation of the cost model against fresh measurements (``dse cost --calibrate N``,
+``dse cost --validate``).
 
-Two checks, as nn-Meter (Zhang et al., MobiSys 2021) reports its predictors:
+Calibration adds random shapes around the model's range to the profile (the regression's sample;
+the model's own layers give only a handful of shapes per primitive). Validation, as nn-Meter (Zhang
+et al., MobiSys 2021) reports its predictors:
 
 1. Held-out shapes. For every kernel primitive of each backend, ``count`` random Linear-like shapes
-   around the range the profile measured (each of m, k, n log-uniform in [0.75·min, 1.25·max] of the
-   measured values, ``b`` one of the measured batch values) that are NOT in the profile are built and
-   timed exactly as the profiler times its rows (:class:`dse.profile.Measurer`), and compared with the
-   regression's prediction. Figures: fraction within ±10% and ±15%, RMSPE.
+   around the model's shapes (each of m, k, n log-uniform in [0.75·min, 1.25·max], ``b`` one of the
+   model's batch values) that are NOT in the profile are built and timed exactly as the profiler
+   times its rows (:class:`dse.profile.Measurer`) and compared with the regression's prediction.
+   Figures: fraction within ±10% and ±15%, RMSPE; plus the same after correcting for the machine's
+   drift since profiling, and the noise floor (one shape measured twice).
 2. The dense PyTorch model. Its whole latency predicted from the per-layer ``torch`` rows plus the
    non-primitive work is compared with its measured eager latency: same batch, the profile's PyTorch
-   thread count, ``torch.inference_mode``, median of many runs.
+   thread count, ``torch.inference_mode``, median of many runs; and side by side with freshly
+   re-measured rows, which isolates the method's own error from drift.
 
-Both are noisy on a shared machine: the rows and the check are measured at different times, so the
-report carries the load average seen during each.
+Both are noisy on a shared machine: rows and checks are measured at different times, so the report
+carries the load average, the drift and the noise floor.
 """
 
 from __future__ import annotations
