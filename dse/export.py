@@ -185,7 +185,8 @@ def calibrate_capacity(model: nn.Module, x: torch.Tensor, batch: int, fixed: dic
 
 
 def shift_shapes(model: nn.Module, tokens: int) -> dict[str, tuple[int, int, int, int]]:
-    """``{ShiftLinear name: (1, rows, in, out)}``; a MoE Shift expert gets the tokens its capacity leaves."""
+    """``{ShiftLinear name: (1, rows, in, out)}``; a MoE Shift expert gets the tokens its capacity leaves
+    (possibly none)."""
     moe = dict(moe_layers(model))
     shapes = {}
     for name, module in model.named_modules():
@@ -195,8 +196,7 @@ def shift_shapes(model: nn.Module, tokens: int) -> dict[str, tuple[int, int, int
         parent = name.rpartition(".")[0]
         if parent in moe and moe[parent].mult_capacity is not None:
             rows = tokens - int(math.floor(moe[parent].mult_capacity * tokens + 0.5))
-        if rows > 0:
-            shapes[name] = (1, rows, module.in_features, module.out_features)
+        shapes[name] = (1, rows, module.in_features, module.out_features)  # rows 0: the expert never runs
     return shapes
 
 
@@ -245,6 +245,10 @@ def choose_shift_primitives(shapes: dict[str, tuple[int, int, int, int]], target
     measured: dict[tuple[int, int, int, int], dict[str, float]] = {}
     out = {}
     for name, shape in shapes.items():
+        if shape[1] == 0:
+            out[name] = {"primitive": forced.get(name, "matshift_decode"),
+                         "source": "unused: the MoE capacity sends every token to the Mult expert"}
+            continue
         if name in forced:
             out[name] = {"primitive": forced[name], "source": "export.shift_primitive"}
             continue
@@ -337,6 +341,8 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
     """Compile and package the model (module docstring). Returns a summary; ``cuda_arch=True`` means
     ``cfg.export.cuda_arch``."""
     ex = cfg.export
+    if ex.threads > 0:
+        torch.set_num_threads(ex.threads)
     out = Path(out)
     target = target if target is not None else ex.target
     tgt = kernels.resolve_target(target)

@@ -234,8 +234,7 @@ class RoutingMonitor:
         for name, eq in self.equilibrium.items():
             row[f"eq_share/{name}"] = eq
         if shares and self.equilibrium:
-            row["routing_gap"] = sum(abs(shares[n] - self.equilibrium[n]) for n in self.equilibrium) / len(
-                self.equilibrium)
+            row["routing_gap"] = self.gap(shares)
         return row
 
     def postfix(self, model: nn.Module) -> dict[str, str]:
@@ -246,6 +245,7 @@ class RoutingMonitor:
         return {"mult%": "/".join(f"{100 * s:.0f}" for s in shares.values())}
 
     def gap(self, shares: Mapping[str, float]) -> float:
+        """Mean |Mult share - equilibrium share| over the MoE layers."""
         if not self.equilibrium:
             return float("nan")
         return sum(abs(shares[n] - self.equilibrium[n]) for n in self.equilibrium) / len(self.equilibrium)
@@ -312,10 +312,10 @@ def finetune(cfg: Config, out: Path, *, checkpoint: str | Path | None = None, as
     if not checkpoint:
         raise ConfigError("no dense checkpoint: pass --checkpoint DENSE.pt or set model.checkpoint "
                           "(`dse pretrain` writes one)")
-    data = data or load_data(cfg.data, cfg.seed)
     dense, arch = load_dense(cfg, checkpoint, model_name)
     plan = resolve_assignment(dense, assignment if assignment is not None else ft.assignment)
     layer_costs = resolve_costs(cfg, dense, plan, profile=profile, costs=costs)
+    data = data or load_data(cfg.data, cfg.seed)
 
     teacher = copy.deepcopy(dense).to(device).eval()
     teacher.requires_grad_(False)

@@ -43,7 +43,9 @@ class BenchShape:
         return f"{self.primitive}/{self.label}"
 
 
-def _vit_shapes(tag: str, batch: int, tokens: int, dim: int, heads: int, mlp: int, nbits: int = 16) -> list[BenchShape]:
+def _vit_shapes(
+    tag: str, batch: int, tokens: int, dim: int, heads: int, mlp: int, nbits: int = 16
+) -> list[BenchShape]:
     """Linear, attention-product and additive-attention shapes of one ViT block at ``batch``."""
     rows = batch * tokens
     head_dim = dim // heads
@@ -127,7 +129,9 @@ def race(
                 if time.perf_counter() - start >= min_round_s and len(times) >= 3:
                     break
             per_round[name].append(float(np.median(times)) * 1e3)
-    return {name: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v))} for name, v in per_round.items()}
+    return {
+        name: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v))} for name, v in per_round.items()
+    }
 
 
 def bench_one(
@@ -138,7 +142,16 @@ def bench_one(
     from kernels import tuning
     from kernels.build import build
 
-    kernel = build(shape.primitive, b=shape.b, m=shape.m, k=shape.k, n=shape.n, target=target, trials=trials, tuning_dir=tuning_dir)
+    kernel = build(
+        shape.primitive,
+        b=shape.b,
+        m=shape.m,
+        k=shape.k,
+        n=shape.n,
+        target=target,
+        trials=trials,
+        tuning_dir=tuning_dir,
+    )
     default = kernel if kernel.schedule == "default" else build_default(shape, target)
     tuned = kernel if kernel.schedule == "tuned" else tuning.tuned_kernel(default, tuning_dir)
     arrays = primitives.random_inputs(shape.primitive, shape.b, shape.m, shape.k, shape.n, seed=0)
@@ -188,7 +201,14 @@ def build_default(shape: BenchShape, target: str) -> Any:
     dtype = primitives.get(shape.primitive).default_dtype
     func = schedules.default_primfunc(shape.primitive, shape.b, shape.m, shape.k, shape.n, dtype, tgt)
     return CompiledKernel(
-        shape.primitive, (shape.b, shape.m, shape.k, shape.n), dtype, tgt, compile_primfunc(func, tgt), func, "default", 0
+        shape.primitive,
+        (shape.b, shape.m, shape.k, shape.n),
+        dtype,
+        tgt,
+        compile_primfunc(func, tgt),
+        func,
+        "default",
+        0,
     )
 
 
@@ -216,9 +236,13 @@ def format_table(rows: list[dict[str, Any]], threads: int = 2) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=0, help="MetaSchedule budget for kernels without a tuning record")
+    parser.add_argument(
+        "--trials", type=int, default=0, help="MetaSchedule budget for kernels without a tuning record"
+    )
     parser.add_argument("--shapes", choices=["deit", "digits", "all"], default="all")
-    parser.add_argument("--filter", default="", help="only primitive/layer keys containing this text (comma = or)")
+    parser.add_argument(
+        "--filter", default="", help="only primitive/layer keys containing this text (comma = or)"
+    )
     parser.add_argument("--target", default="cpu")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved measurement rounds")
     parser.add_argument("--tuning-dir", default=None)
@@ -226,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
     import torch
 

@@ -138,7 +138,9 @@ class CompiledKernel:
         for label, a, shape, dtype in zip(self._prim.arg_names, arrays, self.arg_shapes, self.arg_dtypes):
             a = np.asarray(a)
             if tuple(a.shape) != tuple(shape):
-                raise UsageError(f"{self.name}: {label} has shape {tuple(a.shape)}, the kernel was built for {shape}")
+                raise UsageError(
+                    f"{self.name}: {label} has shape {tuple(a.shape)}, the kernel was built for {shape}"
+                )
             if a.dtype != np.dtype(dtype):
                 if not np.can_cast(a.dtype, dtype, casting="same_kind"):
                     raise UsageError(f"{self.name}: {label} is {a.dtype}, expected {dtype}")
@@ -223,7 +225,9 @@ def compile_primfunc(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
         return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     except Exception as exc:
         first = str(exc).strip().splitlines()
-        raise KernelError(f"TVM failed to compile for {targets.target_slug(target)}: {first[-1] if first else exc}") from exc
+        raise KernelError(
+            f"TVM failed to compile for {targets.target_slug(target)}: {first[-1] if first else exc}"
+        ) from exc
 
 
 def build(
@@ -252,7 +256,17 @@ def build(
         raise UsageError(f"trials must be >= 0, got {trials}")
     tgt = targets.resolve_target(target)
     root = tuning.tuning_root(tuning_dir)
-    key = (name, b, m, k, n, dtype, json.dumps(targets.target_to_dict(tgt), sort_keys=True), trials, str(root))
+    key = (
+        name,
+        b,
+        m,
+        k,
+        n,
+        dtype,
+        json.dumps(targets.target_to_dict(tgt), sort_keys=True),
+        trials,
+        str(root),
+    )
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
     if hit is not None:

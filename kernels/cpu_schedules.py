@@ -142,7 +142,12 @@ def matmul_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Ta
     w = te.placeholder((n, k), dtype, name="w")
     wp = _pack_weights(n, k, nb, fn=lambda j, r: w[j, r].astype("float32"))
     out = _packed_gemm(
-        (b, m, k, n), nb, lambda bi, i, r: x[bi, i, r].astype("float32"), lambda bi, jo, r, ji: wp[jo, r, ji], _mac, "matmul"
+        (b, m, k, n),
+        nb,
+        lambda bi, i, r: x[bi, i, r].astype("float32"),
+        lambda bi, jo, r, ji: wp[jo, r, ji],
+        _mac,
+        "matmul",
     )
     return _schedule_gemm(te.create_prim_func([x, w, out]), "matmul", ["wpack"], tile, lanes)
 
@@ -159,17 +164,26 @@ def bmm_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Targe
 
     def pack(bi, jo, r, ji):
         j = jo * nb + ji
-        return tirx.if_then_else(j < n, y[bi, tirx.min(j, n - 1), r].astype("float32"), tirx.const(0, "float32"))
+        return tirx.if_then_else(
+            j < n, y[bi, tirx.min(j, n - 1), r].astype("float32"), tirx.const(0, "float32")
+        )
 
     yp = te.compute((b, _ceil_div(n, nb), k, nb), pack, name="ypack")
     out = _packed_gemm(
-        (b, m, k, n), nb, lambda bi, i, r: x[bi, i, r].astype("float32"), lambda bi, jo, r, ji: yp[bi, jo, r, ji], _mac, "bmm"
+        (b, m, k, n),
+        nb,
+        lambda bi, i, r: x[bi, i, r].astype("float32"),
+        lambda bi, jo, r, ji: yp[bi, jo, r, ji],
+        _mac,
+        "bmm",
     )
     return _schedule_gemm(te.create_prim_func([x, y, out]), "bmm", ["ypack"], tile, lanes)
 
 
 @register_cpu_schedule("matshift_decode")
-def matshift_decode_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+def matshift_decode_cpu(
+    b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target
+) -> tvm.tirx.PrimFunc:
     from tvm import te
 
     from kernels.primitives import decode_pow2
@@ -190,7 +204,9 @@ def matshift_decode_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.
         _mac,
         "matshift_decode",
     )
-    return _schedule_gemm(te.create_prim_func([x, shift, sign, out]), "matshift_decode", ["wpack"], tile, lanes)
+    return _schedule_gemm(
+        te.create_prim_func([x, shift, sign, out]), "matshift_decode", ["wpack"], tile, lanes
+    )
 
 
 @register_cpu_schedule("matadd")

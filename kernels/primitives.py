@@ -93,7 +93,9 @@ class Primitive:
     def check_dtype(self, dtype: str | None) -> str:
         dtype = dtype or self.default_dtype
         if dtype not in self.dtypes:
-            raise UsageError(f"primitive {self.name!r} has no dtype {dtype!r}; use one of {list(self.dtypes)}")
+            raise UsageError(
+                f"primitive {self.name!r} has no dtype {dtype!r}; use one of {list(self.dtypes)}"
+            )
         return dtype
 
     def out_shape(self, b: int, m: int, k: int, n: int) -> Shape:
@@ -140,7 +142,9 @@ def reference(name: str, *arrays: np.ndarray) -> np.ndarray:
     """The NumPy reference of primitive ``name`` on ``arrays`` (layouts as in the module doc)."""
     prim = get(name)
     if len(arrays) != len(prim.arg_names):
-        raise UsageError(f"{name} takes {len(prim.arg_names)} arrays ({', '.join(prim.arg_names)}), got {len(arrays)}")
+        raise UsageError(
+            f"{name} takes {len(prim.arg_names)} arrays ({', '.join(prim.arg_names)}), got {len(arrays)}"
+        )
     return prim.reference(*arrays)
 
 
@@ -472,6 +476,8 @@ register(
             (rng.random((b, k, m)) < 0.5).astype(np.uint8),
             _normal(rng, (b, k, n), dt),
         ),
-        op_counts=lambda b, m, k, n, dt: OpCounts(0, b * m * n * k, 0, b * k * m + b * k * n * 4, b * m * n * 4),
+        op_counts=lambda b, m, k, n, dt: OpCounts(
+            0, b * m * n * k, 0, b * k * m + b * k * n * 4, b * m * n * 4
+        ),
     )
 )

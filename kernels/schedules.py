@@ -39,7 +39,9 @@ def register_cpu_schedule(name: str) -> Callable[[CpuScheduleFn], CpuScheduleFn]
     return deco
 
 
-def canonical_primfunc(name: str, b: int, m: int, k: int, n: int, dtype: str | None = None) -> tvm.tirx.PrimFunc:
+def canonical_primfunc(
+    name: str, b: int, m: int, k: int, n: int, dtype: str | None = None
+) -> tvm.tirx.PrimFunc:
     """The unscheduled PrimFunc of the primitive's definition (what MetaSchedule tunes)."""
     from tvm import te
 
@@ -99,7 +101,9 @@ def cuda_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.tir
 
     mod = tvm.IRModule({"main": func})
     with target:
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.Fallback())(mod)
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.Fallback())(
+            mod
+        )
     return mod["main"]
 
 

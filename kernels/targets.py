@@ -86,7 +86,9 @@ def cpu_target_dict() -> dict[str, Any]:
 
 def cuda_target_dict(arch: str = _CUDA_DEFAULT_ARCH) -> dict[str, Any]:
     if not re.fullmatch(r"sm_\d+[a-z]?", arch):
-        raise ConfigError(f"CUDA arch {arch!r} is not of the form sm_<NN> (e.g. sm_80, sm_90); fix the target")
+        raise ConfigError(
+            f"CUDA arch {arch!r} is not of the form sm_<NN> (e.g. sm_80, sm_90); fix the target"
+        )
     return {"kind": "cuda", "arch": arch, "host": cpu_target_dict()}
 
 
@@ -95,7 +97,9 @@ def target_dict(spec: str | dict[str, Any]) -> dict[str, Any]:
     if isinstance(spec, dict):
         return dict(spec)
     if not isinstance(spec, str):
-        raise ConfigError(f"target must be 'cpu', 'cuda[:sm_NN]', a JSON string or a dict, got {type(spec).__name__}")
+        raise ConfigError(
+            f"target must be 'cpu', 'cuda[:sm_NN]', a JSON string or a dict, got {type(spec).__name__}"
+        )
     text = spec.strip()
     if text in ("cpu", "llvm"):
         return cpu_target_dict()
@@ -107,11 +111,15 @@ def target_dict(spec: str | dict[str, Any]) -> dict[str, Any]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"target JSON does not parse ({exc.msg} at char {exc.pos}); fix the target string") from None
+            raise ConfigError(
+                f"target JSON does not parse ({exc.msg} at char {exc.pos}); fix the target string"
+            ) from None
         if not isinstance(value, dict):
-            raise ConfigError("target JSON must be an object such as {\"kind\": \"llvm\"}")
+            raise ConfigError('target JSON must be an object such as {"kind": "llvm"}')
         return value
-    raise ConfigError(f"unknown target {spec!r}; use 'cpu', 'cuda', 'cuda:sm_80' or a JSON dict like {{\"kind\": \"llvm\"}}")
+    raise ConfigError(
+        f"unknown target {spec!r}; use 'cpu', 'cuda', 'cuda:sm_80' or a JSON dict like {{\"kind\": \"llvm\"}}"
+    )
 
 
 def resolve_target(spec: str | dict[str, Any] | tvm.target.Target) -> tvm.target.Target:

@@ -68,7 +68,9 @@ def _kernel_arg(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _run_tvm(name: str, out_dtype: torch.dtype, b: int, m: int, k: int, n: int, *args: torch.Tensor) -> torch.Tensor:
+def _run_tvm(
+    name: str, out_dtype: torch.dtype, b: int, m: int, k: int, n: int, *args: torch.Tensor
+) -> torch.Tensor:
     from kernels.build import build
 
     kernel = build(name, b=b, m=m, k=k, n=n, target="cpu")
@@ -134,7 +136,9 @@ def quantize_fixed(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     return scaled.clamp(_FIXED_MIN, _FIXED_MAX).to(torch.int32)
 
 
-def shift_linear_reference(x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, frac_bits: int) -> torch.Tensor:
+def shift_linear_reference(
+    x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, frac_bits: int
+) -> torch.Tensor:
     with use_tvm(False):
         out = matshift(quantize_fixed(x, frac_bits), shift, sign)
     return out.to(torch.float32) / (2.0**frac_bits)
@@ -151,7 +155,9 @@ def shift_linear(x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, frac_
 
 
 @shift_linear.register_fake
-def _shift_linear_fake(x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, frac_bits: int) -> torch.Tensor:
+def _shift_linear_fake(
+    x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, frac_bits: int
+) -> torch.Tensor:
     return x.new_empty((x.shape[0], x.shape[1], shift.shape[0]), dtype=torch.float32)
 
 
@@ -168,7 +174,9 @@ def _shift_linear_backward(ctx, grad: torch.Tensor):
     return grad_x, None, None, None
 
 
-torch.library.register_autograd("shiftadd::shift_linear", _shift_linear_backward, setup_context=_shift_linear_setup)
+torch.library.register_autograd(
+    "shiftadd::shift_linear", _shift_linear_backward, setup_context=_shift_linear_setup
+)
 
 
 def matadd_reference(mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,11 @@ def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
     frame = sys._getframe(1)
     out = []
     while frame is not None:
-        out.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None, None))
+        out.append(
+            inspect.FrameInfo(
+                frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None, None
+            )
+        )
         frame = frame.f_back
     return out
 
@@ -252,7 +256,9 @@ def tune(
                 database=open_database(folder),
             )
         except Exception as exc:
-            raise KernelError(f"MetaSchedule tuning of {key} failed: {str(exc).strip().splitlines()[-1]}") from exc
+            raise KernelError(
+                f"MetaSchedule tuning of {key} failed: {str(exc).strip().splitlines()[-1]}"
+            ) from exc
     seconds = time.perf_counter() - start
     _update_selection(folder, key, {"trials": trials, "tuning_seconds": round(seconds, 1)})
     if tuned_primfunc(name, b, m, k, n, dtype, tgt, folder) is None:
@@ -287,7 +293,9 @@ def tuned_kernel(default: CompiledKernel, tuning_dir: str | Path | None = None) 
     return CompiledKernel(name, default.shape, dtype, tgt, compile_primfunc(func, tgt), func, "tuned", trials)
 
 
-def select(default: CompiledKernel, trials: int = 0, tuning_dir: str | Path | None = None) -> CompiledKernel | None:
+def select(
+    default: CompiledKernel, trials: int = 0, tuning_dir: str | Path | None = None
+) -> CompiledKernel | None:
     """The tuned kernel if a record exists (tuning first when ``trials > 0``) and it beats ``default``.
 
     Returns None when there is no record; ``default`` (with ``tuned_trials`` set) when it won.

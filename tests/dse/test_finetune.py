@@ -37,7 +37,7 @@ from models.shift import ShiftLinear
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["data.img_size=16", "data.augment=false", "model.kwargs={patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2}",
-        "finetune.warmup_epochs=0", "finetune.lr=0.002", "finetune.threads=1", "data.batch_size=128"]
+        "finetune.warmup_epochs=0", "finetune.lr=0.002", "finetune.threads=1", "finetune.batch_size=128"]
 
 
 def tiny_cfg(*extra: str):
@@ -271,7 +271,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, dense_ckp
 def test_cli_missing_profile_is_one_line_usage_error(tmp_path, dense_ckpt, dse_cli):
     sets = [a for s in TINY for a in ("--set", s)]
     res = dse_cli("finetune", *sets, "--checkpoint", str(dense_ckpt), "--profile", str(tmp_path / "nope.csv"),
-                  "--out", str(tmp_path / "o"))
+                  "--out", str(tmp_path / "o"), env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1 and "dse profile" in res.stderr
 

@@ -64,7 +64,9 @@ def test_matadd_ignores_masked_values() -> None:
     v_poisoned = np.where(mask.transpose(0, 2, 1).any(1)[:, :, None], v, np.nan).astype(np.float32)
     # rows k never selected by any m hold NaN; a multiply-by-zero kernel would propagate it
     out = kernels.build("matadd", b=b, m=m, k=k, n=n)(mask, v_poisoned)
-    np.testing.assert_allclose(out, kernels.reference("matadd", mask, np.nan_to_num(v_poisoned)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out, kernels.reference("matadd", mask, np.nan_to_num(v_poisoned)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_fp16_matmul_cpu() -> None:

@@ -72,7 +72,7 @@ def test_matshift_reference_wraps_like_int32() -> None:
 
 
 def test_fixed_point_round_trip() -> None:
-    x = np.array([-1.5, -2**-17, 0.0, 0.75, 3.0 + 2**-16])
+    x = np.array([-1.5, -(2**-17), 0.0, 0.75, 3.0 + 2**-16])
     x_int = kernels.to_fixed(x)
     np.testing.assert_array_equal(x_int, [-98304, -1, 0, 49152, 196609])  # floor(x·2^16)
     np.testing.assert_allclose(kernels.from_fixed(x_int), np.floor(x * 2**16) / 2**16)

@@ -114,7 +114,9 @@ def test_opcheck(tvm_path: bool) -> None:
     with use_tvm(tvm_path):
         torch.library.opcheck(torch.ops.shiftadd.matshift.default, (x, shift, sign))
         torch.library.opcheck(torch.ops.shiftadd.shift_linear.default, (xf, shift, sign, 16))
-        torch.library.opcheck(torch.ops.shiftadd.matadd.default, (mask.requires_grad_(True), v.requires_grad_(True)))
+        torch.library.opcheck(
+            torch.ops.shiftadd.matadd.default, (mask.requires_grad_(True), v.requires_grad_(True))
+        )
 
 
 def test_env_var_forces_reference(monkeypatch) -> None:

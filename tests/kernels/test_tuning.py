@@ -34,7 +34,9 @@ def test_tune_then_reuse(tmp_path, monkeypatch) -> None:
     folder = tuning.target_dir("cpu", tmp_path)
     records = (folder / "database_tuning_record.json").read_text().splitlines()
     assert records and (folder / "database_workload.json").exists()
-    entry = json.loads((folder / "selection.json").read_text())[tuning.kernel_key("matmul", b, m, k, n, "float32")]
+    entry = json.loads((folder / "selection.json").read_text())[
+        tuning.kernel_key("matmul", b, m, k, n, "float32")
+    ]
     assert entry["trials"] == 2 and entry["choice"] in ("default", "tuned")
     assert entry["tuned_ms"] > 0 and entry["default_ms"] > 0
 
