@@ -34,7 +34,9 @@ def _write_json(path: Path, data: Any) -> None:
 
 def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     from dse.envinfo import environment
+    from dse.pretrain import build_dense
 
+    build_dense(cfg)  # an unknown model or bad model arguments fail here, before anything is written
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)

@@ -50,8 +50,8 @@ def run_stage(name: str, folder: Path, key: str, outputs: Iterable[str], cfg: Co
             log.info("stage %s: inputs unchanged, reusing %s", name, folder)
             return StageResult(name, folder, key, True, 0.0, done.get("summary", {}))
     t0 = time.perf_counter()
-    save_config(cfg, folder)
     summary = fn(folder)
+    save_config(cfg, folder)
     seconds = time.perf_counter() - t0
     atomic_write_text(marker, json.dumps({"key": key, "seconds": seconds, "summary": summary}, indent=2,
                                          default=str))
