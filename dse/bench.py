@@ -35,7 +35,7 @@ from torch import nn
 import kernels
 import models
 from dse import artifact as art
-from dse.config import Config, DataConfig, config_from_dict
+from dse.config import Config, config_from_dict
 from dse.errors import CheckpointError, ShiftAddError
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,18 @@ def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dic
 # The command
 
 
+def set_threads(threads: int) -> None:
+    """The same number of threads for PyTorch and TVM. TVM's pool reads ``TVM_NUM_THREADS`` when its first
+    parallel loop runs, so this must come before the artifact runs in this process."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+
+
 def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None = None, dense: str | Path | None = None,
           profile: str | Path | None = None) -> dict[str, Any]:
     b = cfg.bench
+    set_threads(b.threads)
     torch_compile = b.torch_compile if torch_compile is None else torch_compile
     loaded = art.Artifact.load(artifact_dir)
     manifest = loaded.manifest
@@ -248,4 +257,4 @@ def _load() -> float | None:
         return None
 
 
-__all__ = ["DataConfig", "bench", "dense_model", "interleaved"]
+__all__ = ["bench", "dense_model", "interleaved", "set_threads"]

@@ -139,6 +139,7 @@ class BenchConfig:
     repeat: int = 30
     warmup: int = 5
     torch_compile: bool = True
+    threads: int = 0  # threads for both PyTorch and TVM; 0 = each runtime's default (all cores)
 
 
 @dataclass
@@ -258,6 +259,8 @@ def _validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     non_negative = {
+        "bench.threads": cfg.bench.threads,
+        "export.threads": cfg.export.threads,
         "pretrain.epochs": cfg.pretrain.epochs,
         "finetune.epochs": cfg.finetune.epochs,
         "profile.trials": cfg.profile.trials,

@@ -39,6 +39,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import types
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import kernels
 from dse.errors import KernelError, ModelError
@@ -132,14 +134,37 @@ def shift_shape(layer: ShiftLinear | PackedShiftLinear, tokens: int) -> tuple[in
     return (1, tokens, layer.in_features, layer.out_features)
 
 
+class StableSort(TorchFunctionMode):
+    """Every ``argsort`` inside becomes ``stable=True``: ties keep token order.
+
+    Capacity routing sorts tokens by router probability, and identical tokens (the class token of every
+    image in block 0) tie exactly; PyTorch's default sort orders ties arbitrarily, so which image's token
+    lands on which expert would be unspecified and the compiled graph (TVM's argsort is stable) could
+    not match it. Under this mode the PyTorch forward and the traced graph (``aten.sort.stable``) agree.
+    """
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.argsort or func is torch.Tensor.argsort:
+            kwargs["stable"] = True
+        return func(*args, **kwargs)
+
+
+def _stable_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    with StableSort():
+        return type(self).forward(self, *args, **kwargs)
+
+
 def export_form(model: nn.Module, choose: Callable[[str, ShiftLinear], str] | None = None) -> nn.Module:
     """A deep copy of ``model`` (eval mode) ready for ``torch.export``.
 
     Every :class:`ShiftLinear` (plain or a MoE's Shift expert) becomes a :class:`PackedShiftLinear` whose
     primitive is ``choose(name, layer)`` (default ``matshift_decode``); Hamming attention's hash state
-    (``projection``, ``key_center``) becomes frozen parameters so it travels with the other weights.
+    (``projection``, ``key_center``) becomes frozen parameters so it travels with the other weights; the
+    forward sorts stably (:class:`StableSort`), so capacity routing breaks ties by token order.
     """
     new = copy.deepcopy(model).eval()
+    new.forward = types.MethodType(_stable_forward, new)
     for name, module in list(new.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -297,7 +322,7 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
     def sort(node: Any, imp: Any) -> Any:
         """``argsort`` of a permutation (the MoE's inverse order) is a scatter, O(T), not a sort."""
         bb = imp.block_builder
-        src = node.args[0]
+        src = node.args[0]  # sort.default(x, dim, descending) or sort.stable(x, *, stable, dim, descending)
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
         descending = node.args[2] if len(node.args) > 2 else node.kwargs.get("descending", False)
         x = imp.env[src]
@@ -342,7 +367,8 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
         return bb.emit(relax.op.permute_dims(out, [0, 3, 1, 2]))  # NCHW, as the conv returns
 
     return {"packed_shift_linear.default": shift_linear, "matadd.default": matadd, "addmm.default": addmm,
-            "mm.default": mm, "bmm.default": bmm, "convolution.default": convolution, "sort.default": sort}
+            "mm.default": mm, "bmm.default": bmm, "convolution.default": convolution, "sort.default": sort,
+            "sort.stable": sort}  # TVM's argsort is stable too
 
 
 def _var_name(var: Any) -> str:
@@ -758,6 +784,14 @@ def compile_relax(mod: tvm.IRModule, target: Any) -> Any:
     try:
         with tgt:
             return tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+    except Exception as first:
+        # A schedule rule can reject an unusual shape; TVM's default pipeline still yields correct
+        # (slower) code on CPU, so keep the measurement rather than lose the row.
+        log.warning("scheduled compile failed (%s); retrying with TVM's default pipeline",
+                    " ".join(str(first).split())[-200:])
+    try:
+        with tgt:
+            return tvm.compile(mod, target=tgt)
     except Exception as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         raise KernelError(f"TVM failed to compile the model for {kernels.target_slug(tgt)}: "

@@ -10,6 +10,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", required=True, metavar="DIR", help="artifact folder written by `dse export`")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contestant (it compiles for ~40 s)")
     p.add_argument("--dense", metavar="FILE", help="dense weights.pt (default: the manifest's dense_checkpoint)")
+    p.add_argument("--threads", type=int, metavar="N", help="threads for both PyTorch and TVM (default: config "
+                   "bench.threads, 0 = all cores)")
     p.add_argument("--profile", metavar="FILE.csv", help="profile for the cost model's predictions "
                    "(default: the one the artifact was exported with, else the stored one)")
 
@@ -19,7 +21,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace):
     from dse.bench import bench
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, *([f"bench.threads={args.threads}"] if args.threads is not None else []))
     result = bench(cfg, args.artifact, torch_compile=False if args.no_compile else None, dense=args.dense,
                    profile=args.profile)
     rows = [{"model": r["model"], "median ms": r["median_ms"], "p90 ms": r["p90_ms"],

@@ -1,5 +1,5 @@
-"""Data-parallel training with two CPU processes (gloo) under torchrun (each test starts two Python
-processes plus the launcher: marked slow)."""
+"""Data-parallel training with two CPU processes (gloo) under torchrun (~30 s each on an idle 2-core
+machine: each test starts the launcher and two Python processes)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
 def test_ddp_ranks_stay_identical_and_share_metrics(tmp_path):
     overrides = ["data.img_size=16", "data.augment=true", "pretrain.epochs=2", "pretrain.warmup_epochs=0",
                  "pretrain.lr=0.005",
@@ -74,7 +73,6 @@ def test_ddp_ranks_stay_identical_and_share_metrics(tmp_path):
     assert list(metrics["epoch"]) == [1, 2] and metrics["train_loss"].iloc[1] < metrics["train_loss"].iloc[0]
 
 
-@pytest.mark.slow
 def test_torchrun_finetune_two_processes_then_load_single_process(tmp_path):
     cfg = tiny_cfg()
     torch.manual_seed(0)

@@ -37,9 +37,11 @@ def test_one_epoch_lowers_the_loss(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     cfg = _tiny_cfg(**{"pretrain.epochs": 3})
     data = load_data(cfg.data, cfg.seed)
+    torch.manual_seed(0)
     full = build_dense(cfg)
     train(full, data, train_spec(cfg), tmp_path / "full", progress=False)
 
+    torch.manual_seed(0)  # same initial weights as the uninterrupted run
     part = build_dense(cfg)
     train(part, data, train_spec(cfg), tmp_path / "part", progress=False, until_epoch=1)
     assert load_training_state(tmp_path / "part" / "checkpoint.pt")["epoch"] == 0
