@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import kernels
 import models
 from dse import artifact as art
 from dse.config import Config, config_from_dict
@@ -160,11 +159,13 @@ def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dic
 
 
 def set_threads(threads: int) -> None:
-    """The same number of threads for PyTorch and TVM. TVM's pool reads ``TVM_NUM_THREADS`` when its first
-    parallel loop runs, so this must come before the artifact runs in this process."""
+    """The same number of threads for PyTorch and TVM (0: PyTorch's default, all cores). TVM's pool reads
+    ``TVM_NUM_THREADS`` when its first parallel loop runs, so this must come before the artifact runs."""
     if threads > 0:
         torch.set_num_threads(threads)
         os.environ["TVM_NUM_THREADS"] = str(threads)
+    else:
+        art.use_all_cores(torch.get_num_threads())
 
 
 def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None = None, dense: str | Path | None = None,
@@ -219,8 +220,7 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         })
     return {
         "rows": rows, "batch": loaded.batch, "inputs": source, "repeat": b.repeat, "warmup": b.warmup,
-        "threads": {"torch": torch.get_num_threads(), "tvm": int(os.environ.get("TVM_NUM_THREADS") or
-                                                               kernels.targets.host_num_cores())},
+        "threads": {"torch": torch.get_num_threads(), "tvm": art.tvm_threads()},
         "load_1m": _load(), "torch_compile_s": compile_s, "artifact": str(artifact_dir), "dense_checkpoint": dense_path,
         "top1_agreement_with_dense": agree, "prediction_profile": predictions.get("profile"),
     }

@@ -17,13 +17,17 @@ traced node                                becomes
 ``aten::bmm`` (attention products, hash)   ``bmm``
 =========================================  ===============================================================
 
-Kernel PrimFuncs come from :func:`kernels.scheduled_primfunc` (hand CPU schedules, tuned records where
-they measured faster, dlight rules on CUDA), are named ``shiftadd_<primitive>_b.._m.._k.._n..`` and carry
-the attributes ``shiftadd.primitive`` and ``tirx.is_scheduled``. They are marked opaque so fusion leaves
-them whole; everything else (LayerNorm, GELU, softmax, residual adds, reshapes, the MoE's argsort and
-gathers) is legalised, fused (``FuseOps``/``FuseTIR``) and scheduled by :func:`schedule_rules`: dlight's
-CPU reduction rule for norms and softmax, and a parallel + vectorised rule for the rest
-(:class:`CpuElementwise`). On CUDA the same fused functions go through dlight's GPU rules.
+Kernel PrimFuncs come from :func:`kernels.build` (hand CPU schedules, persisted MetaSchedule records
+where they measured faster — ``export.tune_trials > 0`` tunes shapes that have none — dlight rules on
+CUDA), are named ``shiftadd_<primitive>_b.._m.._k.._n..`` and carry the attributes ``shiftadd.primitive``
+and ``tirx.is_scheduled``. They are marked opaque so fusion leaves them whole. Everything else is
+legalised, fused (``FuseOps``/``FuseTIR``) and scheduled (:func:`relax_pipeline`): LayerNorm by this
+module's vectorised kernel (:func:`layer_norm_primfunc`), GELU with TOPI's vectorisable ``fast_erf``, the
+MoE's row gathers made fusible, then two CPU rules (:func:`schedule_rules`): softmax-like row reductions
+computed row by row under a parallel loop, and a parallel + vectorised rule for the rest. On CUDA the
+fused functions go through dlight's GPU rules. The patch embedding (a stride = kernel convolution) is a
+``matmul`` over patches; a Linear on a non-contiguous 3-D input (``bmm`` of a broadcast weight) is one
+``matmul``; the MoE's inverse permutation (``argsort`` of a permutation) is an O(T) scatter.
 
 Parameters stay function inputs (``keep_params_as_input``): the artifact's ``weights.npz`` is the only
 copy of the weights, the library is code only, and shift layers' weights reach the kernel as the int8
@@ -206,8 +210,9 @@ def _shape(expr: Any) -> list[int]:
 class _KernelEmitter:
     """Adds scheduled kernel PrimFuncs to the importer's BlockBuilder (one per primitive and shape)."""
 
-    def __init__(self, target: tvm.target.Target):
+    def __init__(self, target: tvm.target.Target, tune_trials: int = 0):
         self.target = target
+        self.tune_trials = tune_trials
         self.calls: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, int, int, int]] = {}
         self._gvars: dict[str, Any] = {}
@@ -219,7 +224,7 @@ class _KernelEmitter:
         name = f"{KERNEL_PREFIX}{primitive}_b{b}_m{m}_k{k}_n{n}"
         gv = self._gvars.get(name)
         if gv is None:
-            func = kernels.scheduled_primfunc(primitive, b=b, m=m, k=k, n=n, target=self.target)
+            func = kernels.build(primitive, b=b, m=m, k=k, n=n, target=self.target, trials=self.tune_trials).primfunc
             func = (func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
                     .with_attr(KERNEL_ATTR, primitive).with_attr("op_pattern", 8))  # 8 = kOpaque: never fused
             gv = bb.add_func(func, name)
@@ -416,10 +421,11 @@ def _param_order(ep: Any, mod: tvm.IRModule) -> list[str]:
     return names
 
 
-def to_relax(model: nn.Module, example: torch.Tensor, target: Any = "cpu") -> RelaxGraph:
+def to_relax(model: nn.Module, example: torch.Tensor, target: Any = "cpu", tune_trials: int = 0) -> RelaxGraph:
     """Trace ``model`` (an :func:`export_form`, eval mode) on ``example`` and import it with the kernels.
 
     The graph is static: batch, token count and every MoE capacity are those of ``example``.
+    ``tune_trials > 0`` MetaSchedule-tunes kernels without a persisted record (``kernels.build``).
     """
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -433,7 +439,7 @@ def to_relax(model: nn.Module, example: torch.Tensor, target: Any = "cpu") -> Re
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"torch.export cannot trace the model ({first}); export supports timm "
                              "ViT/PVTv2 ShiftAddViTs with static MoE capacity") from None
-    emitter = _KernelEmitter(tgt)
+    emitter = _KernelEmitter(tgt, tune_trials)
     mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=_converters(emitter))
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     names = _param_order(ep, mod)
@@ -510,6 +516,25 @@ def _fuse_leading(sch: Any, loops: list[Any], extents: list[int | None]) -> Any:
     return sch.fuse(*loops[:count]) if count > 1 else loops[0]
 
 
+def _inline_single_use(sch: Any, blocks: list[Any]) -> None:
+    """Inline injective stages that feed exactly one consumer (inlining a stage with several consumers
+    recomputes it in each — twice the exponentials of a softmax)."""
+    for block in reversed(blocks):
+        with contextlib.suppress(Exception):
+            if len(sch.get_consumers(block)) == 1:
+                sch.compute_inline(block)
+
+
+def _vectorize_ragged(sch: Any, loop: Any, extent: int | None, lanes: int) -> None:
+    """Vectorise ``loop`` by the widest lane count that divides it; a ragged loop stays serial for LLVM's own
+    vectoriser (a predicated TVM vector loop is scalarised whole: measured slower than no schedule)."""
+    if not extent or extent < 2:
+        return
+    vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and extent % v == 0), 0)
+    if vec:
+        sch.vectorize(sch.split(loop, [None, vec])[1] if extent > vec else loop)
+
+
 def _cpu_rules() -> list[Any]:
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
@@ -524,31 +549,61 @@ def _cpu_rules() -> list[Any]:
             out *= v
         return out
 
-    class RowReduction(dl.cpu.Reduction):
-        """dlight's CPU reduction rule (LayerNorm, softmax: reductions along the rows of the output),
-        refused where a reduction does not run along the output's rows — there the rule would compute
-        it once per output row (e.g. a mean over tokens inside a per-token loop)."""
+    class RowReduction(dl.ScheduleRule):
+        """Softmax-like functions: reductions along the innermost axis of the output's rows.
 
-        def apply(self, func: tirx.PrimFunc, target: Any, tunable: bool) -> Any:
+        Injective stages are inlined first (dlight's CPU reduction rule keeps each stage as a full-size
+        buffer), then every stage is computed row by row under a parallel loop over the leading rows;
+        innermost loops are vectorised where the lanes divide them and otherwise left to LLVM (a
+        predicated vector loop is scalarised). Refused where a reduction does not run along the output's
+        rows — there this structure would repeat it once per output row.
+        """
+
+        def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
                 return None
-            probe = s_tir.Schedule(func)
-            infos = normalize_prim_func(probe)
-            if infos is None or len(infos) < 2:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or len(infos) < 2 or all(i.is_injective() for i in infos):
+                return None
+            if not infos[-1].is_injective():
                 return None
             lead = min(len(k) - len(k.lstrip("S")) for k in (i.dom_kind() for i in infos))
             if lead == 0:
                 return None
-            last_loops = probe.get_loops(infos[-1].block_rv)
-            rows = _product([_extent(probe, lp) for lp in last_loops[:lead]])
+            last_loops = sch.get_loops(infos[-1].block_rv)
+            rows = _product([_extent(sch, lp) for lp in last_loops[:lead]])
             for info in infos:
                 if info.is_injective():
                     continue
-                loops = probe.get_loops(info.block_rv)
-                spatial = _product([_extent(probe, lp) for lp, kd in zip(loops, info.dom_kind()) if kd == "S"])
+                loops = sch.get_loops(info.block_rv)
+                spatial = _product([_extent(sch, lp) for lp, kd in zip(loops, info.dom_kind()) if kd == "S"])
                 if rows is None or spatial is None or spatial < rows:
                     return None
-            return super().apply(func, target, tunable)
+            _inline_single_use(sch, [i.block_rv for i in infos if i.is_injective()][:-1] if infos[-1].is_injective()
+                               else [])
+            infos = normalize_prim_func(sch) or infos
+            lanes = _vector_lanes(target)
+            last = infos[-1].block_rv
+            loops = sch.get_loops(last)
+            row_loops = loops[:lead]
+            extents = [_extent(sch, lp) for lp in row_loops]
+            par = _fuse_leading(sch, row_loops, extents)
+            sch.parallel(par)
+            inner_loops = len(loops) - lead  # unchanged by fusing the row loops
+            attach = sch.get_loops(last)[-inner_loops - 1]  # the innermost row loop
+            for info in reversed(infos[:-1]):
+                sch.compute_at(info.block_rv, attach, preserve_unit_loops=True)
+            for info in infos:
+                block = info.block_rv
+                inner = sch.get_loops(block)[-1]
+                extent = _extent(sch, inner)
+                if info.is_injective():
+                    _vectorize_ragged(sch, inner, extent, lanes)
+                else:  # the reduction axis is innermost (normalised form): hoist its init before it
+                    with contextlib.suppress(Exception):
+                        sch.decompose_reduction(block, inner)
+            return sch
 
     class CpuElementwise(dl.ScheduleRule):
         """Fallback CPU rule: inline what can be inlined; then per remaining block run the outer spatial
@@ -741,6 +796,26 @@ def _layer_norm_pass(target: tvm.target.Target) -> Any:
     return _pass
 
 
+def _fusible_gathers_pass() -> Any:
+    """Mark the legalised ``take`` (row gathers: a MoE's dispatch and un-dispatch) injective, so fusion
+    folds them into their neighbours — the rows are gathered straight into the expert's sliced, quantised
+    input, and the concatenated expert outputs (with their bias adds) are read back in token order by the
+    consumer — instead of each gather writing a full copy. ``AnnotateTIROpPattern`` calls a data-dependent
+    index opaque; a gather is still a pure function of its output index."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="FusibleGathers")
+    def _pass(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
+        for gv, func in list(mod.functions_items()):
+            if (isinstance(func, tirx.PrimFunc) and gv.name_hint.rstrip("0123456789") == "take"
+                    and func.attrs is not None and int(func.attrs.get("op_pattern", -1)) == 8):
+                mod[gv] = func.with_attr("op_pattern", 2)  # kInjective
+        return mod
+
+    return _pass
+
+
 def relax_pipeline(target: tvm.target.Target) -> Any:
     """The default Relax pipeline of the target's backend, with :func:`schedule_rules` after fusion."""
     import tvm
@@ -755,6 +830,7 @@ def relax_pipeline(target: tvm.target.Target) -> Any:
         relax.transform.FastMathTransform(),  # softmax/exp/tanh/erf -> TOPI's vectorisable fast_* forms
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
+        _fusible_gathers_pass(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),

@@ -24,6 +24,11 @@ def run(args: argparse.Namespace):
     cfg = config_from_args(args, *([f"bench.threads={args.threads}"] if args.threads is not None else []))
     result = bench(cfg, args.artifact, torch_compile=False if args.no_compile else None, dense=args.dense,
                    profile=args.profile)
+    return {"text": render(result), "json": result}
+
+
+def render(result: dict) -> str:
+    """The text table of a :func:`dse.bench.bench` result."""
     rows = [{"model": r["model"], "median ms": r["median_ms"], "p90 ms": r["p90_ms"],
              "x eager": r["speedup_vs_eager"], "energy mJ": r["energy_mj"],
              "predicted ms": r["predicted_ms"],
@@ -39,4 +44,4 @@ def run(args: argparse.Namespace):
     ])
     if result["torch_compile_s"] is not None:
         text += f"\ntorch.compile took {result['torch_compile_s']:.1f} s"
-    return {"text": text, "json": result}
+    return text

@@ -57,7 +57,11 @@ def shiftadd_checkpoint(tmp_path_factory) -> Path:
     from models.moe import moe_layers
     from models.reparam import reparameterize
 
-    root = tmp_path_factory.mktemp("shiftadd")
+    # test_bench.py imports these fixtures, which makes pytest hold a second copy: build once per session
+    root = tmp_path_factory.getbasetemp() / "shiftadd"
+    if (root / "finetune" / "resolved_config.yaml").exists():
+        return root / "finetune"
+    root.mkdir(exist_ok=True)
     cfg = _config(root)
     pretrain(cfg, root / "dense", progress=False)
     dense = build_dense(cfg)
@@ -80,7 +84,10 @@ def shiftadd_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def artifact(shiftadd_checkpoint, tmp_path_factory) -> Path:
     """``dse export`` through the CLI (CPU artifact and the compile-only CUDA companion)."""
-    out = tmp_path_factory.mktemp("artifact") / "vit"
+    out = tmp_path_factory.getbasetemp() / "artifact" / "vit"
+    if (out / "manifest.yaml").exists() and (out.with_name("vit-cuda-sm_90") / "manifest.yaml").exists():
+        return out
+    out.parent.mkdir(exist_ok=True)
     res = run_dse("export", "--checkpoint", str(shiftadd_checkpoint), "--out", str(out), "--set", FORCED,
                   "--set", f"export.val_images={CHECK_IMAGES}", "--json", timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -142,7 +149,12 @@ def test_relax_module_calls_the_kernels(shiftadd_checkpoint):
     assert all(n.startswith("shiftadd_") and n in names for fns in by_prim.values() for n in fns)
     # blocks.0.attn.qkv: 8 images x 65 tokens, 48 -> 144, on the integer kernel
     assert "shiftadd_matshift_b1_m520_k48_n144" in by_prim["matshift"]
-    assert len(by_prim["matadd"]) == 2  # the two products of the one Hamming attention
+    # the two products of the one Hamming attention, each split into a lane-multiple and a tail call
+    products: dict[tuple[int, ...], int] = {}
+    for name in by_prim["matadd"]:
+        b, m, k, n = g.kernel_shapes[name]
+        products[(b, m, k)] = products.get((b, m, k), 0) + n
+    assert products == {(24, 32, 65): 17, (24, 65, 32): 17}  # [24 = 8 images x 3 heads, 2*16 bits, d + 1]
     assert g.kernel_shapes["shiftadd_matshift_b1_m520_k48_n144"] == (1, 520, 48, 144)
     assert g.params["blocks.0.attn.qkv.shift"].dtype == np.int8
     assert g.params["blocks.0.attn.qkv.sign"].dtype == np.int8
