@@ -375,13 +375,15 @@ class ProfileStore:
             changed = meta is None
             if meta is None:
                 meta = {**self.header, "created": _now(), "updated": _now(), "models": []}
-                if not self.path.exists():
-                    self._write_rows([], list(COLUMNS))
             if model and model not in meta.get("models", []):
                 meta = {**meta, "models": [*meta.get("models", []), model]}
                 changed = True
             if changed:  # a rerun that measures nothing leaves the files untouched
                 self._write_meta(meta)
+            # The CSV after its metadata: a kill between the two leaves a profile without rows (valid),
+            # never rows without a device (refused until --force).
+            if not self.path.exists():
+                self._write_rows([], list(COLUMNS))
 
     def touch(self) -> None:
         """Record that rows were just measured with this run's settings (``updated``, ``settings``)."""

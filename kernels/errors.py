@@ -14,6 +14,11 @@ class ShiftAddError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str = "", *args: object):
+        # Messages quote user input (keys, layer names, values), which may hold line breaks; the contract
+        # is one line per error, so they are escaped here once rather than at every raise site.
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"), *args)
+
 
 class UsageError(ShiftAddError):
     """Bad command-line usage or configuration: the user must change their input (exit 2)."""

@@ -3,12 +3,10 @@ the CLI killed and rerun."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +33,7 @@ from dse.sensitivity import Sensitivity, risk_table
 from dse.trial_store import TrialStore, open_storage
 from models.assignment import Assignment
 from tests.dse.search_helpers import (
-    CLI_SETTINGS,
     OVERRIDES,
-    expected_objectives,
-    kill,
-    run_cli,
-    spawn,
     tiny_checkpoint,
 )
 
@@ -482,73 +475,3 @@ def test_run_search_both_stages_writes_outputs_and_reuses_stage_b(tmp_path, monk
     again = run_search(cfg)
     assert again["sensitivity"]["reused"] is True and again["stage_a"]["evaluated"] == 0
     assert len(optuna.load_study(study_name="shiftadd-stage-b", storage=summary["storage"]).trials) == 2
-
-
-# ---------------------------------------------------------------------------------------------------
-# the CLI: SIGKILL mid-run, rerun continues
-
-
-@pytest.mark.slow
-def test_cli_killed_search_continues_on_rerun(tmp_path):
-    ckpt, costs_json, kinds = tiny_checkpoint(tmp_path)
-    out = tmp_path / "run"
-    args = [
-        "search",
-        "--checkpoint",
-        str(ckpt),
-        "--profile",
-        str(costs_json),
-        "--stage",
-        "a",
-        "--trials",
-        "3000",
-        "--out",
-        str(out),
-        "--set",
-        "search.persist_every_s=0.2",
-        *CLI_SETTINGS,
-    ]
-    proc = spawn(*args, log=tmp_path / "first.log")
-    db = out / "study.db"
-    deadline = time.monotonic() + 240
-    stored = 0
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            if db.exists():
-                try:
-                    stored = TrialStore(open_storage(f"sqlite:///{db}"), "shiftadd").count()
-                except Exception:  # the study may not exist yet
-                    stored = 0
-                if stored >= 100:
-                    break
-    finally:
-        kill(proc, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log.err").read_text()[-2000:]
-    assert 100 <= stored < 3000
-    before = stored_trials(f"sqlite:///{db}", "shiftadd")
-    assert len(before) >= stored
-    # Rerun the same command with a smaller target so the test stays short: it continues, not restarts.
-    target = len(before) + 100
-    args[args.index("--trials") + 1] = str(target)
-    res = run_cli(*args, "--json")
-    assert res.returncode == 0, res.stderr[-2000:]
-    summary = json.loads(res.stdout)
-    assert summary["stage_a"]["stored"] == target and summary["stage_a"]["evaluated"] == 100
-    assert summary["stage_a"]["worker"] == 1 and summary["sensitivity"]["reused"] is True
-    after = stored_trials(f"sqlite:///{db}", "shiftadd")
-    assert [t.number for t in after] == list(range(target))
-    for old, new in zip(before, after):
-        assert (old.params, old.values, old.user_attrs) == (new.params, new.values, new.user_attrs)
-    assert all(t.user_attrs["worker"] == 1 for t in after[len(before) :])
-    assert sum("baseline" in t.user_attrs for t in after) == 3
-    space = SearchSpace.build(kinds)
-    layers = {p.name: list(p.layers) for p in space.params}
-    for t in after[:: max(1, len(after) // 40)]:
-        want = expected_objectives(
-            layers, t.params, costs_json, out / "sensitivity.json", kinds, space.pinned
-        )
-        assert np.allclose(t.values, want, rtol=1e-9)
-    assert (out / "best_assignment.yaml").is_file() and (out / "pareto.png").stat().st_size > 1000
-    # trial datetimes survive the bulk path (naive local time, as Optuna hands them out)
-    assert abs((after[-1].datetime_complete - datetime.datetime.now()).total_seconds()) < 900
