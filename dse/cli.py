@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dse.artifact import use_all_cores
 from dse.errors import ShiftAddError, UsageError
 
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     level = logging.WARNING - 10 * min(2, args.verbose)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # One TVM thread-pool size for every command, so the profiler prices kernels with the threads the
+    # exported model runs on (TVM's own default is half the cores); TVM_NUM_THREADS still wins.
+    use_all_cores()
     try:
         result = _COMMANDS[args.command].run(args)
     except ShiftAddError as exc:

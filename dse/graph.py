@@ -568,6 +568,10 @@ def _cpu_rules() -> list[Any]:
                 return None
             if not infos[-1].is_injective():
                 return None
+            # one reduction axis per reduction stage (softmax, norms); a conv's window (two axes) is not a
+            # row reduction, and this structure computed a depthwise conv wrongly (tests/dse/test_nonprim.py)
+            if any(i.dom_kind().count("R") != 1 for i in infos if not i.is_injective()):
+                return None
             lead = min(len(k) - len(k.lstrip("S")) for k in (i.dom_kind() for i in infos))
             if lead == 0:
                 return None

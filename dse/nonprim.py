@@ -446,8 +446,7 @@ def _gemm_torch(shape: Shape, x, w, bias):
 def _gemm_relax(emit, shape: Shape, x, w, bias):
     from tvm import relax
 
-    y = emit(relax.op.matmul(x, relax.op.permute_dims(w, [1, 0])))
-    return relax.op.add(y, bias)
+    return relax.op.add(emit.linear(x, w, shape), bias)
 
 
 def _gemm_counts(s: Shape) -> dict[str, int]:
@@ -618,8 +617,39 @@ def torch_callable(name: str, shape: Sequence[int], device: str = "cpu", seed: i
     return run
 
 
-def relax_module(name: str, shape: Sequence[int]) -> tvm.IRModule:
-    """The op as a Relax function ``main`` taking the op's inputs (in :func:`make_inputs` order)."""
+class _Emitter:
+    """``bb.emit`` for the ops' Relax functions, plus :meth:`linear`: a GEMM as the exporter compiles it.
+
+    The exporter turns every GEMM of the traced model (Linears, the patch embedding, the router) into a
+    ``call_tir`` of the scheduled ``matmul`` kernel (``dse.graph``), so a GEMM-shaped op is timed through
+    that same kernel when a target is known; without one it is a plain Relax ``matmul``.
+    """
+
+    def __init__(self, bb: Any, target: Any = None):
+        self.bb, self.target = bb, target
+
+    def __call__(self, expr: Any) -> Any:
+        return self.bb.emit(expr)
+
+    def linear(self, x: Any, w: Any, shape: Shape) -> Any:
+        """``x[b, m, k] · w[n, k]ᵀ`` -> [b, m, n]."""
+        from tvm import relax
+
+        if self.target is None:
+            return self.bb.emit(relax.op.matmul(x, relax.op.permute_dims(w, [1, 0])))
+        import kernels
+
+        b, m, k, n = shape
+        func = kernels.build("matmul", b=b, m=m, k=k, n=n, target=self.target).primfunc
+        func = (func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+                .with_attr("op_pattern", 8))  # opaque, as in the exported graph
+        gv = self.bb.add_func(func, f"shiftadd_matmul_b{b}_m{m}_k{k}_n{n}")
+        return self.bb.emit(relax.call_tir(gv, [x, w], relax.TensorType((b, m, n), "float32")))
+
+
+def relax_module(name: str, shape: Sequence[int], target: Any = None) -> tvm.IRModule:
+    """The op as a Relax function ``main`` taking the op's inputs (in :func:`make_inputs` order); with a
+    ``target``, GEMMs call the scheduled ``matmul`` kernel as in an exported model."""
     from tvm import relax
 
     shape = check_shape(name, shape)
@@ -629,7 +659,7 @@ def relax_module(name: str, shape: Sequence[int]) -> tvm.IRModule:
     params = [relax.Var(f"in{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(arrays)]
     with bb.function("main", params):
         with bb.dataflow():
-            out = op.relax_fn(bb.emit, shape, *params)
+            out = op.relax_fn(_Emitter(bb, target), shape, *params)
             result = bb.emit_output(out)
         bb.emit_func_output(result)
     return bb.get()
@@ -705,4 +735,4 @@ def build_op(name: str, shape: Sequence[int], target: Any) -> CompiledOp:
 
     shape = check_shape(name, shape)
     tgt = kernels.resolve_target(target)
-    return CompiledOp(name, shape, compile_relax(relax_module(name, shape), tgt), tgt)
+    return CompiledOp(name, shape, compile_relax(relax_module(name, shape, tgt), tgt), tgt)

@@ -106,7 +106,8 @@ class Settings:
     def header(self) -> dict[str, Any]:
         """What goes into the profile's .yaml (the last run's settings)."""
         return {"repeat": self.repeat, "min_repeat_ms": self.min_repeat_ms, "trials": self.trials,
-                "torch_threads": self.torch_threads, "energy_window_s": self.energy_window_s}
+                "torch_threads": self.torch_threads, "tvm_threads": os.environ.get("TVM_NUM_THREADS", "tvm default"),
+                "energy_window_s": self.energy_window_s}
 
 
 # ---------------------------------------------------------------------------------------------------
