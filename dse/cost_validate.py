@@ -217,6 +217,8 @@ def calibrate(inventory: Any, settings: Any, root: str | Path, *, count: int = 1
                     log.info("calibrated %s/%s", prim, backend)
     finally:
         source.close()
+        if added:
+            store.touch()
     return {"profile": str(store.path), "added": added, "failed": failed}
 
 

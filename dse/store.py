@@ -322,6 +322,7 @@ class ProfileStore:
         self.path = profile_path(root, str(device["slug"]), target_slug)
         self.meta_path = meta_path(self.path)
         self.target_slug = target_slug
+        self._model: str | None = None
         self.header: dict[str, Any] = {
             "format": FORMAT,
             "device": dict(device),
@@ -372,24 +373,26 @@ class ProfileStore:
                     log.warning("discarding %s: %s", self.path, problem)
                     meta = None
                     self._write_rows([], list(COLUMNS))
-            changed = meta is None
+            # An existing profile is not touched here: the model label is recorded by touch(), after rows
+            # were measured, so a run that fails or measures nothing leaves both files as they were.
+            self._model = model
             if meta is None:
-                meta = {**self.header, "created": _now(), "updated": _now(), "models": []}
-            if model and model not in meta.get("models", []):
-                meta = {**meta, "models": [*meta.get("models", []), model]}
-                changed = True
-            if changed:  # a rerun that measures nothing leaves the files untouched
-                self._write_meta(meta)
+                self._write_meta({**self.header, "created": _now(), "updated": _now(),
+                                  "models": [model] if model else []})
             # The CSV after its metadata: a kill between the two leaves a profile without rows (valid),
             # never rows without a device (refused until --force).
             if not self.path.exists():
                 self._write_rows([], list(COLUMNS))
 
     def touch(self) -> None:
-        """Record that rows were just measured with this run's settings (``updated``, ``settings``)."""
+        """Record that rows were just measured with this run's settings (``updated``, ``settings``) and for
+        which model (the label given to :meth:`open`)."""
         with file_lock(self.path):
             meta = read_meta(self.path)
-            self._write_meta({**meta, "settings": self.header["settings"], "updated": _now()})
+            models = list(meta.get("models") or [])
+            if self._model and self._model not in models:
+                models.append(self._model)
+            self._write_meta({**meta, "settings": self.header["settings"], "updated": _now(), "models": models})
 
     def keys(self) -> set[Key]:
         with file_lock(self.path):

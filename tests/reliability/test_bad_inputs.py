@@ -221,3 +221,46 @@ def test_subprocess_errors_are_one_line(tmp_path):
     res = run_dse("search", "-c", str(bad), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     assert "search.trials" in one_line(res.stderr)
+
+
+def test_nvml_failing_mid_window_keeps_existing_rows(tmp_path, monkeypatch, capsys):
+    """NVML present but the GPU drops off the bus in the middle of a measurement window: `dse profile`
+    exits 1 with one line naming the NVML failure, and the rows measured before are untouched.
+
+    The fake ``pynvml`` is injected where the project imports it (``dse.nvml``); as no GPU exists here the
+    kernels run on the CPU and only the energy source is the NVML meter — the part under test."""
+    import threading
+
+    import dse.energy
+    from dse.energy import NvmlMeter
+    from tests.dse.test_energy import FakeGpu
+    from tests.dse.test_profile import TINY_SET
+
+    out = tmp_path / "profiles"
+    argv = ["profile", "--out", str(out), *TINY_SET, "--set", "profile.nonprim=false",
+            "--set", "profile.torch_threads=1"]
+    assert main([*argv, "--batch", "1"]) == 0  # a healthy run first: these rows must survive
+    capsys.readouterr()
+    (csv,) = out.glob("*/*.csv")
+    before = snapshot(out)
+
+    fake = FakeGpu()
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", fake.module())
+    monkeypatch.setattr(dse.energy, "select_source",
+                        lambda *a, **k: NvmlMeter(0, counter_poll_s=0.01, power_poll_s=0.01))
+    lose = threading.Timer(0.3, lambda: setattr(fake, "lost", True))  # lands inside the first 0.5 s window
+    lose.start()
+    try:
+        code, err = call(capsys, *argv, "--set", "profile.energy_window_s=0.5")
+    finally:
+        lose.cancel()
+    line = one_line(err)
+    assert code == 1 and "GPU is lost" in line and "could not be measured" in line
+    assert snapshot(out) == before, "the failing run changed the existing profile"
+    assert len(store_rows(csv)) > 0
+
+
+def store_rows(csv: Path) -> list[dict]:
+    from dse.store import load_profile
+
+    return load_profile(csv).frame.to_dict("records")
