@@ -132,6 +132,19 @@ def plot_assignment(assignment: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _recipe_stage_b(root: Path) -> tuple[pd.DataFrame, str] | None:
+    """(metrics, folder) of the stage-B fine-tune of the recipe (every Linear a MoE), if the search ran it."""
+    for cand in sorted((root / "search" / "stage_b").glob("*/candidate.yaml")):
+        try:
+            linear = (yaml.safe_load(cand.read_text()) or {}).get("linear") or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        metrics = _read_csv(cand.parent / "metrics.csv")
+        if linear and set(linear.values()) == {"moe"} and metrics is not None and not metrics.empty:
+            return metrics, str(cand.parent.relative_to(root))
+    return None
+
+
 def plot_routing(metrics: pd.DataFrame, path: Path) -> Path | None:
     """Final Mult share per MoE layer next to the cost-model equilibrium (and the first epoch's)."""
     share_cols = [c for c in metrics.columns if c.startswith("mult_share/")]
@@ -258,12 +271,21 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
     if ft is not None and not ft.empty:
         last = ft.iloc[-1]
         s.text.append(f"{len(ft)} epochs; final validation top-1 {last['val_acc']:.2f}%.")
-        share_cols = [c for c in ft.columns if c.startswith("mult_share/")]
+        routed, where = ft, "the chosen design"
+        if not [c for c in ft.columns if c.startswith("mult_share/")]:
+            recipe = _recipe_stage_b(root)
+            s.text.append("The chosen assignment has no MoE layer" + (
+                f"; the routing below is the recipe's stage-B fine-tune ({recipe[1]}, {len(recipe[0])} epochs)."
+                if recipe else "."))
+            if recipe:
+                routed, where = recipe
+        share_cols = [c for c in routed.columns if c.startswith("mult_share/")]
         if share_cols:
-            s.tables.append(("Mult share per MoE layer (final epoch) vs equilibrium", [
-                {"layer": c.split("/", 1)[1], "epoch 1": ft.iloc[0][c], "final": last[c],
-                 "equilibrium": last.get("eq_share/" + c.split("/", 1)[1])} for c in share_cols]))
-            p = plot_routing(ft, plots / "routing.png")
+            last_r = routed.iloc[-1]
+            s.tables.append((f"Mult share per MoE layer (final epoch) vs equilibrium: {where}", [
+                {"layer": c.split("/", 1)[1], "epoch 1": routed.iloc[0][c], "final": last_r[c],
+                 "equilibrium": last_r.get("eq_share/" + c.split("/", 1)[1])} for c in share_cols]))
+            p = plot_routing(routed, plots / "routing.png")
             if p:
                 s.images.append(("Routing share vs equilibrium", p))
     else:

@@ -513,7 +513,7 @@ def stage_b_candidates(
     energy_budget: float | None,
 ) -> list[dict[str, Any]]:
     """``k`` front designs spread along the front (the dense design excluded: its accuracy is known),
-    preferring those within budget, plus the recipe."""
+    preferring those within budget, plus the recipe and all-shift baselines."""
     dense_key = space.key(space.baselines()["all-mult"])
     pool = [r for r in front if space.key(r["params"]) != dense_key]
     feasible = [r for r in pool if _feasible(r, latency_budget, energy_budget)]
@@ -522,9 +522,10 @@ def stage_b_candidates(
     if pool and k > 0:
         pts = np.array([[r["latency_ms"], r["energy_mj"], r["risk"]] for r in pool])
         chosen = [pool[i] for i in pareto.spread(pts, k)]
-    recipe = next((b for b in baselines if b["baseline"] == "recipe"), None)
-    if recipe is not None and all(space.key(r["params"]) != space.key(recipe["params"]) for r in chosen):
-        chosen.append(recipe)
+    for name in ("recipe", "all-shift"):  # the report compares the chosen design with both
+        base = next((b for b in baselines if b["baseline"] == name), None)
+        if base is not None and all(space.key(r["params"]) != space.key(base["params"]) for r in chosen):
+            chosen.append(base)
     return chosen
 
 
