@@ -69,7 +69,7 @@ def _pack_weights(n: int, k: int, nb: int, fn, dtype: str = "float32", name: str
     def body(jo, r, ji):
         j = jo * nb + ji
         jc = tirx.min(j, n - 1)  # keep the padded lanes' loads in bounds
-        return tirx.if_then_else(j < n, fn(jc, r), tirx.const(0, dtype))
+        return tirx.Select(j < n, fn(jc, r), tirx.const(0, dtype))  # both sides safe: a vector select
 
     return te.compute((no, k, nb), body, name=name)
 
