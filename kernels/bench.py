@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -246,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", default="cpu")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved measurement rounds")
     parser.add_argument("--tuning-dir", default=None)
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (and TVM's, unless "
+                        "TVM_NUM_THREADS is set)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -257,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    # Same thread count on both sides. Left alone, TVM 0.27 halves hardware_concurrency() on x86 (it
+    # assumes hyper-threads), so on a 2-vCPU machine every TVM kernel would run on one thread.
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     wanted = [f for f in args.filter.split(",") if f]
     shapes = [s for s in shapes_for(args.shapes) if not wanted or any(w in s.key for w in wanted)]
     rows = []
