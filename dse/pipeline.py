@@ -55,7 +55,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     # 2. profile (the store itself skips rows already measured)
     from dse.inventory import inventory_for_config
-    from dse.profile import Settings, profile_model
+    from dse.profile import Settings, profile_model, write_model_rows
 
     holder: dict[str, Any] = {}
 
@@ -75,6 +75,9 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         profile_csv = Path(prof.summary["profile_csv"])
     results.append(prof)
     profile_digest = sha256_file(profile_csv)
+    # the store also holds other models' and calibration rows; the report shows this model's
+    model_rows = write_model_rows(profile_csv, inventory_for_config(cfg_d, batch=cfg.profile.batch),
+                                  root / "profile" / "model_rows.csv")
 
     # 3. search (stage A on the cost model, stage B on short fine-tunes)
     from dse.search import run_search
@@ -121,6 +124,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         "folder": str(root),
         "stages": [dataclasses.asdict(r) for r in results],
         "profile_csv": str(profile_csv),
+        "model_rows_csv": str(model_rows),
         "accuracy": accuracy_table(root),
     }
     from dse.report import write_report

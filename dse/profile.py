@@ -34,6 +34,7 @@ from typing import Any
 
 from dse import nonprim
 from dse.errors import TargetUnavailableError
+from dse.fileio import atomic_write_text
 from dse.inventory import TORCH_BASELINE, Inventory, compact_names
 from dse.store import Key, ProfileStore, row_key
 
@@ -83,6 +84,20 @@ def plan(inventory: Inventory, *, include_nonprim: bool = True) -> list[RowSpec]
             for backend in ("tvm", "torch"):
                 add(RowSpec(g.primitive, backend, *g.shape, "float32", "nonprim", g.names))
     return list(specs.values())
+
+
+def write_model_rows(profile_csv: str | Path, inventory: Inventory, path: str | Path) -> Path:
+    """Write the rows of the profile at ``profile_csv`` that price ``inventory`` (its :func:`plan`) to ``path``.
+
+    A device's profile also holds other models' rows and calibration shapes; a report on one model shows
+    only the rows its cost depends on.
+    """
+    from dse.store import load_profile
+
+    frame = load_profile(profile_csv).frame
+    keys = {spec.key for spec in plan(inventory)}
+    mine = frame[[row_key(r) in keys for r in frame.to_dict("records")]]
+    return atomic_write_text(path, mine.to_csv(index=False))
 
 
 @dataclasses.dataclass

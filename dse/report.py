@@ -219,14 +219,21 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
     stages = summary.get("stages", [])
     if stages:
         s.tables.append(("Stages", [{"stage": st["name"], "status": "reused" if st["reused"] else "ran",
-                                     "seconds": round(st["seconds"], 1)} for st in stages]))
+                                     "seconds": round(st["seconds"], 1),
+                                     "seconds when it ran": round(st.get("ran_seconds", st["seconds"]), 1)}
+                                    for st in stages]))
     sections.append(s)
 
     prof_path = summary.get("profile_csv")
+    rows_path = summary.get("model_rows_csv")
     s = Section("Profile: measured kernels on this device")
-    prof = _read_csv(Path(prof_path)) if prof_path else None
+    whole = _read_csv(Path(prof_path)) if prof_path else None
+    prof = _read_csv(Path(rows_path)) if rows_path else whole
     if prof is not None and not prof.empty:
-        s.text.append(f"From `{prof_path}` ({len(prof)} rows). Latency is the median of TVM's time evaluator "
+        of = f" of the {len(whole)} in the device's profile (other models, calibration shapes)" if (
+            whole is not None and len(whole) > len(prof)) else ""
+        s.text.append(f"From `{rows_path or prof_path}`: the {len(prof)} rows that price this model{of}, taken "
+                      f"from `{prof_path}`. Latency is the median of TVM's time evaluator "
                       "(PyTorch rows: median of timed eager calls); energy is labelled with its source.")
         gemm = prof[prof["primitive"].isin(["matmul", "matshift", "matshift_decode", "matadd", "bmm"])]
         cols = [c for c in ("primitive", "backend", "batch", "m", "k", "n", "latency_ms", "latency_ms_p90",

@@ -31,8 +31,9 @@ class StageResult:
     folder: Path
     key: str
     reused: bool
-    seconds: float
+    seconds: float  # spent now (0 when reused)
     summary: dict[str, Any]
+    ran_seconds: float = 0.0  # what the stage took when it last ran
 
 
 def run_stage(name: str, folder: Path, key: str, outputs: Iterable[str], cfg: Config,
@@ -48,14 +49,14 @@ def run_stage(name: str, folder: Path, key: str, outputs: Iterable[str], cfg: Co
             done = {}
         if done.get("key") == key and all((folder / o).exists() for o in outputs):
             log.info("stage %s: inputs unchanged, reusing %s", name, folder)
-            return StageResult(name, folder, key, True, 0.0, done.get("summary", {}))
+            return StageResult(name, folder, key, True, 0.0, done.get("summary", {}), float(done.get("seconds", 0.0)))
     t0 = time.perf_counter()
     summary = fn(folder)
     save_config(cfg, folder)
     seconds = time.perf_counter() - t0
     atomic_write_text(marker, json.dumps({"key": key, "seconds": seconds, "summary": summary}, indent=2,
                                          default=str))
-    return StageResult(name, folder, key, False, seconds, summary)
+    return StageResult(name, folder, key, False, seconds, summary, seconds)
 
 
 def section(cfg: Config, *names: str) -> dict[str, Any]:

@@ -74,3 +74,22 @@ def test_rerun_reuses_every_stage(run):
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((out / "run.json").read_text())
     assert [s["name"] for s in summary["stages"] if s["reused"]] == STAGES
+    assert all(s["ran_seconds"] > 0 for s in summary["stages"])  # the report still says what each took
+
+
+def test_report_profile_table_is_this_models_rows(run):
+    """The device's profile may hold other models' and calibration rows; the report shows the plan's."""
+    from dse.config import load_config
+    from dse.inventory import inventory_for_config
+    from dse.profile import plan
+    from dse.store import load_profile, row_key
+
+    out, _, _ = run
+    summary = json.loads((out / "run.json").read_text())
+    mine = pd.read_csv(summary["model_rows_csv"])
+    whole = load_profile(summary["profile_csv"]).frame
+    keys = {row_key(r) for r in mine.to_dict("records")}
+    assert len(keys) == len(mine) and keys <= {row_key(r) for r in whole.to_dict("records")}
+    inv = inventory_for_config(load_config(out / "resolved_config.yaml"))
+    assert keys == {s.key for s in plan(inv)}
+    assert f"the {len(mine)} rows that price this model" in (out / "report.md").read_text()
