@@ -109,11 +109,10 @@ def open_storage(url: str, retries: int = 5) -> optuna.storages.RDBStorage:
                 "sqlite:///study.db or postgresql://user@host/db"
             ) from None
         except Exception as exc:  # sqlalchemy raises a variety of errors for a concurrent create_all
-            if (
-                attempt == retries - 1
-                or "already exists" not in str(exc)
-                and "duplicate" not in str(exc).lower()
-            ):
+            # PostgreSQL says "already exists"/"duplicate key", SQLite "UNIQUE constraint failed" (both
+            # workers inserting alembic_version): seen when a reader opened a study its worker was creating
+            racing = any(s in str(exc).lower() for s in ("already exists", "duplicate", "unique constraint"))
+            if attempt == retries - 1 or not racing:
                 raise StageError(f"cannot open Optuna storage {url}: {str(exc).splitlines()[0]}") from None
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")  # pragma: no cover

@@ -478,3 +478,30 @@ def test_run_search_both_stages_writes_outputs_and_reuses_stage_b(tmp_path, monk
     again = run_search(cfg)
     assert again["sensitivity"]["reused"] is True and again["stage_a"]["evaluated"] == 0
     assert len(optuna.load_study(study_name="shiftadd-stage-b", storage=summary["storage"]).trials) == n_b
+
+
+def _open_after(barrier, url: str, results) -> None:
+    barrier.wait()
+    try:
+        open_storage(url)
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_creating_one_fresh_sqlite_study_all_succeed(tmp_path):
+    """Several processes opening a fresh SQLite storage at once race to create its schema; every one opens
+    it (the loser's "UNIQUE constraint failed" on alembic_version is retried, as PostgreSQL's "already
+    exists" is). A CI run once lost a search this way to a reader polling the study it was creating."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    n = 6
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_open_after, args=(barrier, url, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert sorted(results.get(timeout=5) for _ in range(n)) == ["ok"] * n
