@@ -16,7 +16,7 @@ import models
 from dse.config import Config, save_config
 from dse.data import DataBundle, load_data
 from dse.fileio import atomic_write_bytes
-from dse.train import TrainSpec, evaluate, train
+from dse.train import TrainSpec, evaluate, set_seed, train
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def pretrain(cfg: Config, out: Path, *, resume: bool = False, progress: bool = T
     """Train (or, with ``model.checkpoint`` set, just evaluate) the dense baseline."""
     set_threads(cfg.pretrain.threads)
     data = data or load_data(cfg.data, cfg.seed)
+    set_seed(cfg.seed)  # the initial weights too: the same seed gives the same dense model (it did not)
     model = build_dense(cfg)
     if cfg.model.checkpoint:
         models.load_weights(model, cfg.model.checkpoint)

@@ -53,3 +53,20 @@ def test_resume_continues_exactly(tmp_path):
     assert a["train_loss"].tolist() == b["train_loss"].tolist()
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_pretrain_with_one_seed_gives_one_dense_model(tmp_path):
+    """The seed fixes the initial weights too, whatever the process's RNG did before (two `make run`s once
+    produced different dense models from the same seed: the model was built before seeding)."""
+    from dse.pretrain import pretrain
+
+    cfg = _tiny_cfg(**{"pretrain.epochs": 1, "data.batch_size": 32})
+    weights = []
+    for i, junk in enumerate((1, 2)):
+        torch.manual_seed(1000 + junk)  # a different RNG state before each run
+        torch.rand(junk)
+        pretrain(cfg, tmp_path / f"run{i}", progress=False)
+        weights.append(torch.load(tmp_path / f"run{i}" / "weights.pt", weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
