@@ -182,12 +182,14 @@ def dense_ckpt(tmp_path_factory) -> Path:
 
 
 def test_sigkill_finetune_keeps_finished_epochs_and_resume_completes(tmp_path, rng, dense_ckpt):
-    epochs = 3
+    epochs = 4
     costs_json = write_cost_table(tmp_path / "costs.json", costs_for(models.create("vit_digits", **{
         "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})))
     out = tmp_path / "ft"
     argv = cli_args(out, dense_ckpt, costs_json, f"finetune.epochs={epochs}")
-    done_before_kill = rng.randint(0, epochs - 1)  # epochs finished on disk when the kill lands
+    # epochs finished on disk when the kill lands; two or more are left, so that the kill (< 0.2 s later) lands
+    # before the end on a quiet machine too, where a tiny epoch takes ~0.3 s
+    done_before_kill = rng.randint(0, epochs - 2)
 
     def finished() -> int:
         try:
@@ -199,7 +201,7 @@ def test_sigkill_finetune_keeps_finished_epochs_and_resume_completes(tmp_path, r
                             text=True)
     started = (lambda: finished() >= done_before_kill) if done_before_kill else (lambda: out.exists())
     wait_until(proc, started, f"{done_before_kill} epochs were saved")
-    time.sleep(rng.uniform(0.0, 0.5))
+    time.sleep(rng.uniform(0.0, 0.15))
     kill(proc)
     assert proc.returncode == -signal.SIGKILL, f"seed {SEED}: {proc.stderr.read()[-2000:]}"
     assert not (out / "weights.pt").exists(), f"seed {SEED}: the run finished before the kill"
