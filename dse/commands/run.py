@@ -12,7 +12,8 @@ def run(args: argparse.Namespace):
 
     cfg = config_from_args(args)
     result = run_pipeline(cfg)
-    rows = [{"stage": s["name"], "status": "reused (inputs unchanged)" if s["reused"] else "ran",
+    rows = [{"stage": s["name"],
+             "status": f"reused (inputs unchanged; ran in {s['ran_seconds']:.1f} s)" if s["reused"] else "ran",
              "seconds": s["seconds"], "folder": str(s["folder"])} for s in result["stages"]]
     acc = result["accuracy"]
     lines = [table(rows, floatfmt="{:.1f}"), "", "validation top-1:"]
