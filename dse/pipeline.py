@@ -57,15 +57,12 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     from dse.inventory import inventory_for_config
     from dse.profile import Settings, profile_model, write_model_rows
 
-    holder: dict[str, Any] = {}
+    inv = inventory_for_config(cfg_d, batch=cfg.profile.batch)  # the model's rows: profiled, and reported
 
     def do_profile(out: Path) -> dict[str, Any]:
-        inv = inventory_for_config(cfg_d, batch=cfg.profile.batch)
         run = profile_model(inv, Settings.from_config(cfg.profile), cfg.profile.dir, progress=progress)
-        summary = {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
-                   "seconds": round(run.seconds, 1), "energy_source": run.energy_source}
-        holder.update(summary)
-        return summary
+        return {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
+                "seconds": round(run.seconds, 1), "energy_source": run.energy_source}
 
     prof_key = fingerprint("profile", section(cfg, "model", "data", "profile"))
     prof = run_stage("profile", root / "profile", prof_key, [], cfg, do_profile)
@@ -76,8 +73,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     results.append(prof)
     profile_digest = sha256_file(profile_csv)
     # the store also holds other models' and calibration rows; the report shows this model's
-    model_rows = write_model_rows(profile_csv, inventory_for_config(cfg_d, batch=cfg.profile.batch),
-                                  root / "profile" / "model_rows.csv")
+    model_rows = write_model_rows(profile_csv, inv, root / "profile" / "model_rows.csv")
 
     # 3. search (stage A on the cost model, stage B on short fine-tunes)
     from dse.search import run_search

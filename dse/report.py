@@ -220,7 +220,7 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
     if stages:
         s.tables.append(("Stages", [{"stage": st["name"], "status": "reused" if st["reused"] else "ran",
                                      "seconds": round(st["seconds"], 1),
-                                     "seconds when it ran": round(st.get("ran_seconds", st["seconds"]), 1)}
+                                     "seconds when it ran": round(st["ran_seconds"], 1)}
                                     for st in stages]))
     sections.append(s)
 

@@ -76,8 +76,8 @@ def test_sigkill_profile_keeps_measured_rows_and_rerun_completes(tmp_path, rng):
     kill_after = rng.randint(1, len(specs) - 1)  # rows on disk when the kill lands
     # every row times for >= 2 x 100 ms, so the kill (< 70 ms after the row count is seen) lands before the
     # last row is written even on a quiet machine, where tiny rows at 1 ms each finished before the kill
-    slow = ["--set", "profile.min_repeat_ms=100"]
-    proc = subprocess.Popen(dse("profile", "--out", str(out), *PROFILE_ARGS, *slow), cwd=ROOT, env=ENV,
+    args = ["profile", "--out", str(out), *PROFILE_ARGS, "--set", "profile.min_repeat_ms=100"]
+    proc = subprocess.Popen(dse(*args), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_until(proc, lambda: len(_rows(out)) >= kill_after, f"{kill_after} rows were written")
     time.sleep(rng.uniform(0.0, 0.05))  # land anywhere in the next measurement or write
@@ -86,7 +86,7 @@ def test_sigkill_profile_keeps_measured_rows_and_rerun_completes(tmp_path, rng):
     before = _rows(out)  # the file is valid: load_profile checks every column and row
     assert kill_after <= len(before) < len(specs), f"seed {SEED}: the profile finished before the kill"
 
-    res = subprocess.run(dse("profile", "--out", str(out), *PROFILE_ARGS, *slow, "--json"), cwd=ROOT, env=ENV,
+    res = subprocess.run(dse(*args, "--json"), cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
