@@ -22,7 +22,7 @@ where they measured faster — ``export.tune_trials > 0`` tunes shapes that have
 CUDA), are named ``shiftadd_<primitive>_b.._m.._k.._n..`` and carry the attributes ``shiftadd.primitive``
 and ``tirx.is_scheduled``. They are marked opaque so fusion leaves them whole. Everything else is
 legalised, fused (``FuseOps``/``FuseTIR``) and scheduled (:func:`relax_pipeline`): LayerNorm by this
-module's vectorised kernel (:func:`layer_norm_primfunc`), GELU with TOPI's vectorisable ``fast_erf``, the
+(and softmax) by :mod:`dse.row_kernels`, GELU with TOPI's vectorisable ``fast_erf``, the
 MoE's row gathers made fusible, then two CPU rules (:func:`schedule_rules`): softmax-like row reductions
 computed row by row under a parallel loop, and a parallel + vectorised rule for the rest. On CUDA the
 fused functions go through dlight's GPU rules. The patch embedding (a stride = kernel convolution) is a
@@ -47,13 +47,13 @@ import types
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import kernels
+from dse import row_kernels
 from dse.errors import KernelError, ModelError
 from models.hamming import HammingAttention
 from models.shift import ShiftLinear
@@ -476,14 +476,7 @@ def call_tir_targets(mod: tvm.IRModule, func: str = "main") -> list[str]:
 # Scheduling and compiling
 
 
-def _vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
-    from tvm.target.codegen import llvm_get_vector_width
-
-    try:
-        width = int(llvm_get_vector_width(target))
-    except Exception:  # a non-LLVM or odd target: SSE width is always safe on x86 and arm
-        width = 128
-    return max(1, (width if width > 0 else 128) // bits)
+_vector_lanes = row_kernels.vector_lanes
 
 
 # Below this many output elements a parallel launch costs more than it saves (TVM's thread pool wakes
@@ -708,98 +701,6 @@ def _fast_gelu_pass() -> Any:
     return _pass
 
 
-def layer_norm_primfunc(rows: int, c: int, eps: float, lanes: int) -> tvm.tirx.PrimFunc:
-    """Scheduled CPU LayerNorm over the last axis of ``x[rows, c]`` (``c % lanes == 0``).
-
-    Two-pass mean and variance as PyTorch computes them, with each row's sums kept in ``lanes``
-    partial sums (a vector register) instead of one scalar chain: dlight's CPU reduction rule sums
-    serially and took ~7x longer (measured 170 vs 25 us for 520 x 96 on one core).
-    """
-    from tvm import s_tir, te, tirx
-
-    x = te.placeholder((rows, c), "float32", name="x")
-    gamma = te.placeholder((c,), "float32", name="gamma")
-    beta = te.placeholder((c,), "float32", name="beta")
-    groups = c // lanes
-    o1 = te.reduce_axis((0, groups), name="o1")
-    part = te.compute((rows, lanes), lambda r, ln: te.sum(x[r, o1 * lanes + ln], axis=o1), name="part")
-    l1 = te.reduce_axis((0, lanes), name="l1")
-    msum = te.compute((rows,), lambda r: te.sum(part[r, l1], axis=l1), name="msum")
-    mean = te.compute((rows,), lambda r: msum[r] / float(c), name="mean")
-    o2 = te.reduce_axis((0, groups), name="o2")
-    dpart = te.compute((rows, lanes), lambda r, ln: te.sum(
-        (x[r, o2 * lanes + ln] - mean[r]) * (x[r, o2 * lanes + ln] - mean[r]), axis=o2), name="dpart")
-    l2 = te.reduce_axis((0, lanes), name="l2")
-    vsum = te.compute((rows,), lambda r: te.sum(dpart[r, l2], axis=l2), name="vsum")
-    y = te.compute((rows, c), lambda r, j: (x[r, j] - mean[r]) * tirx.rsqrt(vsum[r] / float(c) + eps)
-                   * gamma[j] + beta[j], name="y")
-    sch = s_tir.Schedule(te.create_prim_func([x, gamma, beta, y]))
-    r, j = sch.get_loops(sch.get_sblock("y"))
-    ro, ri = sch.split(r, [None, 4] if rows % 4 == 0 else [None, 1])
-    _, ji = sch.split(j, [None, lanes])
-    sch.vectorize(ji)
-    sch.parallel(ro)
-    for name in ("vsum", "dpart", "mean", "msum", "part"):
-        sch.compute_at(sch.get_sblock(name), ri)
-    for name in ("part", "dpart"):
-        blk = sch.get_sblock(name)
-        lane, outer = sch.get_loops(blk)[-2:]
-        sch.reorder(outer, lane)
-        sch.vectorize(lane)
-        sch.decompose_reduction(blk, outer)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
-
-
-def _layer_norm_pass(target: tvm.target.Target) -> Any:
-    """Relax pass (CPU): last-axis float32 LayerNorms with static shapes -> :func:`layer_norm_primfunc`."""
-    import tvm
-    from tvm import relax
-
-    lanes = _vector_lanes(target)
-
-    @relax.expr_functor.mutator
-    class _Mutator(relax.PyExprMutator):
-        def __init__(self, mod: tvm.IRModule):
-            super().__init__(mod)
-            self.funcs: dict[tuple[int, int, float, int], Any] = {}
-
-        def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor protocol)
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.layer_norm"):
-                return call
-            x = call.args[0]
-            try:
-                shape = [int(v) for v in x.ty.shape]
-            except (TypeError, ValueError):
-                return call  # symbolic shape
-            axes = [int(a) % len(shape) for a in call.attrs.axes]
-            if (str(x.ty.dtype) != "float32" or axes != [len(shape) - 1] or not call.attrs.center
-                    or not call.attrs.scale):
-                return call
-            c = shape[-1]
-            vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and c % v == 0), 0)
-            if not vec:
-                return call
-            rows = int(np.prod(shape[:-1]))
-            key = (rows, c, float(call.attrs.epsilon), vec)
-            if key not in self.funcs:
-                self.funcs[key] = self.builder_.add_func(layer_norm_primfunc(*key), f"dse_layer_norm_r{rows}_c{c}")
-            x2 = self.builder_.emit(relax.op.reshape(x, (rows, c)))
-            out = self.builder_.emit(relax.call_tir(self.funcs[key], [x2, call.args[1], call.args[2]],
-                                                    relax.TensorType((rows, c), "float32")))
-            return relax.op.reshape(out, shape)
-
-    @tvm.transform.module_pass(opt_level=0, name="ShiftAddLayerNorm")
-    def _pass(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        mutator = _Mutator(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
-
-
 def _fusible_gathers_pass() -> Any:
     """Mark the legalised ``take`` (row gathers: a MoE's dispatch and un-dispatch) injective, so fusion
     folds them into their neighbours — the rows are gathered straight into the expert's sliced, quantised
@@ -827,7 +728,7 @@ def relax_pipeline(target: tvm.target.Target) -> Any:
     from tvm.s_tir import dlight as dl
 
     backend = relax.backend.cuda.pipeline if target.kind.name == "cuda" else relax.backend.cpu_generic.pipeline
-    cpu_only = [] if target.kind.name == "cuda" else [_layer_norm_pass(target)]
+    cpu_only = [] if target.kind.name == "cuda" else [row_kernels.row_kernels_pass(target)]
     legalize = [
         *cpu_only,
         _fast_gelu_pass(),

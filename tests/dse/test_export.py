@@ -183,9 +183,9 @@ def test_fast_layer_norm_and_gelu_match_pytorch():
         torch.from_numpy(x), (96,), torch.from_numpy(gamma), torch.from_numpy(beta), 1e-6)).numpy()
     np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-5)
     import kernels
-    from dse.graph import _layer_norm_pass
+    from dse.row_kernels import row_kernels_pass
 
-    rewritten = _layer_norm_pass(kernels.resolve_target("cpu"))(mod)
+    rewritten = row_kernels_pass(kernels.resolve_target("cpu"))(mod)
     assert any(gv.name_hint.startswith("dse_layer_norm_r130_c96") for gv in rewritten.functions)
 
 
