@@ -321,8 +321,7 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
             rows = bb.emit(relax.op.reshape(x, (1, b * m, k)))
             out = emitter.call(bb, "matmul", (1, b * m, k, n), [rows, weight])
             return bb.emit(relax.op.reshape(out, (b, m, n)))
-        y_t = bb.emit(relax.op.permute_dims(y, [0, 2, 1]))  # [b, n, k]: the bmm primitive's layout
-        return emitter.call(bb, "bmm", (b, m, k, n), [x, y_t])
+        return emitter.call(bb, "bmm", (b, m, k, n), [x, y])
 
     def sort(node: Any, imp: Any) -> Any:
         """``argsort`` of a permutation (the MoE's inverse order) is a scatter, O(T), not a sort."""

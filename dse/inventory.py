@@ -12,8 +12,8 @@ n=C_out)``. Attention products batch over heads, ``b = B·H`` (H heads of width 
 ============  ==========  ==========================  =======================================
 choice        product     (b, m, k, n)                operands
 ============  ==========  ==========================  =======================================
-msa           scores      bmm (B·H, N, d, Nk)         q[b, N, d], k[b, Nk, d]
-msa           context     bmm (B·H, N, Nk, d)         attn[b, N, Nk], vᵀ[b, d, Nk]
+msa           scores      bmm (B·H, N, d, Nk)         q[b, N, d], kᵀ[b, d, Nk]
+msa           context     bmm (B·H, N, Nk, d)         attn[b, N, Nk], v[b, Nk, d]
 hamming       kv          matadd (B·H, 2nb, Nk, d+1)  mask c_ext(K)[b, Nk, 2nb], v [V, 1][b, Nk, d+1]
 hamming       qkv_out     matadd (B·H, N, 2nb, d+1)   mask c_ext(Q)ᵀ[b, 2nb, N], v KV[b, 2nb, d+1]
 ============  ==========  ==========================  =======================================

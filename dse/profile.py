@@ -261,11 +261,10 @@ class Measurer:
                 with torch.inference_mode():
                     return torch.matmul(a, wt)  # [b, m, k] @ [k, n]
         elif spec.primitive == "bmm":
-            yt = b.transpose(1, 2)  # [b, k, n]
 
             def fn() -> Any:
                 with torch.inference_mode():
-                    return torch.bmm(a, yt)
+                    return torch.bmm(a, b)  # [b, m, k] @ [b, k, n]
         else:  # matadd as the PyTorch Hamming attention runs it: a float bmm of the 0/1 mask
             mask_t = a.to(torch.float32).transpose(1, 2)  # [b, m, k]
 

@@ -4,7 +4,8 @@ The canonical definitions in ``kernels.primitives`` read weights as ``w[n, k]``;
 the opposite, so each kernel here first packs its weights at run time (an ``O(n·k)`` stage, small
 next to the ``O(b·m·n·k)`` reduction) and then runs a register-blocked micro-kernel:
 
-- **GEMMs** (matmul, bmm, matshift_decode): weights packed to ``wp[n/NB, k, NB]``; a tile of ``MR``
+- **GEMMs** (matmul, bmm, matshift_decode): weights packed to ``wp[n/NB, k, NB]`` (bmm's ``y[b, k, n]``
+  is read in place when ``NB`` divides ``n``); a tile of ``MR``
   rows × ``NB`` columns accumulates in vector registers (``MR·NB/lanes`` of them) while ``k`` runs;
   rows of ``x`` are broadcast, a row of ``wp`` is a contiguous vector load: one FMA per vector.
   matshift_decode decodes ``sign·2^-shift`` inside the packing stage.
@@ -160,24 +161,34 @@ def bmm_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Targe
     tile = _gemm_tile(lanes, n)
     nb = tile.nv * lanes
     x = te.placeholder((b, m, k), dtype, name="x")
-    y = te.placeholder((b, n, k), dtype, name="y")
+    y = te.placeholder((b, k, n), dtype, name="y")
+    packs: list[str] = []
+    if n % nb == 0 and dtype == "float32":  # rows of y are contiguous along n: read them in place
 
-    def pack(bi, jo, r, ji):
-        j = jo * nb + ji
-        return tirx.if_then_else(
-            j < n, y[bi, tirx.min(j, n - 1), r].astype("float32"), tirx.const(0, "float32")
-        )
+        def y_fn(bi, jo, r, ji):
+            return y[bi, r, jo * nb + ji]
 
-    yp = te.compute((b, _ceil_div(n, nb), k, nb), pack, name="ypack")
+    else:
+
+        def pack(bi, jo, r, ji):
+            j = jo * nb + ji
+            return tirx.Select(j < n, y[bi, r, tirx.min(j, n - 1)].astype("float32"), tirx.const(0, "float32"))
+
+        yp = te.compute((b, _ceil_div(n, nb), k, nb), pack, name="ypack")
+        packs.append("ypack")
+
+        def y_fn(bi, jo, r, ji):
+            return yp[bi, jo, r, ji]
+
     out = _packed_gemm(
         (b, m, k, n),
         nb,
         lambda bi, i, r: x[bi, i, r].astype("float32"),
-        lambda bi, jo, r, ji: yp[bi, jo, r, ji],
+        y_fn,
         _mac,
         "bmm",
     )
-    return _schedule_gemm(te.create_prim_func([x, y, out]), "bmm", ["ypack"], tile, lanes)
+    return _schedule_gemm(te.create_prim_func([x, y, out]), "bmm", packs, tile, lanes)
 
 
 @register_cpu_schedule("matshift_decode")

@@ -7,7 +7,7 @@ always 3-D with the batch first and are fixed by the problem size ``(b, m, k, n)
 primitive          definition                                            arguments
 =================  ====================================================  =====================
 matmul             ``out[b,m,n] = Σ_k x[b,m,k]·w[n,k]``                  x[b,m,k], w[n,k]
-bmm                ``out[b,m,n] = Σ_k x[b,m,k]·y[b,n,k]``                x[b,m,k], y[b,n,k]
+bmm                ``out[b,m,n] = Σ_k x[b,m,k]·y[b,k,n]``                x[b,m,k], y[b,k,n]
 matshift           ``out[b,m,n] = Σ_k sign[n,k]·(x[b,m,k] >> shift[n,k])``  x int32, shift/sign int8
 matshift_decode    ``out[b,m,n] = Σ_k x[b,m,k]·(sign[n,k]·2^-shift[n,k])``  x float, shift/sign int8
 matadd             ``out[b,m,n] = Σ_k (mask[b,k,m] ? v[b,k,n] : 0)``     mask uint8, v[b,k,n]
@@ -245,36 +245,40 @@ register(
 
 
 def bmm_te(x: te.Tensor, y: te.Tensor) -> te.Tensor:
-    """``out[b,m,n] = Σ_k x[b,m,k]·y[b,n,k]`` (attention products q·kᵀ, attn·v) in fp32."""
+    """``out[b,m,n] = Σ_k x[b,m,k]·y[b,k,n]`` (attention products q·kᵀ, attn·v; ``torch.bmm``) in fp32.
+
+    ``y`` keeps ``torch.bmm``'s layout so that the exported graph passes the operand it already has
+    (``kᵀ`` and ``v`` as the attention computes them) instead of transposing a copy for the kernel to
+    transpose back while packing."""
     from tvm import te
 
     b, m, k = x.shape
-    n = y.shape[1]
+    n = y.shape[2]
     acc = _accum_dtype(str(x.dtype))
     r = te.reduce_axis((0, k), name="k")
     return te.compute(
         (b, m, n),
-        lambda bi, i, j: te.sum(x[bi, i, r].astype(acc) * y[bi, j, r].astype(acc), axis=r),
+        lambda bi, i, j: te.sum(x[bi, i, r].astype(acc) * y[bi, r, j].astype(acc), axis=r),
         name="bmm",
     )
 
 
 def _bmm_ref(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return np.matmul(x.astype(np.float64), y.astype(np.float64).transpose(0, 2, 1)).astype(np.float32)
+    return np.matmul(x.astype(np.float64), y.astype(np.float64)).astype(np.float32)
 
 
 register(
     Primitive(
         name="bmm",
-        summary="batched GEMM out[b,m,n] = Σ_k x[b,m,k]·y[b,n,k] (softmax-attention products)",
+        summary="batched GEMM out[b,m,n] = Σ_k x[b,m,k]·y[b,k,n] (softmax-attention products, torch.bmm)",
         arg_names=("x", "y"),
-        arg_shapes=lambda b, m, k, n: ((b, m, k), (b, n, k)),
+        arg_shapes=lambda b, m, k, n: ((b, m, k), (b, k, n)),
         arg_dtypes=lambda dt: (dt, dt),
         out_dtype=_accum_dtype,
         dtypes=("float32", "float16"),
         te_fn=bmm_te,
         reference=_bmm_ref,
-        random_inputs=lambda b, m, k, n, dt, rng: (_normal(rng, (b, m, k), dt), _normal(rng, (b, n, k), dt)),
+        random_inputs=lambda b, m, k, n, dt, rng: (_normal(rng, (b, m, k), dt), _normal(rng, (b, k, n), dt)),
         op_counts=lambda b, m, k, n, dt: _gemm_counts(b, m, k, n, (b * m * k + b * n * k) * _itemsize(dt), 4),
     )
 )

@@ -16,7 +16,7 @@ def brute_force(name: str, *a: np.ndarray) -> np.ndarray:
         return (x.astype(np.float64)[:, :, None, :] * w.astype(np.float64)[None, None]).sum(-1)
     if name == "bmm":
         x, y = a
-        return (x.astype(np.float64)[:, :, None, :] * y.astype(np.float64)[:, None]).sum(-1)
+        return (x.astype(np.float64)[:, :, None, :] * y.astype(np.float64).transpose(0, 2, 1)[:, None]).sum(-1)
     if name == "matshift":
         x, shift, sign = a
         terms = x.astype(np.int64)[:, :, None, :] >> shift.astype(np.int64)[None, None]  # [b, m, n, k]
