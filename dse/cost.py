@@ -13,7 +13,7 @@ Layers of lookup:
    as in the contract:
 
    * linear ``mult`` -> ``matmul``; ``shift`` -> the faster (by latency) of ``matshift`` plus its
-     fixed-point conversions (``requant``) and ``matshift_decode`` (float in, no conversions) for that
+     fixed-point conversions (``requant``) and ``matshift_decode`` plus its input rounding (``quantize``) for that
      shape — :func:`fastest_shift_primitive`, the rule the exporter applies to the same profile;
    * linear ``moe`` -> expected cost at the Mult token share ``s``:
      ``s·mult + (1 - s)·shift + router + dispatch`` (the expert costs are the full-layer costs, so
@@ -57,6 +57,7 @@ METRICS = ("latency", "energy", "mix")
 LINEAR_CHOICES = ("mult", "shift", "moe")
 ATTENTION_CHOICES = ("msa", "hamming")
 SHIFT_PRIMITIVES = ("matshift", "matshift_decode")
+_SHIFT_EXTRA = {"matshift": "requant", "matshift_decode": "quantize"}  # the op around each shift kernel
 _COLUMNS = {"latency": "latency_ms", "energy": "energy_mj"}
 
 
@@ -350,9 +351,9 @@ class ModelWork:
 
     ``fixed``: choice-independent work ``[(label, call)]`` — norms, GELU, residual adds, head splits,
     Linear biases, embed, head. ``moe``: per Linear, the router and dispatch calls of its MoE form.
-    ``requant``: per Linear, the fixed-point conversions the ``matshift`` kernel needs around it
-    (``matshift_decode`` takes float input and needs none), so the shift choice compares
-    ``matshift + requant`` with ``matshift_decode``.
+    ``requant``: per Linear, the extra work of its shift form around the kernel — ``requant`` calls (the
+    fixed-point conversions of ``matshift``) and ``quantize`` calls (``matshift_decode``'s input put on the
+    same grid) — so the shift choice compares ``matshift + requant`` with ``matshift_decode + quantize``.
     """
 
     linears: tuple[LinearWork, ...]
@@ -485,19 +486,22 @@ class CostModel:
     def estimate_many(self, calls: Iterable[Call]) -> Estimate:
         return total(self.estimate(c) for c in calls)
 
-    def shift_call(self, lw: LinearWork, requant: Iterable[Call] = ()) -> tuple[str, Estimate]:
-        """The faster of ``matshift`` (+ its ``requant`` conversions) and ``matshift_decode`` for this
-        Linear — the exporter's rule (:func:`fastest_shift_primitive`)."""
+    def shift_call(self, lw: LinearWork, extra: Iterable[Call] = ()) -> tuple[str, Estimate]:
+        """The faster of ``matshift`` (+ its ``requant`` calls in ``extra``) and ``matshift_decode`` (+ its
+        ``quantize`` calls) for this Linear — the exporter's rule (:func:`fastest_shift_primitive`)."""
+        extra = tuple(extra)
         best: tuple[str, Estimate] | None = None
         for prim in SHIFT_PRIMITIVES:
             if not self.can_price(prim):
                 continue
             est = self.estimate(Call(prim, lw.b, lw.m, lw.k, lw.n))
-            if prim == "matshift":
-                try:
-                    est = est + self.estimate_many(requant)
-                except ProfileError:
+            around = [c for c in extra if c.primitive == _SHIFT_EXTRA[prim]]
+            try:
+                est = est + self.estimate_many(around)
+            except ProfileError:
+                if prim == "matshift":
                     continue  # cannot price its conversions: only matshift_decode is comparable
+                # a profile from before ``quantize`` was an op: the kernel alone, as then
             if best is None or est.latency_ms < best[1].latency_ms:
                 best = (prim, est)
         if best is None:
@@ -515,7 +519,7 @@ def fastest_shift_primitive(profile: Any, b: int, m: int, k: int, n: int, backen
     ``requant`` conversions at ``(b, m, k, n)``, the inventory's shape for them) or ``matshift_decode``,
     whichever the profile prices faster — the rule the cost model applies."""
     cm = profile if isinstance(profile, CostModel) else CostModel(profile, backend)
-    return cm.shift_call(LinearWork("", b, m, k, n), (Call("requant", b, m, k, n),))[0]
+    return cm.shift_call(LinearWork("", b, m, k, n), (Call("requant", b, m, k, n), Call("quantize", b, m, k, k)))[0]
 
 
 class ModelCost:

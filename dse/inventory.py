@@ -311,6 +311,8 @@ def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int,
                 n=n, layer=lname, block=blk)
         add(o + 0.2, name=f"{lname}.requant", kind="nonprim", op="requant", primitives=("requant",), b=1, m=m,
             k=k, n=n, layer=lname, choice="shift", block=blk)
+        add(o + 0.3, name=f"{lname}.quantize", kind="nonprim", op="quantize", primitives=("quantize",), b=1, m=m,
+            k=k, n=k, layer=lname, choice="shift", block=blk)
         add(o - 0.2, name=f"{lname}.router", kind="nonprim", op="router", primitives=("router",), b=1, m=m, k=k,
             n=2, layer=lname, choice="moe", block=blk)
         add(o - 0.1, name=f"{lname}.dispatch", kind="nonprim", op="dispatch", primitives=("dispatch",), b=1, m=m,

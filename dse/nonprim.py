@@ -21,7 +21,9 @@ hamming_mix    (B·heads, N, d+1, d)             ``[V, 1]`` for the kv product, 
                                                 and the alpha/beta mix of models/hamming.py
 requant        (1, tokens, C_in, C_out)         float -> int32 ``floor(x·2^16)`` on ``[tokens, C_in]``
                                                 and int32 -> float ``·2^-16`` on ``[tokens, C_out]``
-                                                (around matshift; matshift_decode needs neither)
+                                                (around matshift)
+quantize       (1, tokens, C_in, C_in)          ``floor(x·2^16)·2^-16`` on ``[tokens, C_in]``: the float
+                                                input of matshift_decode put on the same fixed-point grid
 router         (1, tokens, C_in, 2)             ``softmax(x·Wᵀ + b)`` with ``W[2, C_in]``
 dispatch       (1, tokens, C_in, C_out)         argsort router scores, gather ``x`` rows in that order,
                                                 concatenate the two experts' outputs and gather them back
@@ -429,6 +431,32 @@ register(NonPrimOp(
     relax_fn=_requant_relax,
     op_counts=lambda s: _counts(s[0] * s[1] * (s[2] + s[3]), 2 * s[0] * s[1] * s[2],
                                 _bytes(2 * s[0] * s[1] * s[2], 2 * s[0] * s[1] * s[3])),
+))
+
+
+def _quantize_torch(shape: Shape, x):
+    import torch
+
+    scale = float(2**FRAC_BITS)
+    return torch.floor(x * scale).clamp(-(2.0**31), 2.0**31 - 128.0) * (1.0 / scale)
+
+
+def _quantize_relax(emit, shape: Shape, x):
+    from tvm import relax
+
+    scaled = relax.op.clip(relax.op.floor(relax.op.multiply(x, _const(float(2**FRAC_BITS)))), -(2.0**31),
+                           2.0**31 - 128.0)
+    return relax.op.multiply(emit(scaled), _const(2.0**-FRAC_BITS))
+
+
+register(NonPrimOp(
+    name="quantize",
+    summary="matshift_decode's input on the fixed-point grid: floor(x·2^16)·2^-16 on [b, m, k] (fp32)",
+    inputs=lambda s, rng: [_f32(rng, s[0], s[1], s[2], scale=2.0)],
+    torch_fn=_quantize_torch,
+    relax_fn=_quantize_relax,
+    op_counts=lambda s: _counts(2 * s[0] * s[1] * s[2], 2 * s[0] * s[1] * s[2], _bytes(2 * s[0] * s[1] * s[2])),
+    check=lambda s: None if s[2] == s[3] else "quantize keeps the width (k == n)",
 ))
 
 

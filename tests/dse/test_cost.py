@@ -314,6 +314,22 @@ def test_shift_choice_counts_the_requant_of_matshift():
     assert mc.predict(Assignment(linear={"fc": "shift"})).latency_ms == pytest.approx(1.5)  # 1.0 + 0.8 > 1.5
 
 
+def test_shift_choice_counts_the_input_rounding_of_matshift_decode():
+    """The exporter puts matshift_decode's float input on the fixed-point grid (a ``quantize`` pass), so the
+    decode path costs kernel + quantize, and that can make the integer kernel the faster choice."""
+    lw = (1, 128, 64, 64)
+    rows = [_row("matshift", *lw), _row("matshift_decode", *lw), _row("requant", *lw), _row("quantize", 1, 128, 64, 64)]
+    rows[0]["latency_ms"], rows[1]["latency_ms"], rows[2]["latency_ms"] = 1.0, 0.8, 0.4
+    for quantize_ms, expect in ((0.1, "matshift_decode"), (0.7, "matshift")):
+        rows[3]["latency_ms"] = quantize_ms
+        assert fastest_shift_primitive(Profile.from_rows(rows, {}), *lw) == expect
+    extra = (Call("requant", *lw), Call("quantize", 1, 128, 64, 64))
+    work = ModelWork((LinearWork("fc", *lw),), (), requant={"fc": extra})
+    rows[3]["latency_ms"] = 0.1
+    mc = CostModel(Profile.from_rows([*rows, _row("matmul", *lw)], {})).for_model(work)
+    assert mc.predict(Assignment(linear={"fc": "shift"})).latency_ms == pytest.approx(0.9)  # 0.8 + 0.1 < 1.4
+
+
 def test_vectorised_prediction_matches_and_is_fast():
     work = _work()
     mc = CostModel(_model_profile(work, np.random.default_rng(10))).for_model(work)
@@ -405,7 +421,7 @@ def test_inventory_work_is_partitioned_by_choice():
     counted += sum(len(c) for aw in work.attention for c in aw.calls.values())
     assert counted == len(inv.items)  # every work item lands in exactly one place
     assert {c.primitive for calls in work.moe.values() for c in calls} == {"router", "dispatch"}
-    assert {c.primitive for calls in work.requant.values() for c in calls} == {"requant"}
+    assert {c.primitive for calls in work.requant.values() for c in calls} == {"requant", "quantize"}
     (aw,) = work.attention
     assert [c.primitive for c in aw.calls["msa"]] == ["bmm", "softmax", "bmm"]
     assert sorted(c.primitive for c in aw.calls["hamming"]) == ["hamming_mix", "hash", "hash", "matadd", "matadd"]
