@@ -170,6 +170,17 @@ def tvm_threads() -> int:
     return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
+def prepare_params(vm: Any, params: list[Any]) -> list[Any]:
+    """The arguments ``main`` takes after the input: ``params`` themselves, or what the compiled
+    ``main_transform_params`` makes of them once (the packed GEMM weights; see
+    :func:`dse.graph.relax_pipeline`). The stored weights stay as exported (int8 shift layers)."""
+    try:
+        transform = vm["main_transform_params"]
+    except Exception:  # compiled without lifted parameter transforms
+        return params
+    return list(transform(params))
+
+
 class Artifact:
     """A verified, loaded artifact. ``run(batch)`` -> logits; ``predict(images)`` any number of images."""
 
@@ -217,7 +228,7 @@ class Artifact:
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{folder / LIBRARY} does not load with this TVM ({first}); re-export with "
                                 "the installed TVM version") from None
-        return cls(folder, manifest, vm, device, params)
+        return cls(folder, manifest, vm, device, prepare_params(vm, params))
 
     # ---- running ------------------------------------------------------------------------------------
     def _input(self, images: np.ndarray) -> Any:

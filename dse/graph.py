@@ -30,8 +30,14 @@ fused functions go through dlight's GPU rules. The patch embedding (a stride = k
 ``matmul``; the MoE's inverse permutation (``argsort`` of a permutation) is an O(T) scatter.
 
 Parameters stay function inputs (``keep_params_as_input``): the artifact's ``weights.npz`` is the only
-copy of the weights, the library is code only, and shift layers' weights reach the kernel as the int8
-``shift``/``sign`` arrays that are stored (see :class:`PackedShiftLinear`).
+copy of the weights, the library is code only, and shift layers' weights are stored as the int8
+``shift``/``sign`` arrays (see :class:`PackedShiftLinear`). On CPU the ``matmul``/``matshift_decode``
+kernels come in two parts (:class:`kernels.cpu_schedules.PrepackedGemm`): a packing kernel that lays the
+weights out for the GEMM's register tile (decoding ``sign·2^-shift`` exactly) and the GEMM on the packed
+weights. The packing depends on parameters only, so ``LiftTransformParams`` moves it into
+``main_transform_params``, which the loader runs once (:func:`dse.artifact.prepare_params`); a forward
+runs the GEMMs alone (15-25% faster per layer than packing on every call). The profiler times these
+rows the same way, so the cost model prices what runs.
 
 :func:`compile_relax` is the stable entry point other modules use (the profiler times non-primitive ops
 with it, so the cost model prices what the exporter compiles).
@@ -55,6 +61,7 @@ from torch.overrides import TorchFunctionMode
 import kernels
 from dse import row_kernels
 from dse.errors import KernelError, ModelError
+from kernels.cpu_schedules import PREPACKABLE, prepacked_gemm
 from models.hamming import HammingAttention
 from models.shift import ShiftLinear
 
@@ -216,11 +223,14 @@ class _KernelEmitter:
         self.calls: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, int, int, int]] = {}
         self._gvars: dict[str, Any] = {}
+        self._packed: dict[str, tuple[int, int, int]] = {}
 
     def call(self, bb: Any, primitive: str, shape: tuple[int, int, int, int], args: list[Any]) -> Any:
         from tvm import relax
 
         b, m, k, n = shape
+        if self.target.kind.name == "llvm" and primitive in PREPACKABLE:
+            return self._prepacked(bb, primitive, shape, args)
         name = f"{KERNEL_PREFIX}{primitive}_b{b}_m{m}_k{k}_n{n}"
         gv = self._gvars.get(name)
         if gv is None:
@@ -233,6 +243,30 @@ class _KernelEmitter:
             self.shapes[gv.name_hint] = (b, m, k, n)
         out_dtype = kernels.get(primitive).out_dtype(kernels.get(primitive).default_dtype)
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((b, m, n), out_dtype)))
+
+    def _prepacked(self, bb: Any, primitive: str, shape: tuple[int, int, int, int], args: list[Any]) -> Any:
+        """``wp = pack(weights)``, then the GEMM on ``wp`` (:class:`kernels.cpu_schedules.PrepackedGemm`): the
+        pack depends on parameters only, so :func:`relax_pipeline` lifts it out of the forward."""
+        from tvm import relax
+
+        b, m, k, n = shape
+        name = f"{KERNEL_PREFIX}{primitive}_b{b}_m{m}_k{k}_n{n}"
+        pack_name = f"{KERNEL_PREFIX}pack_{primitive}_k{k}_n{n}"
+        if name not in self._gvars:
+            split = prepacked_gemm(primitive, b, m, k, n, self.target)
+            gemm = (split.gemm.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+                    .with_attr(KERNEL_ATTR, primitive).with_attr("op_pattern", 8))
+            self._gvars[name] = bb.add_func(gemm, name)
+            self._packed[name] = split.packed_shape
+            self.calls[self._gvars[name].name_hint] = primitive
+            self.shapes[self._gvars[name].name_hint] = shape
+            if pack_name not in self._gvars:
+                pack = (split.pack.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+                        .with_attr("op_pattern", 8))
+                self._gvars[pack_name] = bb.add_func(pack, pack_name)
+        packed = relax.TensorType(self._packed[name], "float32")
+        wp = bb.emit(relax.call_tir(self._gvars[pack_name], args[1:], packed))
+        return bb.emit(relax.call_tir(self._gvars[name], [args[0], wp], relax.TensorType((b, m, n), "float32")))
 
 
 def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
@@ -729,6 +763,9 @@ def relax_pipeline(target: tvm.target.Target) -> Any:
     backend = relax.backend.cuda.pipeline if target.kind.name == "cuda" else relax.backend.cpu_generic.pipeline
     cpu_only = [] if target.kind.name == "cuda" else [row_kernels.row_kernels_pass(target)]
     legalize = [
+        # parameter-only work (weight packing, weight transposes) moves to ``main_transform_params``, which
+        # the loader runs once (dse.artifact); a no-op for functions without ``num_input``
+        relax.transform.LiftTransformParams(),
         *cpu_only,
         _fast_gelu_pass(),
         relax.transform.FastMathTransform(),  # softmax/exp/tanh/erf -> TOPI's vectorisable fast_* forms

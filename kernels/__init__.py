@@ -40,6 +40,7 @@ from kernels.tuning import tune, tuning_root
 # (the import system binds the submodule to this name when it first loads it).
 from kernels.build import (  # noqa: E402  isort: skip
     CompiledKernel,
+    PrepackedKernel,
     Timing,
     build,
     clear_cache,
@@ -53,6 +54,7 @@ __all__ = [
     "ConfigError",
     "KernelError",
     "OpCounts",
+    "PrepackedKernel",
     "ShiftAddError",
     "TargetUnavailableError",
     "Timing",

@@ -303,3 +303,45 @@ def te_compute(name: str) -> Any:
 def clear_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
+
+
+class PrepackedKernel:
+    """A CPU ``matmul``/``matshift_decode`` as the exporter runs it (:class:`kernels.cpu_schedules.PrepackedGemm`):
+    the weights are packed once by :meth:`load_weights`, and a call is the GEMM on the packed weights."""
+
+    def __init__(self, name: str, b: int, m: int, k: int, n: int, target: Any = "cpu"):
+        import tvm
+
+        from kernels.cpu_schedules import prepacked_gemm
+
+        self.target = targets.resolve_target(target)
+        self.name, self.shape = name, (b, m, k, n)
+        split = prepacked_gemm(name, b, m, k, n, self.target)
+        self._pack = compile_primfunc(split.pack, self.target).mod["main"]
+        self._gemm_exe = compile_primfunc(split.gemm, self.target)
+        self._gemm = self._gemm_exe.mod["main"]
+        self._dev = targets.device_for(self.target)
+        self._wp = tvm.runtime.empty(split.packed_shape, "float32", self._dev)
+        self._x: Any = None
+        self._out = tvm.runtime.empty((b, m, n), "float32", self._dev)
+
+    def load(self, x: np.ndarray, *weights: np.ndarray) -> None:
+        """Pack ``weights`` (``w``, or ``shift`` and ``sign``) once and keep ``x`` as the call's input."""
+        import tvm
+
+        self._pack(*[tvm.runtime.tensor(np.ascontiguousarray(w), self._dev) for w in weights], self._wp)
+        self._x = tvm.runtime.tensor(np.ascontiguousarray(x, dtype="float32"), self._dev)
+
+    def run(self) -> np.ndarray:
+        self._gemm(self._x, self._wp, self._out)
+        return self._out.numpy()
+
+    def call(self) -> None:
+        self._gemm(self._x, self._wp, self._out)
+
+    def time(self, *, min_repeat_ms: float = 50.0, repeat: int = 10) -> Timing:
+        """Median/p90 of ``repeat`` timings of the GEMM alone (``time_evaluator``, after a warm-up call)."""
+        self.call()
+        evaluator = self._gemm_exe.mod.time_evaluator("main", self._dev, number=1, repeat=int(repeat),
+                                                      min_repeat_ms=int(round(min_repeat_ms)))
+        return Timing.from_seconds(list(evaluator(self._x, self._wp, self._out).results), 1)

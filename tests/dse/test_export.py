@@ -155,6 +155,14 @@ def test_relax_module_calls_the_kernels(shiftadd_checkpoint):
     assert g.params["blocks.0.attn.qkv.sign"].dtype == np.int8
     assert not any(n.startswith("blocks.0.attn.qkv.weight") for n in g.param_names)
     assert list(g.params) == g.param_names
+    # the CPU GEMMs take pre-packed weights: the packing depends on parameters only and leaves the forward
+    from tvm import relax
+
+    packs = {n for n in called if n.startswith("shiftadd_pack_")}
+    assert packs and all(n.split("_pack_")[1].startswith(("matmul", "matshift_decode")) for n in packs)
+    lifted = relax.transform.LiftTransformParams()(g.mod)
+    assert not [n for n in graph.call_tir_targets(lifted) if n.startswith("shiftadd_pack_")]
+    assert packs <= set(graph.call_tir_targets(lifted, "main_transform_params"))
 
 
 def test_fast_layer_norm_and_gelu_match_pytorch():
