@@ -136,7 +136,9 @@ class ExportConfig:
 @dataclass
 class BenchConfig:
     batch: int = 8
-    repeat: int = 30
+    # calls per contestant, interleaved in rounds: on this shared 2-core host 30 gave medians that moved
+    # by 10-15% from run to run, 200 by about 1%
+    repeat: int = 200
     warmup: int = 5
     torch_compile: bool = True
     threads: int = 0  # threads for both PyTorch and TVM; 0 = each runtime's default (all cores)
