@@ -233,3 +233,19 @@ def test_kernels_embed_in_a_relax_graph() -> None:
     ref = kernels.reference("matshift", *arrays)
     np.testing.assert_array_equal(res[0].numpy(), ref)
     np.testing.assert_array_equal(res[1].numpy(), ref)
+
+
+def test_cold_weight_timing_takes_single_call_samples() -> None:
+    """``cold_weights``: one call per sample, each after the private caches were flushed to L3 (the input
+    read back in); the eviction buffer is twice the machine's L2 as sysfs reports it."""
+    from kernels.build import evict_private_caches, l2_total_bytes
+
+    assert l2_total_bytes() >= 1 << 16
+    x = np.ones((4, 8), np.float32)
+    evict_private_caches(x)  # accepts NumPy (and DLPack) arrays to keep warm
+    kernel = kernels.build("matshift", b=1, m=8, k=16, n=8, target="cpu")
+    timing = kernel.time(repeat=5, cold_weights=True)
+    assert timing.repeats == 5 and timing.number == 1 and timing.median_ms > 0
+    packed = kernels.PrepackedKernel("matmul", 1, 8, 16, 8)
+    packed.load(*kernels.random_inputs("matmul", 1, 8, 16, 8))
+    assert packed.time(repeat=4, cold_weights=True).repeats == 4
