@@ -232,17 +232,26 @@ class _KernelEmitter:
         if self.target.kind.name == "llvm" and primitive in PREPACKABLE:
             return self._prepacked(bb, primitive, shape, args)
         name = f"{KERNEL_PREFIX}{primitive}_b{b}_m{m}_k{k}_n{n}"
-        gv = self._gvars.get(name)
-        if gv is None:
+        if name not in self._gvars:
             func = kernels.build(primitive, b=b, m=m, k=k, n=n, target=self.target, trials=self.tune_trials).primfunc
-            func = (func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-                    .with_attr(KERNEL_ATTR, primitive).with_attr("op_pattern", 8))  # 8 = kOpaque: never fused
-            gv = bb.add_func(func, name)
-            self._gvars[name] = gv
-            self.calls[gv.name_hint] = primitive
-            self.shapes[gv.name_hint] = (b, m, k, n)
+            self._add(bb, func, name, primitive, shape)
+        gv = self._gvars[name]
         out_dtype = kernels.get(primitive).out_dtype(kernels.get(primitive).default_dtype)
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((b, m, n), out_dtype)))
+
+    def _add(self, bb: Any, func: Any, name: str, primitive: str | None = None,
+             shape: tuple[int, int, int, int] | None = None) -> None:
+        """Add a scheduled PrimFunc as ``name``: opaque to fusion; a kernel (``primitive`` given) is recorded
+        with its problem size and tagged :data:`KERNEL_ATTR` (a weight-packing helper is not)."""
+        func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+        func = func.with_attr("op_pattern", 8)  # 8 = kOpaque: never fused
+        if primitive is not None:
+            func = func.with_attr(KERNEL_ATTR, primitive)
+        gv = bb.add_func(func, name)
+        self._gvars[name] = gv
+        if primitive is not None and shape is not None:
+            self.calls[gv.name_hint] = primitive
+            self.shapes[gv.name_hint] = shape
 
     def _prepacked(self, bb: Any, primitive: str, shape: tuple[int, int, int, int], args: list[Any]) -> Any:
         """``wp = pack(weights)``, then the GEMM on ``wp`` (:class:`kernels.cpu_schedules.PrepackedGemm`): the
@@ -254,16 +263,10 @@ class _KernelEmitter:
         pack_name = f"{KERNEL_PREFIX}pack_{primitive}_k{k}_n{n}"
         if name not in self._gvars:
             split = prepacked_gemm(primitive, b, m, k, n, self.target)
-            gemm = (split.gemm.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-                    .with_attr(KERNEL_ATTR, primitive).with_attr("op_pattern", 8))
-            self._gvars[name] = bb.add_func(gemm, name)
+            self._add(bb, split.gemm, name, primitive, shape)
             self._packed[name] = split.packed_shape
-            self.calls[self._gvars[name].name_hint] = primitive
-            self.shapes[self._gvars[name].name_hint] = shape
             if pack_name not in self._gvars:
-                pack = (split.pack.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-                        .with_attr("op_pattern", 8))
-                self._gvars[pack_name] = bb.add_func(pack, pack_name)
+                self._add(bb, split.pack, pack_name)
         packed = relax.TensorType(self._packed[name], "float32")
         wp = bb.emit(relax.call_tir(self._gvars[pack_name], args[1:], packed))
         return bb.emit(relax.call_tir(self._gvars[name], [args[0], wp], relax.TensorType((b, m, n), "float32")))
@@ -304,7 +307,7 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
         b, k, m = _shape(mask)
         n = _shape(v)[2]
         bits = bb.emit(relax.op.astype(mask, "uint8"))  # the codes are exactly 0.0/1.0
-        lanes = _vector_lanes(emitter.target) if emitter.target.kind.name == "llvm" else 0
+        lanes = row_kernels.vector_lanes(emitter.target) if emitter.target.kind.name == "llvm" else 0
         main = n - n % lanes if lanes else n
         if not lanes or main in (0, n):
             return emitter.call(bb, "matadd", (b, m, k, n), [bits, v])
@@ -509,9 +512,6 @@ def call_tir_targets(mod: tvm.IRModule, func: str = "main") -> list[str]:
 # Scheduling and compiling
 
 
-_vector_lanes = row_kernels.vector_lanes
-
-
 # Below this many output elements a parallel launch costs more than it saves (TVM's thread pool wakes
 # its workers per parallel loop: a few microseconds).
 PARALLEL_MIN_ELEMENTS = 4096
@@ -613,7 +613,7 @@ def _cpu_rules() -> list[Any]:
             _inline_single_use(sch, [i.block_rv for i in infos if i.is_injective()][:-1] if infos[-1].is_injective()
                                else [])
             infos = normalize_prim_func(sch) or infos
-            lanes = _vector_lanes(target)
+            lanes = row_kernels.vector_lanes(target)
             last = infos[-1].block_rv
             loops = sch.get_loops(last)
             row_loops = loops[:lead]
@@ -649,7 +649,7 @@ def _cpu_rules() -> list[Any]:
             if infos is None:
                 return None
             infos = try_inline(sch, infos)
-            lanes = _vector_lanes(target)
+            lanes = row_kernels.vector_lanes(target)
             reductions = []
             for info in infos:
                 block = info.block_rv

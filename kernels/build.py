@@ -367,7 +367,7 @@ def clear_cache() -> None:
 
 class PrepackedKernel:
     """A CPU ``matmul``/``matshift_decode`` as the exporter runs it (:class:`kernels.cpu_schedules.PrepackedGemm`):
-    the weights are packed once by :meth:`load_weights`, and a call is the GEMM on the packed weights."""
+    the weights are packed once by :meth:`load`, and a call is the GEMM on the packed weights."""
 
     def __init__(self, name: str, b: int, m: int, k: int, n: int, target: Any = "cpu"):
         import tvm
@@ -392,12 +392,12 @@ class PrepackedKernel:
         self._pack(*[tvm.runtime.tensor(np.ascontiguousarray(w), self._dev) for w in weights], self._wp)
         self._x = tvm.runtime.tensor(np.ascontiguousarray(x, dtype="float32"), self._dev)
 
-    def run(self) -> np.ndarray:
-        self._gemm(self._x, self._wp, self._out)
-        return self._out.numpy()
-
     def call(self) -> None:
         self._gemm(self._x, self._wp, self._out)
+
+    def run(self) -> np.ndarray:
+        self.call()
+        return self._out.numpy()
 
     def time(self, *, min_repeat_ms: float = 50.0, repeat: int = 10, cold_weights: bool = False) -> Timing:
         """Median/p90 of ``repeat`` timings of the GEMM alone (``time_evaluator``, after a warm-up call);

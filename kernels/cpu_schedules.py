@@ -132,25 +132,45 @@ def _mac(a, w):
     return a * w
 
 
-@register_cpu_schedule("matmul")
-def matmul_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+def _weight_pack(name: str, n: int, k: int, nb: int, dtype: str) -> tuple[list[te.Tensor], te.Tensor]:
+    """The weight placeholders of ``matmul`` (``w``) or ``matshift_decode`` (``shift``, ``sign``) and their
+    fp32 packing ``wp[n/NB, k, NB]`` (:func:`_pack_weights`); matshift_decode decodes ``sign·2^-shift`` there."""
+    from tvm import te
+
+    from kernels.primitives import decode_pow2
+
+    if name == "matmul":
+        w = te.placeholder((n, k), dtype, name="w")
+        return [w], _pack_weights(n, k, nb, fn=lambda j, r: w[j, r].astype("float32"))
+    shift = te.placeholder((n, k), "int8", name="shift")
+    sign = te.placeholder((n, k), "int8", name="sign")
+    return [shift, sign], _pack_weights(n, k, nb, fn=lambda j, r: decode_pow2(shift[j, r], sign[j, r], "float32"))
+
+
+def _weight_gemm_cpu(name: str, b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target
+                     ) -> tvm.tirx.PrimFunc:
+    """``matmul``/``matshift_decode`` in one function: the weights packed on every call, then the GEMM."""
     from tvm import te
 
     lanes = _vector_lanes(target, 4)
     tile = _gemm_tile(lanes, n)
     nb = tile.nv * lanes
     x = te.placeholder((b, m, k), dtype, name="x")
-    w = te.placeholder((n, k), dtype, name="w")
-    wp = _pack_weights(n, k, nb, fn=lambda j, r: w[j, r].astype("float32"))
+    weights, wp = _weight_pack(name, n, k, nb, dtype)
     out = _packed_gemm(
         (b, m, k, n),
         nb,
         lambda bi, i, r: x[bi, i, r].astype("float32"),
         lambda bi, jo, r, ji: wp[jo, r, ji],
         _mac,
-        "matmul",
+        name,
     )
-    return _schedule_gemm(te.create_prim_func([x, w, out]), "matmul", ["wpack"], tile, lanes)
+    return _schedule_gemm(te.create_prim_func([x, *weights, out]), name, ["wpack"], tile, lanes)
+
+
+@register_cpu_schedule("matmul")
+def matmul_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    return _weight_gemm_cpu("matmul", b, m, k, n, dtype, target)
 
 
 @register_cpu_schedule("bmm")
@@ -195,29 +215,7 @@ def bmm_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Targe
 def matshift_decode_cpu(
     b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target
 ) -> tvm.tirx.PrimFunc:
-    from tvm import te
-
-    from kernels.primitives import decode_pow2
-
-    lanes = _vector_lanes(target, 4)
-    tile = _gemm_tile(lanes, n)
-    nb = tile.nv * lanes
-    x = te.placeholder((b, m, k), dtype, name="x")
-    shift = te.placeholder((n, k), "int8", name="shift")
-    sign = te.placeholder((n, k), "int8", name="sign")
-    # The power-of-two weights are decoded once per call, while packing.
-    wp = _pack_weights(n, k, nb, fn=lambda j, r: decode_pow2(shift[j, r], sign[j, r], "float32"))
-    out = _packed_gemm(
-        (b, m, k, n),
-        nb,
-        lambda bi, i, r: x[bi, i, r].astype("float32"),
-        lambda bi, jo, r, ji: wp[jo, r, ji],
-        _mac,
-        "matshift_decode",
-    )
-    return _schedule_gemm(
-        te.create_prim_func([x, shift, sign, out]), "matshift_decode", ["wpack"], tile, lanes
-    )
+    return _weight_gemm_cpu("matshift_decode", b, m, k, n, dtype, target)
 
 
 @register_cpu_schedule("matadd")
@@ -357,8 +355,6 @@ class PrepackedGemm:
     (e.g. 127 vs 96 us for 520x384x96 on 2 cores). Same arithmetic: packing only moves (and decodes,
     exactly) the weights."""
 
-    primitive: str
-    shape: tuple[int, int, int, int]
     pack: tvm.tirx.PrimFunc
     gemm: tvm.tirx.PrimFunc
     packed_shape: tuple[int, int, int]
@@ -368,23 +364,13 @@ def prepacked_gemm(name: str, b: int, m: int, k: int, n: int, target: tvm.target
     """The two PrimFuncs of :class:`PrepackedGemm` for ``name`` at ``(b, m, k, n)`` (float32, CPU)."""
     from tvm import s_tir, te
 
-    from kernels.primitives import decode_pow2
-
     if name not in PREPACKABLE:
         raise ValueError(f"{name} has no pre-packed form; one of {', '.join(PREPACKABLE)}")
     lanes = _vector_lanes(target, 4)
     tile = _gemm_tile(lanes, n)
     nb = tile.nv * lanes
     packed_shape = (_ceil_div(n, nb), k, nb)
-    if name == "matmul":
-        w = te.placeholder((n, k), "float32", name="w")
-        weights = [w]
-        wp = _pack_weights(n, k, nb, fn=lambda j, r: w[j, r])
-    else:
-        shift = te.placeholder((n, k), "int8", name="shift")
-        sign = te.placeholder((n, k), "int8", name="sign")
-        weights = [shift, sign]
-        wp = _pack_weights(n, k, nb, fn=lambda j, r: decode_pow2(shift[j, r], sign[j, r], "float32"))
+    weights, wp = _weight_pack(name, n, k, nb, "float32")
     sch = s_tir.Schedule(te.create_prim_func([*weights, wp]))
     loops = sch.get_loops(sch.get_sblock("wpack"))
     sch.parallel(loops[0])
@@ -396,4 +382,4 @@ def prepacked_gemm(name: str, b: int, m: int, k: int, n: int, target: tvm.target
     out = _packed_gemm((b, m, k, n), nb, lambda bi, i, r: x[bi, i, r], lambda bi, jo, r, ji: wp_in[jo, r, ji],
                        _mac, name)
     gemm = _schedule_gemm(te.create_prim_func([x, wp_in, out]), name, [], tile, lanes)
-    return PrepackedGemm(name, (b, m, k, n), pack, gemm, packed_shape)
+    return PrepackedGemm(pack, gemm, packed_shape)
