@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from dse.cost_regression import CostLaw, fit_law
+from dse.cost_regression import CostLaw, PadFn, fit_law
 from dse.errors import AssignmentError, ProfileError, TargetUnavailableError
 from dse.inventory import TORCH_BASELINE
 
@@ -210,6 +210,22 @@ class CostTable:
         for (bk, prim, dt, b, m, k, n), (lat, en) in self._rows.items():
             self._shapes.setdefault((bk, prim, dt), []).append(((b, m, k, n), lat, en))
         self._laws: dict[tuple[str, str, str, str], CostLaw | None] = {}
+        self._pad: PadFn | None | bool = False  # resolved on the first tvm law: False = not yet
+
+    def _tvm_padding(self) -> PadFn | None:
+        """How the profile's target pads kernel shapes (``kernels.cpu_schedules.tile_padding``)."""
+        if self._pad is False:
+            self._pad = None
+            target = _meta_target(getattr(self.profile, "meta", None) or {})
+            if isinstance(target, dict) and target.get("kind") == "llvm":
+                import kernels
+                from kernels.cpu_schedules import tile_padding
+
+                try:
+                    self._pad = tile_padding(kernels.resolve_target(target))
+                except Exception as exc:  # an unknown CPU: price unpadded work rather than fail
+                    log.warning("cannot tell how %s pads kernel shapes (%s); using unpadded work", target, exc)
+        return self._pad
 
     # ---- what is there ----------------------------------------------------------------------------
     def primitives(self, backend: str) -> list[str]:
@@ -237,7 +253,8 @@ class CostTable:
             if rows:
                 shapes = np.array([r[0] for r in rows], dtype=np.float64)
                 values = np.array([r[1] if metric == "latency" else r[2] for r in rows], dtype=np.float64)
-                law = fit_law(primitive, shapes, values, _COLUMNS[metric], dt)
+                pad = self._tvm_padding() if backend == "tvm" else None
+                law = fit_law(primitive, shapes, values, _COLUMNS[metric], dt, pad)
             self._laws[key] = law
         return self._laws[key]
 

@@ -81,21 +81,7 @@ _scratch: np.ndarray | None = None
 
 def l2_total_bytes() -> int:
     """Sum of the L2 caches of this machine's cores (sysfs), 8 MiB where it cannot be read."""
-    import os
-
-    total, seen = 0, set()
-    for cpu in range(os.cpu_count() or 1):
-        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/cache/index2")
-        try:
-            shared = (base / "shared_cpu_list").read_text().strip()
-            if shared in seen:
-                continue
-            seen.add(shared)
-            size = (base / "size").read_text().strip().upper()
-            total += int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size)
-        except (OSError, ValueError, KeyError):
-            return 8 << 20
-    return total or 8 << 20
+    return sum(targets.host_l2_caches()) or 8 << 20
 
 
 def evict_private_caches(*keep_warm: Any) -> None:

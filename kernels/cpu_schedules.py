@@ -22,14 +22,17 @@ next to the ``O(b·m·n·k)`` reduction) and then runs a register-blocked micro-
 
 Tile sizes follow the register file (``_gemm_tile``: 16 accumulators of 32 AVX-512 registers, 8 of 16
 AVX2 ones); they were compared by measurement on this project's 2-core AVX-512 machine, which is shared
-and noisy, so treat them as sensible defaults rather than optima. Rows that do not fill a tile run
-under a predicate (LLVM keeps it out of the vector loop); columns are zero-padded instead, because a
-predicate inside the vectorised loop makes TVM scalarise it.
+and noisy, so treat them as sensible defaults rather than optima. The GEMMs reduce over whole tiles
+(rows and columns padded, see :func:`_packed_gemm`) and write back only the valid part, so no predicate
+sits inside the reduction; their time therefore follows the padded work (:func:`tiled_shape`, used by
+the cost model). When the weights outgrow a core's L2, row tiles are grouped into blocks that reuse each
+weight panel while it is cached (:func:`_row_block_tiles`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kernels.schedules import _vector_lanes, register_cpu_schedule
@@ -75,51 +78,94 @@ def _pack_weights(n: int, k: int, nb: int, fn, dtype: str = "float32", name: str
     return te.compute((no, k, nb), body, name=name)
 
 
-def _packed_gemm(shape: tuple[int, int, int, int], nb: int, a_fn, w_fn, combine, name: str) -> te.Tensor:
-    """``out[b,i,j] = Σ_r combine(a_fn(b,i,r), w_fn(b, j/NB, r, j%NB))`` over a zero-padded ``n``.
+def _packed_gemm(shape: tuple[int, int, int, int], tile: GemmTile, lanes: int, a_fn, w_fn, combine,
+                 name: str) -> te.Tensor:
+    """``out[b,i,j] = Σ_r combine(a_fn(b,i,r), w_fn(b, j/NB, r, j%NB))``.
 
-    When ``n`` is not a multiple of ``NB`` the reduction writes a padded intermediate and a
-    separate stage crops it: a predicate inside the vectorised loop would make TVM scalarise it.
+    The reduction runs over whole register tiles: ``m`` and ``n`` padded to multiples of ``MR`` and ``NB``,
+    rows past ``m`` reading row ``m-1`` again (a clamped, always-valid load) and columns past ``n`` the
+    zero-padded weights. The tile lives in registers and a second stage writes its valid part to ``out``,
+    so the only predicate is in that write-back, outside the reduction: a row predicate inside the
+    ``k`` loop made LLVM's code for some ragged ``m`` run at half speed (e.g. 1637x240x156 at 99 GMAC/s
+    against 188 for m=1378 on 2 cores), and a column predicate inside the vectorised loop makes TVM
+    scalarise it.
     """
-    from tvm import te
+    from tvm import te, tirx
 
     b, m, k, n = shape
-    n_pad = _ceil_div(n, nb) * nb
+    nb = tile.nv * lanes
+    m_pad, n_pad = _ceil_div(m, tile.mr) * tile.mr, _ceil_div(n, nb) * nb
     r = te.reduce_axis((0, k), name="k")
-    main = te.compute(
-        (b, m, n_pad),
-        lambda bi, i, j: te.sum(combine(a_fn(bi, i, r), w_fn(bi, j // nb, r, j % nb)), axis=r),
-        name=name if n_pad == n else name + "_pad",
+
+    def row(i):
+        return i if m_pad == m else tirx.min(i, m - 1)
+
+    acc = te.compute(
+        (b, m_pad, n_pad),
+        lambda bi, i, j: te.sum(combine(a_fn(bi, row(i), r), w_fn(bi, j // nb, r, j % nb)), axis=r),
+        name=name + "_acc",
     )
-    if n_pad == n:
-        return main
-    return te.compute((b, m, n), lambda bi, i, j: main[bi, i, j], name=name)
+    return te.compute((b, m, n), lambda bi, i, j: acc[bi, i, j], name=name)
 
 
-def _schedule_gemm(func: tvm.tirx.PrimFunc, name: str, packs: list[str], tile: GemmTile, lanes: int):
-    """Register-blocked schedule of a :func:`_packed_gemm` (plus its packing stages)."""
+_ROW_BLOCK_BYTES = 256 << 10  # a row block's slice of x (MC x k), kept in L2 next to a weight panel
+
+
+def _l2_per_core() -> int:
+    """The smallest L2 of this machine's cores (sysfs), 1 MiB where it cannot be read."""
+    from kernels.targets import host_l2_caches
+
+    return min(host_l2_caches(), default=1 << 20)
+
+
+def _row_block_tiles(m_tiles: int, mr: int, k: int, n_pad: int, elem_bytes: int = 4) -> int:
+    """Row tiles per L2 block: 1 (none) while the weights fit in one core's L2; else as many as fit
+    ``_ROW_BLOCK_BYTES`` of ``x``, leaving at least 4 blocks to share among the threads.
+
+    Without blocking every row tile streams all the weights; once they outgrow L2 that is from L3, and
+    the GEMM halves its speed (1576x768x768, 2.4 MB of weights on a 2 MiB L2: 86 GMAC/s, 155 blocked;
+    blocking weights that fit cost 5-15%, e.g. 1293x741x402 at 191 vs 163 GMAC/s)."""
+    if k * n_pad * elem_bytes <= _l2_per_core():
+        return 1
+    fit = max(1, _ROW_BLOCK_BYTES // (mr * k * elem_bytes))
+    return max(1, min(fit, _ceil_div(m_tiles, 4)))
+
+
+def _schedule_gemm(func: tvm.tirx.PrimFunc, name: str, packs: list[str], tile: GemmTile, lanes: int,
+                   shape: tuple[int, int, int, int]):
+    """Register-blocked schedule of a :func:`_packed_gemm` (plus its packing stages): loops
+    ``b, row block, column tile, row tile in block, k, MR rows, NB columns (vector)``."""
     from tvm import s_tir
 
+    _, m, k, n = shape
     sch = s_tir.Schedule(func)
-    blocks = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    padded = name + "_pad" in blocks
-    blk = sch.get_sblock(name + "_pad" if padded else name)
+    blk = sch.get_sblock(name + "_acc")
     b, i, j, r = sch.get_loops(blk)
     nb = tile.nv * lanes
+    m_tiles = _ceil_div(m, tile.mr)
     io, ii = sch.split(i, [None, tile.mr])
     jo, ji = sch.split(j, [None, nb])
-    sch.reorder(b, io, jo, r, ii, ji)
-    acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, jo)
-    sch.vectorize(sch.get_loops(acc)[-1])
+    block = _row_block_tiles(m_tiles, tile.mr, k, _ceil_div(n, nb) * nb)
+    if block > 1:
+        ib, it = sch.split(io, [None, block])
+        sch.reorder(b, ib, jo, it, r, ii, ji)
+        outer, tile_loop = ib, it
+    else:
+        sch.reorder(b, io, jo, r, ii, ji)
+        outer, tile_loop = io, jo
+    sch.set_scope(blk, 0, "local")  # the MR x NB tile: compacted to registers
+    out = sch.get_sblock(name)
+    sch.reverse_compute_at(out, tile_loop)
+    wi, wj = sch.get_loops(out)[-2:]
+    sch.unroll(wi)
+    if n % nb == 0:
+        sch.vectorize(wj)
+    else:
+        sch.unroll(wj)  # ragged columns: predicated scalar stores (a vector one would be scalarised anyway)
     sch.unroll(ii)
     sch.vectorize(ji)
-    sch.parallel(sch.fuse(b, io))
+    sch.parallel(sch.fuse(b, outer))
     sch.decompose_reduction(blk, r)
-    if padded:
-        crop = sch.get_sblock(name)
-        cb, ci, _ = sch.get_loops(crop)
-        sch.parallel(sch.fuse(cb, ci))
     for pack in packs:
         p = sch.get_sblock(pack)
         loops = sch.get_loops(p)
@@ -159,13 +205,14 @@ def _weight_gemm_cpu(name: str, b: int, m: int, k: int, n: int, dtype: str, targ
     weights, wp = _weight_pack(name, n, k, nb, dtype)
     out = _packed_gemm(
         (b, m, k, n),
-        nb,
+        tile,
+        lanes,
         lambda bi, i, r: x[bi, i, r].astype("float32"),
         lambda bi, jo, r, ji: wp[jo, r, ji],
         _mac,
         name,
     )
-    return _schedule_gemm(te.create_prim_func([x, *weights, out]), name, ["wpack"], tile, lanes)
+    return _schedule_gemm(te.create_prim_func([x, *weights, out]), name, ["wpack"], tile, lanes, (b, m, k, n))
 
 
 @register_cpu_schedule("matmul")
@@ -202,13 +249,14 @@ def bmm_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Targe
 
     out = _packed_gemm(
         (b, m, k, n),
-        nb,
+        tile,
+        lanes,
         lambda bi, i, r: x[bi, i, r].astype("float32"),
         y_fn,
         _mac,
         "bmm",
     )
-    return _schedule_gemm(te.create_prim_func([x, y, out]), "bmm", packs, tile, lanes)
+    return _schedule_gemm(te.create_prim_func([x, y, out]), "bmm", packs, tile, lanes, (b, m, k, n))
 
 
 @register_cpu_schedule("matshift_decode")
@@ -248,13 +296,20 @@ def matadd_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Ta
     neg_zero = tirx.const(-0.0, dtype)  # additive identity: lets LLVM emit masked adds
     out = _packed_gemm(
         (b, m, k, n),
-        nb,
+        tile,
+        lanes,
         lambda bi, i, r: mask[bi, r, i],
         v_fn,
         lambda bit, val: tirx.Select(bit != 0, val, neg_zero),
         "matadd",
     )
-    return _schedule_gemm(te.create_prim_func([mask, v, out]), "matadd", packs, tile, lanes)
+    return _schedule_gemm(te.create_prim_func([mask, v, out]), "matadd", packs, tile, lanes, (b, m, k, n))
+
+
+def _matshift_tile(lanes: int) -> tuple[int, int]:
+    """(rows, columns) of matshift's register tile: two vectors of rows x 8 columns (16 accumulators;
+    6 columns, 12 accumulators, with 16 AVX2 registers)."""
+    return 2 * lanes, 8 if lanes >= 16 else 6
 
 
 @register_cpu_schedule("matshift")
@@ -263,8 +318,7 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
     from tvm import s_tir, te, tirx
 
     lanes = _vector_lanes(target, 4)
-    mt = 2 * lanes  # rows per tile: two vectors
-    nb = 8 if lanes >= 16 else 6  # columns per tile: 16 (or 12) accumulators
+    mt, nb = _matshift_tile(lanes)
     m_pad, n_pad = _ceil_div(m, mt) * mt, _ceil_div(n, nb) * nb
     zero, one = tirx.const(0, "int32"), tirx.const(1, "int32")
     x = te.placeholder((b, m, k), "int32", name="x")
@@ -339,6 +393,40 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
 
 
 # ---------------------------------------------------------------------------------------------------
+# The work a kernel really does
+
+
+def tiled_shape(name: str, b: int, m: int, k: int, n: int, lanes: int) -> tuple[int, int, int, int]:
+    """``(b, m_pad, k, n_pad)``: the shape the CPU kernel of ``name`` computes with ``lanes``-wide vectors.
+
+    Every kernel here reduces over whole register tiles (rows and columns padded up to the tile), so its
+    time follows the padded work, not ``b·m·k·n``: e.g. 24x49x58x24 ``bmm`` pads n=24 to 32 and does a
+    third more work than it returns. The cost model's regression uses this (``dse.cost_regression``).
+    """
+    if name == "matshift":
+        mt, nb = _matshift_tile(lanes)
+    else:
+        tile = _gemm_tile(lanes, n)
+        mt, nb = tile.mr, tile.nv * lanes
+    return b, _ceil_div(m, mt) * mt, k, _ceil_div(n, nb) * nb
+
+
+def tile_padding(target: tvm.target.Target) -> Callable[[str, int, int, int, int], tuple[int, int, int, int]] | None:
+    """``(name, b, m, k, n) -> (b, m_pad, k, n_pad)`` for the kernels compiled for CPU ``target`` (see
+    :func:`tiled_shape`; other shapes pass through); None for other targets (their schedules are tuned)."""
+    from kernels.schedules import _CPU_SCHEDULES
+
+    if target.kind.name != "llvm":
+        return None
+    lanes = _vector_lanes(target, 4)
+
+    def pad(name: str, b: int, m: int, k: int, n: int) -> tuple[int, int, int, int]:
+        return tiled_shape(name, b, m, k, n, lanes) if name in _CPU_SCHEDULES else (b, m, k, n)
+
+    return pad
+
+
+# ---------------------------------------------------------------------------------------------------
 # Pre-packed GEMMs: the weight packing as its own PrimFunc, run once on constant weights
 
 
@@ -379,7 +467,7 @@ def prepacked_gemm(name: str, b: int, m: int, k: int, n: int, target: tvm.target
 
     x = te.placeholder((b, m, k), "float32", name="x")
     wp_in = te.placeholder(packed_shape, "float32", name="wp")
-    out = _packed_gemm((b, m, k, n), nb, lambda bi, i, r: x[bi, i, r], lambda bi, jo, r, ji: wp_in[jo, r, ji],
+    out = _packed_gemm((b, m, k, n), tile, lanes, lambda bi, i, r: x[bi, i, r], lambda bi, jo, r, ji: wp_in[jo, r, ji],
                        _mac, name)
-    gemm = _schedule_gemm(te.create_prim_func([x, wp_in, out]), name, [], tile, lanes)
+    gemm = _schedule_gemm(te.create_prim_func([x, wp_in, out]), name, [], tile, lanes, (b, m, k, n))
     return PrepackedGemm(pack, gemm, packed_shape)

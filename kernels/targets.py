@@ -80,6 +80,24 @@ def host_num_cores() -> int:
         return os.cpu_count() or 1
 
 
+@functools.cache
+def host_l2_caches() -> tuple[int, ...]:
+    """Bytes of each distinct L2 cache of this machine's cores (sysfs); empty where it cannot be read."""
+    sizes, seen = [], set()
+    for cpu in range(os.cpu_count() or 1):
+        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/cache/index2")
+        try:
+            shared = (base / "shared_cpu_list").read_text().strip()
+            if shared in seen:
+                continue
+            seen.add(shared)
+            size = (base / "size").read_text().strip().upper()
+            sizes.append(int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size))
+        except (OSError, ValueError, KeyError):
+            return ()
+    return tuple(sizes)
+
+
 def cpu_target_dict() -> dict[str, Any]:
     return {"kind": "llvm", "mcpu": host_cpu_name(), "num-cores": host_num_cores()}
 

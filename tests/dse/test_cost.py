@@ -97,6 +97,34 @@ def test_regression_recovers_a_synthetic_cost_law():
     assert coef["macs"] == pytest.approx(pm, rel=0.25)
 
 
+def _pad16x32(prim, b, m, k, n):
+    return b, -(-m // 16) * 16, k, -(-n // 32) * 32
+
+
+def test_regression_counts_the_padded_work_a_kernel_computes():
+    """A kernel that computes whole 16x32 tiles costs its padded work; the law sees that only through ``pad``."""
+    rng = np.random.default_rng(4)
+    a, pm = 0.005, 2e-8
+    shapes = np.array(_random_shapes(rng, 40, 8, 160))
+    truth = [a + pm * math.prod(_pad16x32("bmm", *s)) for s in shapes]
+    padded = fit_law("bmm", shapes, truth, pad=_pad16x32)
+    plain = fit_law("bmm", shapes, truth)
+    held = np.array(_random_shapes(rng, 30, 8, 160))
+    ref = [a + pm * math.prod(_pad16x32("bmm", *s)) for s in held]
+    assert error_summary(padded.predict_many(held), ref)["rmspe"] < 0.01
+    assert error_summary(plain.predict_many(held), ref)["rmspe"] > 0.05
+    assert padded.predict(1, 17, 50, 33) == pytest.approx(a + pm * 32 * 50 * 64, rel=0.01)
+
+
+def test_cost_table_pads_tvm_work_for_its_cpu_target():
+    rng = np.random.default_rng(5)
+    rows = [_row("bmm", *s, backend=bk) for bk in ("tvm", "torch") for s in _random_shapes(rng, 8)]
+    cpu = CostTable(Profile.from_rows(rows, {"target": kernels.targets.cpu_target_dict()}))
+    assert cpu.law("tvm", "bmm").pad is not None and cpu.law("torch", "bmm").pad is None
+    unknown = CostTable(Profile.from_rows(rows, {}))
+    assert unknown.law("tvm", "bmm").pad is None
+
+
 def test_regression_flags_extrapolation():
     rng = np.random.default_rng(2)
     shapes = np.array(_random_shapes(rng, 10, 64, 128))

@@ -52,6 +52,40 @@ def test_prepacked_gemm_matches_reference(name: str, shape: tuple[int, int, int,
     assert kernel.time(min_repeat_ms=1, repeat=2).median_ms > 0
 
 
+@pytest.mark.parametrize("name", ["matmul", "bmm", "matshift_decode", "matadd"])
+def test_row_blocked_gemm_matches_reference(name: str, monkeypatch) -> None:
+    """Weights larger than a core's L2 switch the GEMMs to row blocks; pretend L2 is 4 KiB to take that path
+    at a small shape (ragged rows and columns, several blocks per thread)."""
+    from kernels import cpu_schedules
+
+    monkeypatch.setattr(cpu_schedules, "_l2_per_core", lambda: 4 << 10)
+    b, m, k, n = 2, 75, 40, 45
+    tile = cpu_schedules._gemm_tile(16, n)
+    assert cpu_schedules._row_block_tiles(-(-m // tile.mr), tile.mr, k, 48) > 1
+    kernels.clear_cache()  # build() caches per shape: neither reuse nor leave a kernel built for a fake L2
+    try:
+        fn = kernels.build(name, b=b, m=m, k=k, n=n, target="cpu")
+        arrays = kernels.random_inputs(name, b, m, k, n, seed=5)
+        out = fn(*arrays)
+    finally:
+        kernels.clear_cache()
+    np.testing.assert_allclose(out, kernels.reference(name, *arrays), rtol=2e-5, atol=2e-5 * np.sqrt(k))
+
+
+def test_tiled_shape_is_the_padded_register_tile() -> None:
+    from kernels.cpu_schedules import tile_padding, tiled_shape
+
+    # AVX-512 (16 fp32 lanes): n=24 runs one 16-wide vector per row (16 rows a tile), padded to 32 columns
+    assert tiled_shape("bmm", 24, 49, 58, 24, 16) == (24, 64, 58, 32)
+    # n=384 divides the widest tile (4 vectors = 64 columns, 4 rows): only m pads, 197 -> 200
+    assert tiled_shape("matmul", 8, 197, 192, 384, 16) == (8, 200, 192, 384)
+    # matshift tiles rows in vectors (2 x 16 rows) and 8 columns
+    assert tiled_shape("matshift", 1, 50, 9, 13, 16) == (1, 64, 9, 16)
+    pad = tile_padding(kernels.resolve_target("cpu"))
+    assert pad("layernorm", 1, 7, 8, 9) == (1, 7, 8, 9)  # not a kernel: passes through
+    assert tile_padding(kernels.resolve_target("cuda")) is None
+
+
 @pytest.mark.parametrize("shape", [(2, 19, 37, 50), (1, 40, 64, 33)], ids=lambda s: "x".join(map(str, s)))
 def test_matshift_edge_cases_exact(shape: tuple[int, int, int, int]) -> None:
     b, m, k, n = shape
