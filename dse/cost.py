@@ -371,6 +371,7 @@ class ModelWork:
     ``requant``: per Linear, the extra work of its shift form around the kernel — ``requant`` calls (the
     fixed-point conversions of ``matshift``) and ``quantize`` calls (``matshift_decode``'s input put on the
     same grid) — so the shift choice compares ``matshift + requant`` with ``matshift_decode + quantize``.
+    ``framework``: eager PyTorch's own time in a forward (:mod:`dse.eager`), added on the torch backend only.
     """
 
     linears: tuple[LinearWork, ...]
@@ -380,6 +381,7 @@ class ModelWork:
     requant: Mapping[str, tuple[Call, ...]] = dataclasses.field(default_factory=dict)
     batch: int = 1
     model: str = ""
+    framework: tuple[tuple[str, Call], ...] = ()
 
     @classmethod
     def from_inventory(cls, inventory: Any) -> ModelWork:
@@ -394,13 +396,16 @@ class ModelWork:
         att_calls: dict[str, dict[str, list[Call]]] = {name: {c: [] for c in ATTENTION_CHOICES}
                                                        for name in inventory.attention}
         fixed: list[tuple[str, Call]] = []
+        framework: list[tuple[str, Call]] = []
         moe: dict[str, list[Call]] = {}
         requant: dict[str, list[Call]] = {}
         for it in inventory.items:
             if it.kind == "linear":
                 continue
             call = Call(it.primitives[0], it.b, it.m, it.k, it.n)
-            if it.choice is None:
+            if it.kind == "framework":
+                framework.append((it.name, call))
+            elif it.choice is None:
                 fixed.append((it.name, call))
             elif it.layer in att_calls and it.choice in ATTENTION_CHOICES:
                 att_calls[it.layer][it.choice].append(call)
@@ -414,7 +419,8 @@ class ModelWork:
         attention = tuple(AttentionWork(name, {c: tuple(v) for c, v in calls.items()})
                           for name, calls in att_calls.items())
         return cls(tuple(linears), attention, tuple(fixed), {k: tuple(v) for k, v in moe.items()},
-                   {k: tuple(v) for k, v in requant.items()}, int(inventory.batch), str(inventory.model))
+                   {k: tuple(v) for k, v in requant.items()}, int(inventory.batch), str(inventory.model),
+                   tuple(framework))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -573,6 +579,8 @@ class ModelCost:
         # (label, op, estimate) of the choice-independent work
         self.fixed_items: list[tuple[str, str, Estimate]] = [(label, call.primitive, model.estimate(call))
                                                              for label, call in work.fixed]
+        if model.backend == "torch":
+            self.fixed_items += self._framework(work.framework)
         self.fixed = total(e for _, _, e in self.fixed_items)
         self.lat_flat = self.lat.ravel()
         self.en_flat = self.en.ravel()
@@ -585,6 +593,19 @@ class ModelCost:
         self._names = {k: {name for name, _ in v} for k, v in self._by_kind.items()}
 
     # ---- construction ------------------------------------------------------------------------------
+    def _framework(self, calls: tuple[tuple[str, Call], ...]) -> list[tuple[str, str, Estimate]]:
+        """Eager PyTorch's own time (:mod:`dse.eager`): the measured row, else nothing (logged): a profile
+        from before the row existed, or from a GPU, prices the eager model by its ops alone."""
+        out = []
+        for label, call in calls:
+            hit = self.cost_model.table.lookup("torch", call.primitive, *call.shape)
+            if hit is None:
+                log.info("the profile has no eager framework row for %s; its PyTorch prediction is the sum of "
+                         "its ops (run `dse profile` for the model to add it)", self.work.model or "this model")
+                continue
+            out.append((label, call.primitive, Estimate(hit[0], hit[1]).scaled(call.count)))
+        return out
+
     def _set(self, i: int, kind: str, choice: str, est: Estimate, detail: str = "") -> None:
         c = self._col[kind][choice]
         self.lat[i, c], self.en[i, c] = est.latency_ms, est.energy_mj

@@ -12,7 +12,7 @@ et al., MobiSys 2021) reports its predictors:
    Figures: fraction within ±10% and ±15%, RMSPE; plus the same after correcting for the machine's
    drift since profiling, and the noise floor (one shape measured twice).
 2. The dense PyTorch model. Its whole latency predicted from the per-layer ``torch`` rows plus the
-   non-primitive work is compared with its measured eager latency: same batch, the profile's PyTorch
+   non-primitive work and eager PyTorch's own time (:mod:`dse.eager`) is compared with its measured eager latency: same batch, the profile's PyTorch
    thread count, ``torch.inference_mode``, median of many runs; and side by side with freshly
    re-measured rows, which isolates the method's own error from drift.
 
@@ -278,7 +278,7 @@ def time_model(model: Any, batch: int, input_size: tuple[int, int, int], *, thre
 
 def dense_torch_specs(inventory: Any) -> list[Any]:
     """The profile rows (backend torch) that price the dense model: its Linears as matmul, the msa
-    products, and every non-primitive op that runs under the dense choices."""
+    products, every non-primitive op that runs under the dense choices, and the eager framework row."""
     from dse.profile import plan
 
     used = set()
@@ -326,6 +326,7 @@ def validate_dense_model(profile: Any, model: Any, inventory: Any, *, threads: i
     }
     if settings is not None and rounds > 0:
         measurer = _measurer(dataclasses.replace(settings, torch_threads=threads))
+        measurer.eager_probe = inventory.eager_probe
         specs = dense_torch_specs(inventory)
         errors, preds, meas = [], [], []
         for _ in range(rounds):

@@ -25,7 +25,8 @@ Non-primitive work (norms, GELU, softmax, residual adds, head reshapes, hashing,
 dispatch, patch embedding, head) is listed per occurrence with the op names and shapes of
 :mod:`dse.nonprim`. Each :class:`WorkItem` says which assignment layer and choice it belongs to
 (``layer``/``choice``; ``choice=None`` means it runs whatever the assignment), so a cost model can
-add up exactly the work of one assignment.
+add up exactly the work of one assignment. One ``framework`` item stands for eager PyTorch's own time
+in the forward (:mod:`dse.eager`), which only the PyTorch baseline pays.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from dse import eager
 from dse.errors import ModelError
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ ATTENTION_PRODUCTS: dict[str, tuple[tuple[str, str], ...]] = {
 # The PyTorch (dense) baseline of each primitive: what the dense model runs for that shape.
 TORCH_BASELINE = {"matmul": "matmul", "matshift": "matmul", "matshift_decode": "matmul", "bmm": "bmm",
                   "matadd": "matadd"}
-KINDS = ("linear", "product", "nonprim")
+KINDS = ("linear", "product", "nonprim", "framework")
 _SKIPPED_LEAVES = ("Dropout", "Identity", "DropPath")
 
 
@@ -63,7 +65,8 @@ class WorkItem:
     """One call of the model at the inventory's batch.
 
     ``kind``: ``linear`` (a decision Linear: its primitive depends on the choice), ``product`` (an
-    attention product of one attention choice), ``nonprim`` (an op of :mod:`dse.nonprim`).
+    attention product of one attention choice), ``nonprim`` (an op of :mod:`dse.nonprim`), ``framework``
+    (eager PyTorch's own time in a forward, :mod:`dse.eager`; priced on the torch backend only).
     ``op``: ``linear``; the product name (``scores`` ...); or the non-primitive op name.
     ``primitives``: the profile primitives that can implement it.
     ``layer``/``choice``: the assignment layer whose choice decides whether this runs, and the choice it
@@ -136,6 +139,8 @@ class Inventory:
     nbits: int
     items: list[WorkItem]
     attention: dict[str, AttentionInfo]
+    # runs the model on an empty batch (dse.eager): how the profiler times the ``framework`` item
+    eager_probe: Callable[[], Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def of_kind(self, kind: str) -> list[WorkItem]:
         return [it for it in self.items if it.kind == kind]
@@ -411,8 +416,16 @@ def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int,
             unknown.add(tname)
     if unknown:
         log.info("not profiled (no non-primitive op for them): %s", ", ".join(sorted(unknown)))
+    probe = None
+    try:
+        calls = eager.count_module_calls(model, input_size)
+        probe = eager.empty_batch_forward(model, input_size)
+        add(math.inf, name=eager.FRAMEWORK, kind="framework", op=eager.FRAMEWORK, primitives=(eager.FRAMEWORK,),
+            b=1, m=calls, k=1, n=1)
+    except Exception as exc:  # a model that cannot run an empty batch: priced without its eager overhead
+        log.info("no eager framework row for %s (its forward rejects an empty batch: %s)", name, exc)
     ordered = [it for _, it in sorted(items, key=lambda pair: pair[0])]
-    return Inventory(name or type(model).__name__, input_size, batch, nbits, ordered, attention)
+    return Inventory(name or type(model).__name__, input_size, batch, nbits, ordered, attention, probe)
 
 
 def inventory_for_config(cfg: Any, *, batch: int | None = None, nbits: int | None = None) -> Inventory:

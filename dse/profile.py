@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dse import nonprim
-from dse.errors import TargetUnavailableError
+from dse.errors import ProfileError, TargetUnavailableError
 from dse.fileio import atomic_write_text
 from dse.inventory import TORCH_BASELINE, Inventory, compact_names
 from dse.store import Key, ProfileStore, row_key
@@ -52,7 +52,7 @@ class RowSpec:
     k: int
     n: int
     dtype: str
-    kind: str  # kernel | nonprim
+    kind: str  # kernel | nonprim | framework
     names: tuple[str, ...] = ()  # the work items that run at this shape (for display)
 
     @property
@@ -83,6 +83,8 @@ def plan(inventory: Inventory, *, include_nonprim: bool = True) -> list[RowSpec]
         for g in inventory.shape_groups(("nonprim",)):
             for backend in ("tvm", "torch"):
                 add(RowSpec(g.primitive, backend, *g.shape, "float32", "nonprim", g.names))
+        for g in inventory.shape_groups(("framework",)):  # eager PyTorch only (dse.eager)
+            add(RowSpec(g.primitive, "torch", *g.shape, "float32", "framework", g.names))
     return list(specs.values())
 
 
@@ -213,6 +215,8 @@ class Measurer:
 
         self.is_cuda = kernels.targets.is_cuda(target)
         self.torch_device = "cuda" if self.is_cuda else "cpu"
+        # the model's forward on an empty batch (Inventory.eager_probe): what a ``framework`` row times
+        self.eager_probe: Callable[[], Any] | None = None
 
     @property
     def measured_energy(self) -> bool:
@@ -264,8 +268,14 @@ class Measurer:
         if threads > 0:
             torch.set_num_threads(threads)
         try:
-            fn = (nonprim.torch_callable(spec.primitive, spec.shape, self.torch_device) if spec.kind == "nonprim"
-                  else self._torch_kernel(spec))
+            if spec.kind == "framework":
+                if self.eager_probe is None or self.is_cuda:
+                    raise ProfileError("a framework row times the model's own forward on an empty batch (CPU); "
+                                       "measure it through `dse profile` for that model")
+                fn = self.eager_probe
+            else:
+                fn = (nonprim.torch_callable(spec.primitive, spec.shape, self.torch_device)
+                      if spec.kind == "nonprim" else self._torch_kernel(spec))
             sync = torch.cuda.synchronize if self.is_cuda else (lambda: None)
             if spec.kind == "kernel" and spec.primitive in COLD_WEIGHT_PRIMITIVES and not self.is_cuda:
                 timing = time_callable_cold(fn, fn.keep_warm, samples=self.settings.repeat * COLD_SAMPLES_PER_REPEAT,
@@ -319,6 +329,8 @@ class Measurer:
     # ---- energy --------------------------------------------------------------------------------------
     def _energy_mj(self, spec: RowSpec, runnable: _Runnable) -> float:
         if not self.measured_energy:
+            if spec.kind == "framework":
+                return 0.0  # interpreter time: no arithmetic or DRAM traffic the analytical model counts
             if spec.kind == "nonprim":
                 return nonprim.estimate_energy_mj(spec.primitive, spec.shape, self.source.unit_energy_pj)
             # PyTorch's matadd is a float bmm (it multiplies by the 0/1 mask): price it as one.
@@ -494,6 +506,8 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
     device = describe_device(target_kind_of(settings.target))
     label = label or f"{inventory.model} (batch {inventory.batch}, {'x'.join(map(str, inventory.input_size))})"
     specs = plan(inventory, include_nonprim=settings.nonprim)
+    if target_kind_of(settings.target) == "cuda":  # eager overhead is timed on the CPU model only (dse.eager)
+        specs = [s for s in specs if s.kind != "framework"]
 
     def open_store(use_cache: bool) -> tuple[ProfileStore, list[RowSpec], dict[str, Any], str, bool]:
         target_json, slug, cached = _resolve_target(settings.target, root, device, use_cache=use_cache)
@@ -517,6 +531,7 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
             import kernels
 
             measurer = Measurer(settings, kernels.resolve_target(target_json), source, slug)
+            measurer.eager_probe = inventory.eager_probe
             for spec in _progress(todo, progress, slug):
                 if not force:
                     now = {row_key(r): r for r in store.rows()}  # another process may have measured it

@@ -445,9 +445,10 @@ def test_inventory_work_is_partitioned_by_choice():
     work = ModelWork.from_inventory(inv)
     assert [lw.name for lw in work.linears] == [it.name for it in inv.linears()]
     counted = len(work.linears) + len(work.fixed) + sum(map(len, work.moe.values()))
-    counted += sum(map(len, work.requant.values()))
+    counted += sum(map(len, work.requant.values())) + len(work.framework)
     counted += sum(len(c) for aw in work.attention for c in aw.calls.values())
     assert counted == len(inv.items)  # every work item lands in exactly one place
+    assert [c.primitive for _, c in work.framework] == ["framework"]
     assert {c.primitive for calls in work.moe.values() for c in calls} == {"router", "dispatch"}
     assert {c.primitive for calls in work.requant.values() for c in calls} == {"requant", "quantize"}
     (aw,) = work.attention
@@ -471,6 +472,25 @@ def test_dense_torch_prediction_is_the_sum_of_its_rows():
             expect += by_key[(it.primitives[0], "torch", *it.shape)]
     assert mc.predict(Assignment.uniform(model)).latency_ms == pytest.approx(expect)
     assert {r.estimate.source for r in mc.per_layer(Assignment.uniform(model))} == {"measured"}
+
+
+def test_eager_framework_time_is_added_on_the_torch_backend_only():
+    from dse.inventory import build_inventory
+
+    model = _tiny_vit()
+    inv = build_inventory(model, batch=2, nbits=8)
+    rows = _plan_profile(inv)
+    (fw,) = [r for r in rows if r["primitive"] == "framework"]
+    assert fw["backend"] == "torch"  # planned for eager PyTorch alone
+    dense = Assignment.uniform(model)
+    torch_cost = CostModel(Profile.from_rows(rows, {}), backend="torch").for_model(inv)
+    without = [r for r in rows if r is not fw]
+    torch_without = CostModel(Profile.from_rows(without, {}), backend="torch").for_model(inv)
+    assert torch_cost.predict(dense).latency_ms - torch_without.predict(dense).latency_ms == \
+        pytest.approx(fw["latency_ms"])
+    assert "framework" in [r.layer for r in torch_cost.per_layer(dense)]
+    tvm_cost = CostModel(Profile.from_rows(rows, {}), backend="tvm").for_model(inv)
+    assert "framework" not in [r.layer for r in tvm_cost.per_layer(dense)]
 
 
 # ---- the command line -------------------------------------------------------------------------------

@@ -257,3 +257,23 @@ def test_target_cuda_without_gpu_is_one_line_exit_1():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("error: no CUDA device found") and "--compile-only" in lines[0]
+
+
+def test_framework_row_times_the_models_empty_batch_forward(tmp_path):
+    """The framework row is the model's own forward on no images, on the torch backend only."""
+    import models
+    from dse.inventory import build_inventory
+    from dse.profile import Settings, plan, profile_model
+
+    model = models.create("vit_digits", img_size=16, embed_dim=48, depth=1, num_heads=3)
+    inv = build_inventory(model, batch=2)
+    calls = []
+    inv.eager_probe = lambda: calls.append(1)  # the profiler must time exactly this callable
+    specs = [s for s in plan(inv) if s.kind == "framework"]
+    assert [(s.primitive, s.backend) for s in specs] == [("framework", "torch")]
+    inv.items = [it for it in inv.items if it.kind == "framework"]  # measure only that row
+    settings = Settings(target="cpu", repeat=3, min_repeat_ms=1.0, trials=0, energy=("model",), torch_threads=1)
+    run = profile_model(inv, settings, tmp_path, progress=False)
+    assert run.measured == 1 and not run.failed
+    (row,) = run.rows
+    assert row["primitive"] == "framework" and row["energy_mj"] == 0.0 and len(calls) > 3
