@@ -4,7 +4,7 @@ Contestants, all on the same images (the first ``batch`` validation images of th
 exported with) and the same batch:
 
 * the artifact, through the torch-free loader (:mod:`dse.artifact`, checksums verified);
-* the dense model in PyTorch eager mode (``torch.no_grad``);
+* the dense model in PyTorch eager mode (``torch.inference_mode``);
 * the dense model under ``torch.compile`` (skipped with ``--no-compile``; its compile time is reported).
 
 Timing is interleaved: ``rounds`` rounds, each running every contestant for a block of calls, so slow
@@ -183,7 +183,7 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     def run_tvm() -> Any:
         return loaded._call(inp).numpy()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # PyTorch's fastest eager inference (no autograd bookkeeping), as the profile's rows
     def run_eager() -> Any:
         return model(x)
 
@@ -192,11 +192,11 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     if torch_compile:
         compiled = torch.compile(model)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():
             compiled(x)
         compile_s = time.perf_counter() - t0
 
-        @torch.no_grad()
+        @torch.inference_mode()
         def run_compiled() -> Any:
             return compiled(x)
 

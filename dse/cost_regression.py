@@ -2,15 +2,18 @@
 
 Model. For one primitive on one backend, the cost of a call of size ``(b, m, k, n)`` is predicted as ::
 
-    cost = c0 + c1 · (b·m'·k·n') + c2 · bytes + c3 · (b·m'·n'),   c >= 0
+    cost = c0 + c1 · (b·m'·k·n') + c2 · bytes + c3 · (b·m'·n') [+ c4 · steps],   c >= 0
 
 — a fixed per-call overhead (launch, thread wake-up), time per multiply-accumulate (FLOPs / 2), time per
 byte of compulsory traffic (inputs read once + output written once, from :func:`kernels.op_counts` for
 the kernel primitives) and time per output element (the epilogue: casts, stores, reductions' tails).
 ``m'`` and ``n'`` are the rows and columns the kernel really computes: the CPU kernels reduce over whole
 register tiles (``kernels.cpu_schedules.tiled_shape``), so a 24-column ``bmm`` does the work of 32; for
-other kernels (PyTorch's, tuned or GPU ones) they are ``m`` and ``n``. Counting padded work took the
-held-out fraction of TVM kernel shapes within ±10% from 57% to 80% on the embedded model's range. It
+other kernels (PyTorch's, tuned or GPU ones) they are ``m`` and ``n``. ``steps`` (those CPU kernels only)
+counts iterations of the kernel's innermost tile step (``kernels.cpu_schedules.tile_steps``: a broadcast
+or mask test per row, ``k`` and column tile), the part of the work that does not scale with the tile's
+width. On the embedded model's range padded work took the held-out TVM shapes within ±10% from 57% to
+80%, and ``steps`` to 90% (DeiT-Tiny's range: 82%), mostly by fixing ``matadd``. It
 is the additive form of the roofline model (Williams et al., "Roofline", CACM 2009): each term is the
 time one resource needs. The coefficients are fitted by non-negative least squares (Lawson & Hanson
 1974, ``scipy.optimize.nnls``) on *relative* residuals ``(y - ŷ)/y`` — every row weighted by ``1/y`` —
@@ -28,7 +31,7 @@ whose work lies far outside the measured range (MACs above 2× the largest or be
 measured) is flagged ``extrapolated``.
 
 With fewer rows than coefficients the law shrinks: 1 row -> cost proportional to MACs (or bytes for
-work-free ops); 2-4 rows -> ``c0 + c1·work``; 5 or more -> the full four terms.
+work-free ops); 2-4 rows -> ``c0 + c1·work``; 5 or more -> the four terms; 6 or more with tile steps -> all five.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-FEATURES = ("const", "macs", "bytes", "outputs")
+FEATURES = ("const", "macs", "bytes", "outputs", "steps")
 
 # Bytes of one call for primitives that are not TVM kernels (non-primitive work measured by the profiler).
 # Their (b, m, k, n) describe a Linear-like op reading [b, m, k] and writing [b, m, n] in fp32.
@@ -75,19 +78,24 @@ def bytes_moved(primitive: str, b: int, m: int, k: int, n: int, dtype: str | Non
     return _linear_like_bytes(b, m, k, n)
 
 
-# (primitive, b, m, k, n) -> the padded (b, m, k, n) its kernel computes (kernels.cpu_schedules.tile_padding)
-PadFn = Callable[[str, int, int, int, int], tuple[int, int, int, int]]
+# (primitive, b, m, k, n) -> (b, m', k, n', steps): the padded shape its kernel computes and its tile steps
+# (kernels.cpu_schedules.tile_padding)
+PadFn = Callable[[str, int, int, int, int], tuple[int, int, int, int, int]]
 
 
 def feature_matrix(primitive: str, shapes: np.ndarray, dtype: str | None = None, pad: PadFn | None = None
                    ) -> np.ndarray:
-    """[rows, 4] features (const, macs, bytes, outputs) of ``shapes`` [rows, 4] = (b, m, k, n); with ``pad``,
-    MACs and outputs count the padded shape the kernel computes (bytes stay the compulsory traffic)."""
+    """[rows, 5] features (const, macs, bytes, outputs, steps) of ``shapes`` [rows, 4] = (b, m, k, n); with
+    ``pad``, MACs and outputs count the padded shape the kernel computes (bytes stay the compulsory
+    traffic) and ``steps`` its tile steps; without, ``steps`` is 0."""
     shapes = np.asarray(shapes, dtype=np.float64).reshape(-1, 4)
     byt = np.array([bytes_moved(primitive, *map(int, s), dtype) for s in shapes], dtype=np.float64)
-    work = shapes if pad is None else np.array([pad(primitive, *map(int, s)) for s in shapes], dtype=np.float64)
-    b, m, k, n = work.T
-    return np.stack([np.ones_like(b), b * m * k * n, byt, b * m * n], axis=1)
+    if pad is None:
+        work = np.concatenate([shapes, np.zeros((len(shapes), 1))], axis=1)
+    else:
+        work = np.array([pad(primitive, *map(int, s)) for s in shapes], dtype=np.float64).reshape(-1, 5)
+    b, m, k, n, steps = work.T
+    return np.stack([np.ones_like(b), b * m * k * n, byt, b * m * n, steps], axis=1)
 
 
 def _nnls_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -148,9 +156,11 @@ def _work(b: float, m: float, k: float, n: float) -> float:
     return float(b) * m * k * n
 
 
-def _columns_for(rows: int) -> tuple[str, ...]:
-    if rows >= 5:
+def _columns_for(rows: int, steps: bool = False) -> tuple[str, ...]:
+    if rows >= 6 and steps:
         return FEATURES
+    if rows >= 5:
+        return FEATURES[:4]
     if rows >= 2:
         return ("const", "macs")
     return ("macs",)
@@ -175,12 +185,13 @@ def fit_law(primitive: str, shapes: np.ndarray, values: np.ndarray, metric: str 
     if len(y) == 0:
         return None
     x = feature_matrix(primitive, shapes, dtype, pad)
-    columns = _columns_for(len(y))
+    steps = bool(np.any(x[:, FEATURES.index("steps")] > 0))
+    columns = _columns_for(len(y), steps)
     coef = _fit_columns(x, y, columns)
     loo_err = None
     within = None
     if len(y) >= 2:
-        loo_cols = _columns_for(len(y) - 1)
+        loo_cols = _columns_for(len(y) - 1, steps)
         idx = [FEATURES.index(c) for c in loo_cols]
         errs = np.empty(len(y))
         for i in range(len(y)):

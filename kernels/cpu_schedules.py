@@ -411,17 +411,37 @@ def tiled_shape(name: str, b: int, m: int, k: int, n: int, lanes: int) -> tuple[
     return b, _ceil_div(m, mt) * mt, k, _ceil_div(n, nb) * nb
 
 
-def tile_padding(target: tvm.target.Target) -> Callable[[str, int, int, int, int], tuple[int, int, int, int]] | None:
-    """``(name, b, m, k, n) -> (b, m_pad, k, n_pad)`` for the kernels compiled for CPU ``target`` (see
-    :func:`tiled_shape`; other shapes pass through); None for other targets (their schedules are tuned)."""
+def tile_steps(name: str, b: int, m: int, k: int, n: int, lanes: int) -> int:
+    """Iterations of the kernel's innermost tile step: per row, ``k`` and column tile for the GEMMs (each
+    broadcasts one ``x`` value, or for ``matadd`` loads and tests one mask byte, then updates NB columns),
+    per row tile, ``k`` and column for ``matshift`` (one scalar weight on a vector of rows). Their cost is
+    what makes narrow tiles dearer than their MACs say: ``matadd`` at n=33 (16-wide tiles) runs ~60
+    GMAC/s, at n=64 ~85 on this project's machine."""
+    b, m_pad, k, n_pad = tiled_shape(name, b, m, k, n, lanes)
+    if name == "matshift":
+        mt, _ = _matshift_tile(lanes)
+        return b * (m_pad // mt) * k * n_pad
+    tile = _gemm_tile(lanes, n)
+    return b * m_pad * k * (n_pad // (tile.nv * lanes))
+
+
+TileFn = Callable[[str, int, int, int, int], tuple[int, int, int, int, int]]
+
+
+def tile_padding(target: tvm.target.Target) -> TileFn | None:
+    """``(name, b, m, k, n) -> (b, m_pad, k, n_pad, steps)`` for the kernels compiled for CPU ``target``
+    (:func:`tiled_shape`, :func:`tile_steps`; other names pass through with 0 steps); None for other
+    targets (their schedules are tuned)."""
     from kernels.schedules import _CPU_SCHEDULES
 
     if target.kind.name != "llvm":
         return None
     lanes = _vector_lanes(target, 4)
 
-    def pad(name: str, b: int, m: int, k: int, n: int) -> tuple[int, int, int, int]:
-        return tiled_shape(name, b, m, k, n, lanes) if name in _CPU_SCHEDULES else (b, m, k, n)
+    def pad(name: str, b: int, m: int, k: int, n: int) -> tuple[int, int, int, int, int]:
+        if name not in _CPU_SCHEDULES:
+            return b, m, k, n, 0
+        return (*tiled_shape(name, b, m, k, n, lanes), tile_steps(name, b, m, k, n, lanes))
 
     return pad
 

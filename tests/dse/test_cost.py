@@ -98,7 +98,7 @@ def test_regression_recovers_a_synthetic_cost_law():
 
 
 def _pad16x32(prim, b, m, k, n):
-    return b, -(-m // 16) * 16, k, -(-n // 32) * 32
+    return b, -(-m // 16) * 16, k, -(-n // 32) * 32, 0
 
 
 def test_regression_counts_the_padded_work_a_kernel_computes():
@@ -106,14 +106,31 @@ def test_regression_counts_the_padded_work_a_kernel_computes():
     rng = np.random.default_rng(4)
     a, pm = 0.005, 2e-8
     shapes = np.array(_random_shapes(rng, 40, 8, 160))
-    truth = [a + pm * math.prod(_pad16x32("bmm", *s)) for s in shapes]
+    truth = [a + pm * math.prod(_pad16x32("bmm", *s)[:4]) for s in shapes]
     padded = fit_law("bmm", shapes, truth, pad=_pad16x32)
     plain = fit_law("bmm", shapes, truth)
     held = np.array(_random_shapes(rng, 30, 8, 160))
-    ref = [a + pm * math.prod(_pad16x32("bmm", *s)) for s in held]
+    ref = [a + pm * math.prod(_pad16x32("bmm", *s)[:4]) for s in held]
     assert error_summary(padded.predict_many(held), ref)["rmspe"] < 0.01
     assert error_summary(plain.predict_many(held), ref)["rmspe"] > 0.05
     assert padded.predict(1, 17, 50, 33) == pytest.approx(a + pm * 32 * 50 * 64, rel=0.01)
+
+
+def test_regression_recovers_a_per_tile_step_cost():
+    """Work that scales with tile steps (one per row, k and 16-column tile) as well as MACs is recovered."""
+    rng = np.random.default_rng(6)
+
+    def pad(prim, b, m, k, n):
+        return b, m, k, n, b * m * k * -(-n // 16)
+
+    def truth(s):
+        return 0.004 + 1e-8 * math.prod(s) + 5e-8 * pad("bmm", *s)[4]
+
+    shapes = np.array(_random_shapes(rng, 40, 8, 160))
+    law = fit_law("bmm", shapes, [truth(s) for s in shapes], pad=pad)
+    assert "steps" in law.columns
+    held = np.array(_random_shapes(rng, 30, 8, 160))
+    assert error_summary(law.predict_many(held), [truth(s) for s in held])["rmspe"] < 0.01
 
 
 def test_cost_table_pads_tvm_work_for_its_cpu_target():

@@ -73,7 +73,7 @@ def test_row_blocked_gemm_matches_reference(name: str, monkeypatch) -> None:
 
 
 def test_tiled_shape_is_the_padded_register_tile() -> None:
-    from kernels.cpu_schedules import tile_padding, tiled_shape
+    from kernels.cpu_schedules import tile_padding, tile_steps, tiled_shape
 
     # AVX-512 (16 fp32 lanes): n=24 runs one 16-wide vector per row (16 rows a tile), padded to 32 columns
     assert tiled_shape("bmm", 24, 49, 58, 24, 16) == (24, 64, 58, 32)
@@ -81,8 +81,12 @@ def test_tiled_shape_is_the_padded_register_tile() -> None:
     assert tiled_shape("matmul", 8, 197, 192, 384, 16) == (8, 200, 192, 384)
     # matshift tiles rows in vectors (2 x 16 rows) and 8 columns
     assert tiled_shape("matshift", 1, 50, 9, 13, 16) == (1, 64, 9, 16)
+    # tile steps: one per row, k and column tile (GEMMs); per row tile, k and column (matshift)
+    assert tile_steps("bmm", 24, 49, 58, 24, 16) == 24 * 64 * 58 * 2
+    assert tile_steps("matmul", 8, 197, 192, 384, 16) == 8 * 200 * 192 * 6
+    assert tile_steps("matshift", 1, 50, 9, 13, 16) == 2 * 9 * 16
     pad = tile_padding(kernels.resolve_target("cpu"))
-    assert pad("layernorm", 1, 7, 8, 9) == (1, 7, 8, 9)  # not a kernel: passes through
+    assert pad("layernorm", 1, 7, 8, 9) == (1, 7, 8, 9, 0)  # not a kernel: passes through
     assert tile_padding(kernels.resolve_target("cuda")) is None
 
 
