@@ -60,7 +60,7 @@ def test_row_blocked_gemm_matches_reference(name: str, monkeypatch) -> None:
 
     monkeypatch.setattr(cpu_schedules, "_l2_per_core", lambda: 4 << 10)
     b, m, k, n = 2, 75, 40, 45
-    tile = cpu_schedules._gemm_tile(16, n)
+    tile = cpu_schedules._gemm_tile(16, n, m)
     assert cpu_schedules._row_block_tiles(-(-m // tile.mr), tile.mr, k, 48) > 1
     kernels.clear_cache()  # build() caches per shape: neither reuse nor leave a kernel built for a fake L2
     try:
@@ -75,14 +75,16 @@ def test_row_blocked_gemm_matches_reference(name: str, monkeypatch) -> None:
 def test_tiled_shape_is_the_padded_register_tile() -> None:
     from kernels.cpu_schedules import tile_padding, tile_steps, tiled_shape
 
-    # AVX-512 (16 fp32 lanes): n=24 runs one 16-wide vector per row (16 rows a tile), padded to 32 columns
-    assert tiled_shape("bmm", 24, 49, 58, 24, 16) == (24, 64, 58, 32)
-    # n=384 divides the widest tile (4 vectors = 64 columns, 4 rows): only m pads, 197 -> 200
+    # AVX-512 (16 fp32 lanes): n=24 runs one 16-wide vector per row, padded to 32 columns; 13 rows per
+    # tile pad 49 rows to 52 where 16 would compute 64
+    assert tiled_shape("bmm", 24, 49, 58, 24, 16) == (24, 52, 58, 32)
+    # n=384 divides the widest tile (4 vectors = 64 columns, 4 rows): 197 rows pad to 200 (3 rows per
+    # tile would save 2 of them, not worth the lost reuse)
     assert tiled_shape("matmul", 8, 197, 192, 384, 16) == (8, 200, 192, 384)
     # matshift tiles rows in vectors (2 x 16 rows) and 8 columns
     assert tiled_shape("matshift", 1, 50, 9, 13, 16) == (1, 64, 9, 16)
     # tile steps: one per row, k and column tile (GEMMs); per row tile, k and column (matshift)
-    assert tile_steps("bmm", 24, 49, 58, 24, 16) == 24 * 64 * 58 * 2
+    assert tile_steps("bmm", 24, 49, 58, 24, 16) == 24 * 52 * 58 * 2
     assert tile_steps("matmul", 8, 197, 192, 384, 16) == 8 * 200 * 192 * 6
     assert tile_steps("matshift", 1, 50, 9, 13, 16) == 2 * 9 * 16
     pad = tile_padding(kernels.resolve_target("cpu"))
