@@ -13,7 +13,8 @@ exactly once. A complete file always ends with a newline; one that does not was 
 Columns (``COLUMNS``; those of the contract are required on read):
 
 =================  ====================================================================================
-primitive          kernel primitive (matmul, matshift, ...) or non-primitive op (layernorm, ...)
+primitive          kernel primitive (matmul, matshift, ...), non-primitive op (layernorm, ...) or ``framework``
+                   (eager PyTorch's own time per forward, dse.eager)
 backend            ``tvm`` (compiled for the target) or ``torch`` (PyTorch eager, the dense baseline)
 batch, m, k, n     the kernel's problem size; ``batch`` is the kernel's b (see dse.inventory)
 dtype              the kernel's dtype (matshift: int32)
