@@ -37,6 +37,7 @@ expert's fraction of the two experts' summed cost (unit-free, so the two metrics
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -210,22 +211,22 @@ class CostTable:
         for (bk, prim, dt, b, m, k, n), (lat, en) in self._rows.items():
             self._shapes.setdefault((bk, prim, dt), []).append(((b, m, k, n), lat, en))
         self._laws: dict[tuple[str, str, str, str], CostLaw | None] = {}
-        self._pad: PadFn | None | bool = False  # resolved on the first tvm law: False = not yet
 
+    @functools.cached_property
     def _tvm_padding(self) -> PadFn | None:
-        """How the profile's target pads kernel shapes (``kernels.cpu_schedules.tile_padding``)."""
-        if self._pad is False:
-            self._pad = None
-            target = _meta_target(getattr(self.profile, "meta", None) or {})
-            if isinstance(target, dict) and target.get("kind") == "llvm":
-                import kernels
-                from kernels.cpu_schedules import tile_padding
+        """How the profile's target pads kernel shapes (``kernels.cpu_schedules.tile_padding``); resolved
+        on the first TVM law, since resolving a target loads TVM."""
+        target = _meta_target(getattr(self.profile, "meta", None) or {})
+        if not (isinstance(target, dict) and target.get("kind") == "llvm"):
+            return None
+        import kernels
+        from kernels.cpu_schedules import tile_padding
 
-                try:
-                    self._pad = tile_padding(kernels.resolve_target(target))
-                except Exception as exc:  # an unknown CPU: price unpadded work rather than fail
-                    log.warning("cannot tell how %s pads kernel shapes (%s); using unpadded work", target, exc)
-        return self._pad
+        try:
+            return tile_padding(kernels.resolve_target(target))
+        except Exception as exc:  # an unknown CPU: price unpadded work rather than fail
+            log.warning("cannot tell how %s pads kernel shapes (%s); using unpadded work", target, exc)
+            return None
 
     # ---- what is there ----------------------------------------------------------------------------
     def primitives(self, backend: str) -> list[str]:
@@ -253,7 +254,7 @@ class CostTable:
             if rows:
                 shapes = np.array([r[0] for r in rows], dtype=np.float64)
                 values = np.array([r[1] if metric == "latency" else r[2] for r in rows], dtype=np.float64)
-                pad = self._tvm_padding() if backend == "tvm" else None
+                pad = self._tvm_padding if backend == "tvm" else None
                 law = fit_law(primitive, shapes, values, _COLUMNS[metric], dt, pad)
             self._laws[key] = law
         return self._laws[key]

@@ -12,9 +12,10 @@ et al., MobiSys 2021) reports its predictors:
    Figures: fraction within ±10% and ±15%, RMSPE; plus the same after correcting for the machine's
    drift since profiling, and the noise floor (one shape measured twice).
 2. The dense PyTorch model. Its whole latency predicted from the per-layer ``torch`` rows plus the
-   non-primitive work and eager PyTorch's own time (:mod:`dse.eager`) is compared with its measured eager latency: same batch, the profile's PyTorch
-   thread count, ``torch.inference_mode``, median of many runs; and side by side with freshly
-   re-measured rows, which isolates the method's own error from drift.
+   non-primitive work and eager PyTorch's own time (:mod:`dse.eager`) is compared with its measured
+   eager latency: same batch, the profile's PyTorch thread count, ``torch.inference_mode``, median of
+   many runs; and side by side with freshly re-measured rows, which isolates the method's own error
+   from drift.
 
 Both are noisy on a shared machine: rows and checks are measured at different times, so the report
 carries the load average, the drift and the noise floor.

@@ -62,6 +62,7 @@ import kernels
 from dse import row_kernels
 from dse.errors import KernelError, ModelError
 from kernels.cpu_schedules import PREPACKABLE, prepacked_gemm
+from kernels.torch_ops import FIXED_MAX, FIXED_MIN, fixed_grid
 from models.hamming import HammingAttention
 from models.shift import ShiftLinear
 
@@ -73,8 +74,14 @@ log = logging.getLogger(__name__)
 SHIFT_PRIMITIVES = ("matshift", "matshift_decode")
 KERNEL_ATTR = "shiftadd.primitive"
 KERNEL_PREFIX = "shiftadd_"
-# int32 range representable in fp32 (the largest float below 2^31 is 2^31 - 128), as kernels.torch_ops.
-_FIXED_MIN, _FIXED_MAX = -(2.0**31), 2.0**31 - 128.0
+
+
+def fixed_grid_relax(x: Any, frac_bits: int) -> Any:
+    """``floor(x·2^F)`` clamped to int32's range, in fp32: the Relax form of :func:`kernels.torch_ops.fixed_grid`."""
+    from tvm import relax
+
+    scaled = relax.op.multiply(x, relax.const(float(2.0**frac_bits), "float32"))
+    return relax.op.clip(relax.op.floor(scaled), FIXED_MIN, FIXED_MAX)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,7 +106,7 @@ def packed_shift_linear(x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor
     if primitive != "matshift_decode":
         raise KernelError(f"unknown shift primitive '{primitive}'; use one of {', '.join(SHIFT_PRIMITIVES)}")
     scale = 2.0**frac_bits
-    xq = torch.floor(x.float() * scale).clamp(_FIXED_MIN, _FIXED_MAX) / scale  # [b, m, k] on the Q grid
+    xq = fixed_grid(x, frac_bits) / scale  # [b, m, k] on the Q grid
     weight = sign.float() * torch.exp2(-shift.float())  # [n, k]
     return F.linear(xq, weight)  # [b, m, n]
 
@@ -288,7 +295,7 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
         n = _shape(shift)[0]
         rows = bb.emit(relax.op.reshape(x, (1, b * m, k))) if b != 1 else x  # [1, tokens, k]
         scale = float(2.0**frac_bits)
-        fixed = relax.op.clip(relax.op.floor(relax.op.multiply(rows, const(scale))), _FIXED_MIN, _FIXED_MAX)
+        fixed = fixed_grid_relax(rows, frac_bits)
         if primitive == "matshift":
             x_int = bb.emit(relax.op.astype(fixed, "int32"))
             acc = emitter.call(bb, "matshift", (1, b * m, k, n), [x_int, shift, sign])  # int32

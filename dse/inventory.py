@@ -416,14 +416,15 @@ def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int,
             unknown.add(tname)
     if unknown:
         log.info("not profiled (no non-primitive op for them): %s", ", ".join(sorted(unknown)))
-    probe = None
+    probe = eager.empty_batch_forward(model, input_size)
     try:
-        calls = eager.count_module_calls(model, input_size)
-        probe = eager.empty_batch_forward(model, input_size)
-        add(math.inf, name=eager.FRAMEWORK, kind="framework", op=eager.FRAMEWORK, primitives=(eager.FRAMEWORK,),
-            b=1, m=calls, k=1, n=1)
+        calls = eager.count_module_calls(model, probe)
     except Exception as exc:  # a model that cannot run an empty batch: priced without its eager overhead
         log.info("no eager framework row for %s (its forward rejects an empty batch: %s)", name, exc)
+        probe = None
+    else:
+        add(math.inf, name=eager.FRAMEWORK, kind="framework", op=eager.FRAMEWORK, primitives=(eager.FRAMEWORK,),
+            b=1, m=calls, k=1, n=1)
     ordered = [it for _, it in sorted(items, key=lambda pair: pair[0])]
     return Inventory(name or type(model).__name__, input_size, batch, nbits, ordered, attention, probe)
 

@@ -410,15 +410,17 @@ def _requant_inputs(s: Shape, rng: np.random.Generator) -> list[np.ndarray]:
 def _requant_torch(shape: Shape, x, acc):
     import torch
 
-    fixed = torch.floor(x * float(2**FRAC_BITS)).clamp(-(2.0**31), 2.0**31 - 128.0).to(torch.int32)
-    return fixed, acc.to(torch.float32) * (2.0**-FRAC_BITS)
+    from kernels.torch_ops import quantize_fixed
+
+    return quantize_fixed(x, FRAC_BITS), acc.to(torch.float32) * (2.0**-FRAC_BITS)
 
 
 def _requant_relax(emit, shape: Shape, x, acc):
     from tvm import relax
 
-    scaled = emit(relax.op.floor(relax.op.multiply(x, _const(float(2**FRAC_BITS)))))
-    fixed = emit(relax.op.astype(relax.op.clip(scaled, -(2.0**31), 2.0**31 - 128.0), "int32"))
+    from dse.graph import fixed_grid_relax
+
+    fixed = emit(relax.op.astype(fixed_grid_relax(x, FRAC_BITS), "int32"))
     back = emit(relax.op.multiply(relax.op.astype(acc, "float32"), _const(2.0**-FRAC_BITS)))
     return relax.Tuple([fixed, back])
 
@@ -435,18 +437,17 @@ register(NonPrimOp(
 
 
 def _quantize_torch(shape: Shape, x):
-    import torch
+    from kernels.torch_ops import fixed_grid
 
-    scale = float(2**FRAC_BITS)
-    return torch.floor(x * scale).clamp(-(2.0**31), 2.0**31 - 128.0) * (1.0 / scale)
+    return fixed_grid(x, FRAC_BITS) * (2.0**-FRAC_BITS)
 
 
 def _quantize_relax(emit, shape: Shape, x):
     from tvm import relax
 
-    scaled = relax.op.clip(relax.op.floor(relax.op.multiply(x, _const(float(2**FRAC_BITS)))), -(2.0**31),
-                           2.0**31 - 128.0)
-    return relax.op.multiply(emit(scaled), _const(2.0**-FRAC_BITS))
+    from dse.graph import fixed_grid_relax
+
+    return relax.op.multiply(emit(fixed_grid_relax(x, FRAC_BITS)), _const(2.0**-FRAC_BITS))
 
 
 register(NonPrimOp(

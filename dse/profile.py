@@ -230,6 +230,10 @@ class Measurer:
             self._idle_w = self.source.idle_power_w(max(self.settings.energy_window_s, 0.5))
         return self._idle_w
 
+    def _cold_weights(self, spec: RowSpec) -> bool:
+        """Whether the row is timed with its weights in L3 (:data:`COLD_WEIGHT_PRIMITIVES`; CPU only)."""
+        return spec.kind == "kernel" and spec.primitive in COLD_WEIGHT_PRIMITIVES and not self.is_cuda
+
     # ---- the three kinds of rows ------------------------------------------------------------------------
     def _tvm_kernel(self, spec: RowSpec) -> _Runnable:
         import tvm
@@ -246,7 +250,7 @@ class Measurer:
         kernel = kernels.build(spec.primitive, b=spec.b, m=spec.m, k=spec.k, n=spec.n, target=self.target,
                                dtype=spec.dtype, trials=self.settings.trials)
         arrays = kernels.random_inputs(spec.primitive, spec.b, spec.m, spec.k, spec.n, spec.dtype)
-        cold = spec.primitive in COLD_WEIGHT_PRIMITIVES and not self.is_cuda
+        cold = self._cold_weights(spec)
         timing = kernel.time(*arrays, min_repeat_ms=self.settings.min_repeat_ms, cold_weights=cold,
                              repeat=self.settings.repeat * (COLD_SAMPLES_PER_REPEAT if cold else 1))
         dev = kernels.targets.device_for(self.target)
@@ -277,7 +281,7 @@ class Measurer:
                 fn = (nonprim.torch_callable(spec.primitive, spec.shape, self.torch_device)
                       if spec.kind == "nonprim" else self._torch_kernel(spec))
             sync = torch.cuda.synchronize if self.is_cuda else (lambda: None)
-            if spec.kind == "kernel" and spec.primitive in COLD_WEIGHT_PRIMITIVES and not self.is_cuda:
+            if self._cold_weights(spec):
                 timing = time_callable_cold(fn, fn.keep_warm, samples=self.settings.repeat * COLD_SAMPLES_PER_REPEAT,
                                             sync=sync)
             else:
@@ -503,10 +507,11 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
 
     started = time.perf_counter()
     check_target_runnable(settings.target)
-    device = describe_device(target_kind_of(settings.target))
+    kind = target_kind_of(settings.target)
+    device = describe_device(kind)
     label = label or f"{inventory.model} (batch {inventory.batch}, {'x'.join(map(str, inventory.input_size))})"
     specs = plan(inventory, include_nonprim=settings.nonprim)
-    if target_kind_of(settings.target) == "cuda":  # eager overhead is timed on the CPU model only (dse.eager)
+    if kind == "cuda":  # eager overhead is timed on the CPU model only (dse.eager)
         specs = [s for s in specs if s.kind != "framework"]
 
     def open_store(use_cache: bool) -> tuple[ProfileStore, list[RowSpec], dict[str, Any], str, bool]:

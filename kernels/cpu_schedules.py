@@ -224,6 +224,24 @@ def _weight_gemm_cpu(name: str, b: int, m: int, k: int, n: int, dtype: str, targ
     return _schedule_gemm(te.create_prim_func([x, *weights, out]), name, ["wpack"], tile, lanes, (b, m, k, n))
 
 
+def _column_tiles(t: te.Tensor, nb: int, dtype: str, name: str) -> tuple[Callable, list[str]]:
+    """How the GEMM reads an operand ``t[b, k, n]`` (bmm's ``y``, matadd's ``v``) as ``(b, j/NB, k, j%NB)``
+    in ``dtype``: in place when its rows are whole column tiles already, else through a zero-padded copy
+    ``name[b, n/NB, k, NB]`` (returned in the list of packing stages to schedule)."""
+    from tvm import te, tirx
+
+    b, k, n = (int(v) for v in t.shape)
+    if n % nb == 0 and t.dtype == dtype:  # rows of t are contiguous along n: read them in place
+        return (lambda bi, jo, r, ji: t[bi, r, jo * nb + ji]), []
+
+    def pack(bi, jo, r, ji):
+        j = jo * nb + ji
+        return tirx.Select(j < n, t[bi, r, tirx.min(j, n - 1)].astype(dtype), tirx.const(0, dtype))
+
+    packed = te.compute((b, _ceil_div(n, nb), k, nb), pack, name=name)
+    return (lambda bi, jo, r, ji: packed[bi, jo, r, ji]), [name]
+
+
 @register_cpu_schedule("matmul")
 def matmul_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
     return _weight_gemm_cpu("matmul", b, m, k, n, dtype, target)
@@ -231,31 +249,14 @@ def matmul_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Ta
 
 @register_cpu_schedule("bmm")
 def bmm_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
-    from tvm import te, tirx
+    from tvm import te
 
     lanes = _vector_lanes(target, 4)
     tile = _gemm_tile(lanes, n, m)
     nb = tile.nv * lanes
     x = te.placeholder((b, m, k), dtype, name="x")
     y = te.placeholder((b, k, n), dtype, name="y")
-    packs: list[str] = []
-    if n % nb == 0 and dtype == "float32":  # rows of y are contiguous along n: read them in place
-
-        def y_fn(bi, jo, r, ji):
-            return y[bi, r, jo * nb + ji]
-
-    else:
-
-        def pack(bi, jo, r, ji):
-            j = jo * nb + ji
-            return tirx.Select(j < n, y[bi, r, tirx.min(j, n - 1)].astype("float32"), tirx.const(0, "float32"))
-
-        yp = te.compute((b, _ceil_div(n, nb), k, nb), pack, name="ypack")
-        packs.append("ypack")
-
-        def y_fn(bi, jo, r, ji):
-            return yp[bi, jo, r, ji]
-
+    y_fn, packs = _column_tiles(y, nb, "float32", "ypack")
     out = _packed_gemm(
         (b, m, k, n),
         tile,
@@ -284,24 +285,7 @@ def matadd_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Ta
     nb = tile.nv * lanes
     mask = te.placeholder((b, k, m), "uint8", name="mask")
     v = te.placeholder((b, k, n), dtype, name="v")
-    packs: list[str] = []
-    if n % nb == 0:  # rows of v are already contiguous along n: no packing needed
-
-        def v_fn(bi, jo, r, ji):
-            return v[bi, r, jo * nb + ji]
-
-    else:
-
-        def pack(bi, jo, r, ji):
-            j = jo * nb + ji
-            return tirx.if_then_else(j < n, v[bi, r, tirx.min(j, n - 1)], tirx.const(0, dtype))
-
-        vp = te.compute((b, _ceil_div(n, nb), k, nb), pack, name="vpack")
-        packs.append("vpack")
-
-        def v_fn(bi, jo, r, ji):
-            return vp[bi, jo, r, ji]
-
+    v_fn, packs = _column_tiles(v, nb, dtype, "vpack")
     neg_zero = tirx.const(-0.0, dtype)  # additive identity: lets LLVM emit masked adds
     out = _packed_gemm(
         (b, m, k, n),
@@ -405,6 +389,14 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
 # The work a kernel really does
 
 
+def _tile_dims(name: str, m: int, n: int, lanes: int) -> tuple[int, int]:
+    """(rows, columns) of the register tile the CPU kernel of ``name`` uses at ``m`` x ``n``."""
+    if name == "matshift":
+        return _matshift_tile(lanes)
+    tile = _gemm_tile(lanes, n, m)
+    return tile.mr, tile.nv * lanes
+
+
 def tiled_shape(name: str, b: int, m: int, k: int, n: int, lanes: int) -> tuple[int, int, int, int]:
     """``(b, m_pad, k, n_pad)``: the shape the CPU kernel of ``name`` computes with ``lanes``-wide vectors.
 
@@ -412,11 +404,7 @@ def tiled_shape(name: str, b: int, m: int, k: int, n: int, lanes: int) -> tuple[
     time follows the padded work, not ``b·m·k·n``: e.g. 24x49x58x24 ``bmm`` pads n=24 to 32 and does a
     third more work than it returns. The cost model's regression uses this (``dse.cost_regression``).
     """
-    if name == "matshift":
-        mt, nb = _matshift_tile(lanes)
-    else:
-        tile = _gemm_tile(lanes, n, m)
-        mt, nb = tile.mr, tile.nv * lanes
+    mt, nb = _tile_dims(name, m, n, lanes)
     return b, _ceil_div(m, mt) * mt, k, _ceil_div(n, nb) * nb
 
 
@@ -426,12 +414,11 @@ def tile_steps(name: str, b: int, m: int, k: int, n: int, lanes: int) -> int:
     per row tile, ``k`` and column for ``matshift`` (one scalar weight on a vector of rows). Their cost is
     what makes narrow tiles dearer than their MACs say: ``matadd`` at n=33 (16-wide tiles) runs ~60
     GMAC/s, at n=64 ~85 on this project's machine."""
-    b, m_pad, k, n_pad = tiled_shape(name, b, m, k, n, lanes)
+    mt, nb = _tile_dims(name, m, n, lanes)
+    m_pad, n_pad = _ceil_div(m, mt) * mt, _ceil_div(n, nb) * nb
     if name == "matshift":
-        mt, _ = _matshift_tile(lanes)
         return b * (m_pad // mt) * k * n_pad
-    tile = _gemm_tile(lanes, n, m)
-    return b * m_pad * k * (n_pad // (tile.nv * lanes))
+    return b * m_pad * k * (n_pad // nb)
 
 
 TileFn = Callable[[str, int, int, int, int], tuple[int, int, int, int, int]]

@@ -127,13 +127,17 @@ def _matshift_fake(x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor) -> 
 
 
 # int32 range representable in fp32: the largest float below 2^31 is 2^31 - 128.
-_FIXED_MIN, _FIXED_MAX = -(2.0**31), 2.0**31 - 128.0
+FIXED_MIN, FIXED_MAX = -(2.0**31), 2.0**31 - 128.0
+
+
+def fixed_grid(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """``floor(x·2^F)`` clamped to int32's range, still fp32 (exact: scaling by 2^F only moves the exponent)."""
+    return torch.floor(x.to(torch.float32) * (2.0**frac_bits)).clamp(FIXED_MIN, FIXED_MAX)
 
 
 def quantize_fixed(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
-    """``floor(x·2^F)`` as int32, computed in fp32 (exact: scaling by 2^F only moves the exponent)."""
-    scaled = torch.floor(x.to(torch.float32) * (2.0**frac_bits))
-    return scaled.clamp(_FIXED_MIN, _FIXED_MAX).to(torch.int32)
+    """``floor(x·2^F)`` as int32 (:func:`fixed_grid`)."""
+    return fixed_grid(x, frac_bits).to(torch.int32)
 
 
 def shift_linear_reference(
