@@ -64,6 +64,7 @@ class ProfileConfig:
     dir: str = "profiles"
     torch_threads: int = 2  # intra-op threads of the PyTorch baseline rows (0 = torch's default)
     nonprim: bool = True  # also profile the non-primitive work (norms, GELU, softmax, ...)
+    passes: int = 1  # measure every row this many times, a whole run apart; a row keeps their median
 
 
 @dataclass
@@ -250,6 +251,7 @@ def _validate(cfg: Config) -> None:
         "model.num_classes": cfg.model.num_classes,
         "profile.batch": cfg.profile.batch,
         "profile.repeat": cfg.profile.repeat,
+        "profile.passes": cfg.profile.passes,
         "bench.batch": cfg.bench.batch,
         "export.batch": cfg.export.batch,
         "export.repeat": cfg.export.repeat,

@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dse import nonprim
+from dse import eager, nonprim
 from dse.errors import ProfileError, TargetUnavailableError
 from dse.fileio import atomic_write_text
 from dse.inventory import TORCH_BASELINE, Inventory, compact_names
-from dse.store import Key, ProfileStore, row_key
+from dse.store import Key, ProfileStore, passes_of, row_key
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ def write_model_rows(profile_csv: str | Path, inventory: Inventory, path: str | 
     A device's profile also holds other models' rows and calibration shapes; a report on one model shows
     only the rows its cost depends on.
     """
-    from dse.store import load_profile
+    from dse.store import format_rows, load_profile
 
     frame = load_profile(profile_csv).frame
     keys = {spec.key for spec in plan(inventory)}
-    mine = frame[[row_key(r) in keys for r in frame.to_dict("records")]]
-    return atomic_write_text(path, mine.to_csv(index=False))
+    mine = [r for r in frame.to_dict("records") if row_key(r) in keys]
+    return atomic_write_text(path, format_rows(mine, [c for c in frame.columns]))
 
 
 @dataclasses.dataclass
@@ -114,17 +114,18 @@ class Settings:
     energy_window_s: float = 0.5
     torch_threads: int = 2
     nonprim: bool = True
+    passes: int = 1  # times each row is measured, a whole run apart (store.merge_passes)
 
     @classmethod
     def from_config(cls, p: Any) -> Settings:
         return cls(p.target, p.repeat, p.min_repeat_ms, p.trials, tuple(p.energy), p.energy_window_s,
-                   p.torch_threads, p.nonprim)
+                   p.torch_threads, p.nonprim, p.passes)
 
     def header(self) -> dict[str, Any]:
         """What goes into the profile's .yaml (the last run's settings)."""
         return {"repeat": self.repeat, "min_repeat_ms": self.min_repeat_ms, "trials": self.trials,
                 "torch_threads": self.torch_threads, "tvm_threads": os.environ.get("TVM_NUM_THREADS", "tvm default"),
-                "energy_window_s": self.energy_window_s}
+                "energy_window_s": self.energy_window_s, "passes": self.passes}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,6 +427,7 @@ class ProfileRun:
     rows: list[dict[str, Any]]  # the plan's rows as now in the file
     specs: list[RowSpec]
     cores: int | None
+    passes: int = 1
 
 
 _TARGET_CACHE = ".targets.json"
@@ -490,18 +492,36 @@ def _resolve_target(spec: Any, root: str | Path, device: Any, *, use_cache: bool
     return target_json, slug, False
 
 
-def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int) -> bool:
-    """Whether an existing row answers this run: present and, for TVM kernels, tuned with >= ``trials``."""
-    if row is None:
+def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int, passes: int = 1) -> bool:
+    """Whether an existing row answers this run: present, measured in >= ``passes`` passes and, for TVM
+    kernels, tuned with >= ``trials``."""
+    if row is None or passes_of(row) < passes:
         return False
     if spec.backend == "tvm" and spec.kind == "kernel" and trials > 0:
         return int(row.get("tuned_trials", 0)) >= trials
     return True
 
 
+def spec_of_row(row: Mapping[str, Any]) -> RowSpec:
+    """The :class:`RowSpec` that measures a stored row again."""
+    import kernels
+
+    prim = str(row["primitive"])
+    kind = ("framework" if prim == eager.FRAMEWORK else
+            "kernel" if prim in kernels.names() or prim in TORCH_BASELINE.values() else "nonprim")
+    return RowSpec(prim, str(row["backend"]), int(row["batch"]), int(row["m"]), int(row["k"]), int(row["n"]),
+                   str(row["dtype"]), kind)
+
+
 def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *, force: bool = False,
                   progress: bool = True, label: str | None = None) -> ProfileRun:
-    """Measure every missing row of ``inventory``'s plan into the store under ``root`` (all with ``force``)."""
+    """Measure every missing row of ``inventory``'s plan into the store under ``root`` (all with ``force``).
+
+    With ``settings.passes = N > 1`` the rows are measured in N passes, each over all of them, so that a
+    row's passes lie a whole pass apart, and a row's latency is the median of its passes
+    (:func:`dse.store.merge_passes`); rows that other models or calibration put into the profile get their
+    missing passes too (framework rows only through their own model). A rerun measures only missing passes.
+    """
     from dse.device import describe_device, versions
     from dse.energy import select_source, target_kind_of
 
@@ -513,22 +533,34 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
     specs = plan(inventory, include_nonprim=settings.nonprim)
     if kind == "cuda":  # eager overhead is timed on the CPU model only (dse.eager)
         specs = [s for s in specs if s.kind != "framework"]
+    passes = max(1, int(settings.passes))
 
-    def open_store(use_cache: bool) -> tuple[ProfileStore, list[RowSpec], dict[str, Any], str, bool]:
+    def have(row: Mapping[str, Any] | None, spec: RowSpec) -> int:
+        """Passes of ``row`` that count for this run (0: missing, or a TVM kernel tuned with too few trials)."""
+        return passes_of(row) if _satisfied(row, spec, settings.trials) else 0
+
+    def open_store(use_cache: bool) -> tuple[ProfileStore, dict[Key, int], list[RowSpec], dict[str, Any], str, bool]:
         target_json, slug, cached = _resolve_target(settings.target, root, device, use_cache=use_cache)
         store = ProfileStore(root, device.as_dict(), target_json, slug, versions(), settings.header())
         store.open(force=force, model=label)
         existing = {row_key(r): r for r in store.rows()}
-        todo = specs if force else [s for s in specs if not _satisfied(existing.get(s.key), s, settings.trials)]
-        return store, todo, target_json, slug, cached
+        planned = {s.key for s in specs}
+        candidates = list(specs)
+        if passes > 1:
+            candidates += [spec_of_row(r) for k, r in existing.items()
+                           if k not in planned and r["primitive"] != eager.FRAMEWORK]
+        # --force re-measures this model's rows, not what others put into the profile
+        initial = {s.key: 0 if force and s.key in planned else have(existing.get(s.key), s) for s in candidates}
+        todo = [s for s in candidates if initial[s.key] < passes]
+        return store, initial, todo, target_json, slug, cached
 
-    store, todo, target_json, slug, cached = open_store(use_cache=not force)
+    store, initial, todo, target_json, slug, cached = open_store(use_cache=not force)
     if todo and cached:  # about to measure: never on the strength of a cached resolution
         fresh_json, fresh_slug, _ = _resolve_target(settings.target, root, device, use_cache=False)
         if (fresh_json, fresh_slug) != (target_json, slug):
             log.warning("cached target resolution %s was stale (now %s); using the fresh one", slug, fresh_slug)
-            store, todo, target_json, slug, _ = open_store(use_cache=False)
-    present = len(specs) - len(todo)
+            store, initial, todo, target_json, slug, _ = open_store(use_cache=False)
+    present = sum(1 for s in specs if initial[s.key] >= passes)
     source = select_source(target_json, list(settings.energy))
     measured, by_other, failed = 0, 0, []
     try:
@@ -537,20 +569,24 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
 
             measurer = Measurer(settings, kernels.resolve_target(target_json), source, slug)
             measurer.eager_probe = inventory.eager_probe
-            for spec in _progress(todo, progress, slug):
-                if not force:
-                    now = {row_key(r): r for r in store.rows()}  # another process may have measured it
-                    if _satisfied(now.get(spec.key), spec, settings.trials):
+            for pass_no in range(1, passes + 1):
+                desc = slug if passes == 1 else f"{slug} pass {pass_no}/{passes}"
+                for spec in _progress([s for s in todo if initial[s.key] < pass_no], progress, desc):
+                    # --force replaces each row in the first pass; otherwise another process may have
+                    # measured it meanwhile
+                    now = {row_key(r): r for r in store.rows()}.get(spec.key)
+                    done = 0 if (force and pass_no == 1) else have(now, spec)
+                    if done >= pass_no:
                         by_other += 1
                         continue
-                try:
-                    row = measurer.measure(spec)
-                except Exception as exc:  # one broken shape must not lose the others: report at the end
-                    log.error("%s %s %s failed: %s", spec.primitive, spec.backend, spec.shape, exc)
-                    failed.append(f"{spec.primitive}/{spec.backend} {spec.shape}: {' '.join(str(exc).split())}")
-                    continue
-                store.add(row, replace=True)
-                measured += 1
+                    try:
+                        row = measurer.measure(spec)
+                    except Exception as exc:  # one broken shape must not lose the others: report at the end
+                        log.error("%s %s %s failed: %s", spec.primitive, spec.backend, spec.shape, exc)
+                        failed.append(f"{spec.primitive}/{spec.backend} {spec.shape}: {' '.join(str(exc).split())}")
+                        continue
+                    store.add(row, replace=done == 0, merge=done > 0)
+                    measured += 1
     finally:
         source.close()
         if measured:
@@ -558,7 +594,7 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
     final = {row_key(r): r for r in store.rows()}
     rows = [final[s.key] for s in specs if s.key in final]
     return ProfileRun(store.path, len(specs), present, measured, by_other, failed, time.perf_counter() - started,
-                      source.name, slug, rows, specs, device.cores)
+                      source.name, slug, rows, specs, device.cores, passes)
 
 
 def compile_model(inventory: Inventory, settings: Settings, *, progress: bool = True) -> dict[str, Any]:

@@ -19,8 +19,13 @@ backend            ``tvm`` (compiled for the target) or ``torch`` (PyTorch eager
 batch, m, k, n     the kernel's problem size; ``batch`` is the kernel's b (see dse.inventory)
 dtype              the kernel's dtype (matshift: int32)
 latency_ms         median over ``repeats`` repeats, each the mean of back-to-back calls lasting at
-latency_ms_p90     least ``min_repeat_ms`` (TVM ``time_evaluator``; the same loop for PyTorch)
-energy_mj          energy per call from ``energy_source`` (nvml | rapl measured, model = analytical)
+latency_ms_p90     least ``min_repeat_ms`` (TVM ``time_evaluator``; the same loop for PyTorch); for a row
+                   measured in several passes (``dse profile --passes``) the median of the passes'
+                   medians, and the largest of their p90s
+passes             how many passes measured the row (empty: one)
+pass_latencies_ms  each pass's median, ``;``-separated, oldest first (empty: one pass)
+energy_mj          energy per call from ``energy_source`` (nvml | rapl measured, model = analytical);
+                   over several passes their mean
 idle_power_w       idle power measured once per session by a meter (empty for the model)
 target             the target slug (the full JSON is in the .yaml)
 schedule           default | tuned (TVM kernels), eager (PyTorch)
@@ -77,6 +82,8 @@ COLUMNS: dict[str, tuple[str, bool]] = {
     "tuned_trials": ("count", True),
     "load_1m": ("opt_nonneg", False),
     "measured_at": ("name", True),
+    "passes": ("opt_count", False),
+    "pass_latencies_ms": ("opt_latencies", False),
 }
 # What must agree between an existing profile and this run for rows to be mixed: (section, field, label).
 _IDENTITY = (
@@ -104,6 +111,35 @@ def row_key(row: Mapping[str, Any]) -> Key:
             int(row["n"]), str(row["dtype"]))
 
 
+def passes_of(row: Mapping[str, Any]) -> int:
+    """How many passes measured ``row`` (a row from before passes existed: one)."""
+    value = row.get("passes")
+    return 1 if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+
+
+def merge_passes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``new`` (one more pass of the row ``old``) merged into it: the median of the passes' medians, the
+    largest p90, the mean energy, the summed repeats, the highest load; identity and date from ``new``.
+
+    A shared machine changes speed in phases of minutes (the README's drift figures), so one pass measures
+    a row in one phase; passes taken a whole profile apart see different ones, and their median does not
+    carry a single phase's error into every prediction that uses the row.
+    """
+    import statistics
+
+    if row_key(old) != row_key(new):
+        raise ValueError(f"cannot merge passes of different rows {row_key(old)} and {row_key(new)}")
+    before = tuple(old.get("pass_latencies_ms") or (float(old["latency_ms"]),))
+    lat = (*before, *(new.get("pass_latencies_ms") or (float(new["latency_ms"]),)))
+    k, j = passes_of(old), passes_of(new)
+    loads = [v for v in (old.get("load_1m"), new.get("load_1m")) if v is not None and not math.isnan(v)]
+    return {**dict(new), "latency_ms": float(statistics.median(lat)),
+            "latency_ms_p90": max(float(old["latency_ms_p90"]), float(new["latency_ms_p90"])),
+            "repeats": int(old["repeats"]) + int(new["repeats"]),
+            "energy_mj": (k * float(old["energy_mj"]) + j * float(new["energy_mj"])) / (k + j),
+            "load_1m": max(loads) if loads else None, "passes": k + j, "pass_latencies_ms": lat}
+
+
 # ---------------------------------------------------------------------------------------------------
 # parsing and validation
 
@@ -128,6 +164,12 @@ def _parse(value: str, kind: str, column: str) -> Any:
         if number < (1 if kind == "size" else 0):
             raise ValueError(f"'{column}' is {number}, must be {'positive' if kind == 'size' else '>= 0'}")
         return number
+    if kind in ("opt_count", "opt_latencies") and text == "":
+        return None
+    if kind == "opt_count":
+        return _parse(text, "size", column)
+    if kind == "opt_latencies":
+        return tuple(_parse(v, "latency", column) for v in text.split(";"))
     if kind.startswith("opt_") and text == "":
         return math.nan
     try:
@@ -192,6 +234,8 @@ def parse_rows(text: str, where: str) -> tuple[list[str], list[dict[str, Any]]]:
 def _format(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, tuple):
+        return ";".join(_format(v) for v in value)
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
     return str(value)
@@ -403,11 +447,12 @@ class ProfileStore:
         with file_lock(self.path):
             return self._read_rows()[1]
 
-    def add(self, row: Mapping[str, Any], *, replace: bool = False) -> bool:
+    def add(self, row: Mapping[str, Any], *, replace: bool = False, merge: bool = False) -> bool:
         """Merge one measured row into the file (atomic, under the lock).
 
-        Returns False (and writes nothing) when the row exists and ``replace`` is False — another process
-        measured it meanwhile.
+        Returns False (and writes nothing) when the row exists and neither ``replace`` nor ``merge`` is
+        set — another process measured it meanwhile. ``merge`` adds the row as one more pass of the
+        existing one (:func:`merge_passes`).
         """
         row = dict(row)
         key = row_key(row)
@@ -415,9 +460,9 @@ class ProfileStore:
             header, rows = self._read_rows()
             index = {row_key(r): i for i, r in enumerate(rows)}
             if key in index:
-                if not replace:
+                if not (replace or merge):
                     return False
-                rows[index[key]] = row
+                rows[index[key]] = merge_passes(rows[index[key]], row) if merge else row
             else:
                 rows.append(row)
             self._write_rows(rows, header)

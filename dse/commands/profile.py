@@ -17,6 +17,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help="images per batch (default: config profile.batch)")
     p.add_argument("--trials", type=int, help="MetaSchedule trials to tune kernels without a tuning record "
                    "(default: config profile.trials; 0 = default schedules)")
+    p.add_argument("--passes", type=int, help="measure every row this many times, each pass over all rows, and keep "
+                   "the median (a shared machine's speed moves in phases of minutes); with N > 1 the rows other "
+                   "models or calibration put into the profile get their missing passes too "
+                   "(default: config profile.passes)")
     p.add_argument("--force", action="store_true", help="re-measure every row of this model (and discard a "
                    "profile from another device or version)")
     p.add_argument("--list-shapes", action="store_true", help="print the layer inventory and exit (no measuring)")
@@ -31,13 +35,15 @@ def _config(args: argparse.Namespace):
         cfg.model.name = args.model
     if args.target:
         cfg.profile.target = args.target
-    for flag, value in (("--batch", args.batch), ("--trials", args.trials)):
-        if value is not None and (value < (1 if flag == "--batch" else 0)):
-            raise UsageError(f"{flag} must be {'positive' if flag == '--batch' else '>= 0'}, got {value}")
+    for flag, value in (("--batch", args.batch), ("--trials", args.trials), ("--passes", args.passes)):
+        if value is not None and (value < (0 if flag == "--trials" else 1)):
+            raise UsageError(f"{flag} must be {'>= 0' if flag == '--trials' else 'positive'}, got {value}")
     if args.batch is not None:
         cfg.profile.batch = args.batch
     if args.trials is not None:
         cfg.profile.trials = args.trials
+    if args.passes is not None:
+        cfg.profile.passes = args.passes
     return cfg
 
 
@@ -64,6 +70,7 @@ def _shape_text(inv) -> str:
 
 def _summary_text(run, rows: list[dict[str, Any]]) -> str:
     from dse.profile import summary_rows
+    from dse.store import passes_of
 
     srows = summary_rows(run)
     lines = []
@@ -71,7 +78,9 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
         lines.append(f"nothing to measure: all {run.planned} rows for this model are already in {run.path} "
                      f"(use --force to re-measure); {run.seconds:.1f} s")
     else:
-        lines.append(f"measured {run.measured} rows now ({run.present} were already present"
+        what = "rows" if run.passes == 1 else f"row passes (of {run.passes} per row)"
+        lines.append(f"measured {run.measured} {what} now ({run.present} of this model's {run.planned} rows were "
+                     "complete"
                      + (f", {run.by_other} measured meanwhile by another process" if run.by_other else "")
                      + f") in {run.seconds:.1f} s -> {run.path}")
     repeats = sorted({int(r["repeats"]) for r in rows})
@@ -79,12 +88,15 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
     if rows:
         lines.append(f"latency: median and p90 of {'/'.join(map(str, repeats))} repeats per row, each repeat the mean "
                      f"of back-to-back calls lasting >= {'/'.join(f'{w:g}' for w in windows if w is not None)} ms; "
-                     "PyTorch rows use the same loop")
+                     "PyTorch rows use the same loop"
+                     + (f"; a row measured in several passes keeps their median (up to {most} passes)"
+                        if (most := max(passes_of(r) for r in rows)) > 1 else ""))
     energy = {"model": "analytical model (45 nm op/byte energies: an ASIC projection, not a measurement of "
                        "this machine)", "rapl": "RAPL (CPU package, measured)", "nvml": "NVML (GPU, measured)"}
     lines.append(f"energy: {energy.get(run.energy_source, run.energy_source)}")
     loads = [r["load_1m"] for r in rows if r.get("load_1m") == r.get("load_1m") and r.get("load_1m") is not None]
-    if loads and run.cores and max(loads) > 0.75 * run.cores:
+    # the profiler's own threads keep up to one per core busy: only more than that means other work
+    if loads and run.cores and max(loads) > 1.25 * run.cores:
         lines.append(f"warning: the 1-min load average reached {max(loads):.1f} on {run.cores} cores while these rows "
                      "were measured: other work was running and the timings are noisy; re-measure on a quiet "
                      "machine (--force)")

@@ -510,6 +510,40 @@ def test_eager_framework_time_is_added_on_the_torch_backend_only():
     assert "framework" not in [r.layer for r in tvm_cost.per_layer(dense)]
 
 
+
+def test_dense_validation_times_the_model_in_bursts_spread_over_the_check(monkeypatch):
+    """The measured latency is the median of every burst's runs (one burst first, then one after each
+    side-by-side re-measurement of the rows); each round's error pairs its fresh rows with its own burst."""
+    import dse.cost_validate as cv
+    from dse.inventory import build_inventory
+    from dse.profile import Settings
+
+    model = _tiny_vit()
+    inv = build_inventory(model, batch=2, nbits=8)
+    profile = Profile.from_rows(_plan_profile(inv), {})
+    bursts = iter([[5.0, 1.0, 3.0], [10.0, 12.0], [2.0, 2.5, 40.0], [7.0]])
+    calls = []
+
+    def fake_time_model(m, batch, input_size, **kw):
+        calls.append(kw)
+        return next(bursts)
+
+    monkeypatch.setattr(cv, "time_model", fake_time_model)
+    settings = Settings(repeat=2, min_repeat_ms=1.0, energy=("model",), torch_threads=1)
+    out = cv.validate_dense_model(profile, model, inv, threads=1, min_runs=30, min_seconds=3.0,
+                                  settings=settings, rounds=3)
+    every = [5.0, 1.0, 3.0, 10.0, 12.0, 2.0, 2.5, 40.0, 7.0]
+    assert out["bursts"] == 4 and out["runs"] == len(every) and out["measured_ms"] == np.median(every)
+    assert [c["min_runs"] for c in calls] == [7] * 4 and all(c["min_seconds"] == 0.75 for c in calls)
+    predicted = CostModel(profile, backend="torch").for_model(inv).predict(Assignment.uniform(model)).latency_ms
+    assert out["predicted_ms"] == pytest.approx(predicted)
+    assert out["rel_error"] == pytest.approx((predicted - np.median(every)) / np.median(every))
+    assert out["side_by_side_measured_ms"] == np.median([11.0, 2.5, 7.0])  # the rounds' burst medians
+    monkeypatch.setattr(cv, "time_model", lambda *a, **kw: [4.0, 6.0])
+    one = cv.validate_dense_model(profile, model, inv, min_runs=30, min_seconds=3.0)  # no side by side
+    assert one["bursts"] == 1 and one["measured_ms"] == 5.0 and "side_by_side_error" not in one
+
+
 # ---- the command line -------------------------------------------------------------------------------
 
 

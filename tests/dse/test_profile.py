@@ -16,6 +16,7 @@ from dse.inventory import build_inventory
 from dse.profile import (
     COLD_SAMPLES_PER_REPEAT,
     COLD_WEIGHT_PRIMITIVES,
+    Measurer,
     RowSpec,
     Settings,
     _satisfied,
@@ -277,3 +278,36 @@ def test_framework_row_times_the_models_empty_batch_forward(tmp_path):
     assert run.measured == 1 and not run.failed
     (row,) = run.rows
     assert row["primitive"] == "framework" and row["energy_mj"] == 0.0 and len(calls) > 3
+
+
+def test_passes_remeasure_every_row_and_keep_the_median(tmp_path, monkeypatch, tiny_inventory):
+    """--passes N: every row of the plan and every non-framework row others put in the profile gets N
+    passes, a whole pass apart; a rerun measures only missing passes."""
+    import numpy as np
+
+    from dse.store import passes_of
+
+    inv = build_inventory(models.create("vit_digits", **TINY), batch=2, name="tiny")
+    inv.items = [it for it in inv.items if it.op in ("layernorm", "scores")]  # four rows keep it quick
+    specs = plan(inv)
+    first = profile_model(inv, fast(nonprim=True), tmp_path, progress=False)
+    assert first.measured == len(specs) == 4 and all(passes_of(r) == 1 for r in first.rows)
+    store = ProfileStore(tmp_path, *(lambda p: (p.meta["device"], p.target, p.meta["target_slug"],
+                                                p.meta["versions"]))(load_profile(first.path)))
+    other = dict(first.rows[0], m=first.rows[0]["m"] + 1)  # a row another model (or calibration) put there
+    store.add(other)
+    order = []
+    real = Measurer.measure
+    monkeypatch.setattr(Measurer, "measure", lambda self, spec: order.append(spec.key) or real(self, spec))
+    second = profile_model(inv, fast(nonprim=True, passes=3), tmp_path, progress=False)
+    keys = [s.key for s in specs] + [row_key(other)]
+    assert second.measured == 2 * 5 and sorted(order[:5]) == sorted(keys) == sorted(order[5:])  # pass by pass
+    rows = {row_key(r): r for r in load_profile(first.path).frame.to_dict("records")}
+    for key in keys:
+        row = rows[key]
+        assert passes_of(row) == 3 and len(row["pass_latencies_ms"]) == 3
+        assert row["latency_ms"] == pytest.approx(float(np.median(row["pass_latencies_ms"])))
+    order.clear()
+    assert profile_model(inv, fast(nonprim=True, passes=3), tmp_path, progress=False).measured == 0 and not order
+    forced = profile_model(inv, fast(nonprim=True, passes=2), tmp_path, force=True, progress=False)
+    assert forced.measured == 2 * 4 and all(passes_of(r) == 2 for r in forced.rows)  # this model's rows only

@@ -67,6 +67,34 @@ def test_merge_by_key(tmp_path):
     assert store.keys() == {row_key(make_row())}
 
 
+def test_passes_merge_to_the_median_of_pass_medians(tmp_path):
+    import numpy as np
+
+    from dse.store import merge_passes, passes_of
+
+    store = make_store(tmp_path)
+    store.open()
+    lat, p90, energy, loads = [1.0, 3.0, 1.6, 2.2], [1.2, 3.5, 1.7, 2.4], [0.2, 0.4, 0.3, 0.5], [0.5, 1.5, 0.7, 0.2]
+    assert store.add(make_row(latency=lat[0], latency_ms_p90=p90[0], energy_mj=energy[0], load_1m=loads[0]))
+    for i in range(1, 4):
+        assert store.add(make_row(latency=lat[i], latency_ms_p90=p90[i], energy_mj=energy[i], load_1m=loads[i],
+                                  measured_at=f"2026-01-0{i + 1}T00:00:00+00:00"), merge=True)
+        (row,) = load_profile(store.path).frame.to_dict("records")  # through the CSV and back
+        assert passes_of(row) == i + 1 and row["pass_latencies_ms"] == tuple(lat[: i + 1])
+        assert row["latency_ms"] == pytest.approx(np.median(lat[: i + 1]))
+        assert row["latency_ms_p90"] == max(p90[: i + 1]) and row["repeats"] == 3 * (i + 1)
+        assert row["energy_mj"] == pytest.approx(np.mean(energy[: i + 1]))
+        assert row["load_1m"] == max(loads[: i + 1]) and row["measured_at"].startswith(f"2026-01-0{i + 1}")
+    # two multi-pass rows: weighted by their passes
+    both = merge_passes(make_row(latency=1.0, energy_mj=1.0, passes=3, pass_latencies_ms=(1.0, 0.9, 5.0)),
+                        make_row(latency=2.0, energy_mj=3.0, passes=1))
+    assert both["latency_ms"] == pytest.approx(np.median([1.0, 0.9, 5.0, 2.0])) and both["passes"] == 4
+    assert both["energy_mj"] == pytest.approx((3 * 1.0 + 3.0) / 4)
+    with pytest.raises(ValueError, match="different rows"):
+        merge_passes(make_row(m=8), make_row(m=16))
+    assert passes_of(make_row()) == 1
+
+
 @pytest.mark.parametrize("field, other, phrase", [
     ("device", {**DEVICE, "name": "Other CPU"}, "device"),
     ("versions", {**VERSIONS, "tvm": "0.26.0"}, "TVM version"),
