@@ -73,7 +73,8 @@ class CostConfig:
     mix_alpha: float = 0.5  # mix = alpha * latency_share + (1 - alpha) * energy_share
     holdout_shapes: int = 12  # `dse cost --validate`: random unprofiled shapes per kernel primitive and backend
     validate_runs: int = 30  # ... and at least this many eager runs (and 3 s) of the dense model, in all bursts
-    validate_rounds: int = 3  # ... and rounds re-measuring its torch rows side by side with it (0 = off)
+    validate_rounds: int = 3  # ... and rounds re-measuring its torch rows side by side with it; > 0 also re-measures
+    # each primitive's rows before its held-out shapes (0 = neither: compare with the stored profile only)
 
 
 @dataclass

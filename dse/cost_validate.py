@@ -10,7 +10,8 @@ et al., MobiSys 2021) reports its predictors:
    model's batch values) that are NOT in the profile are built and timed exactly as the profiler
    times its rows (:class:`dse.profile.Measurer`) and compared with the regression's prediction.
    Figures: fraction within ±10% and ±15%, RMSPE; plus the same after correcting for the machine's
-   drift since profiling, and the noise floor (one shape measured twice).
+   drift since profiling, side by side (the primitive's rows re-measured and the law refitted just
+   before its held-out shapes), and the noise floor (one shape measured twice).
 2. The dense PyTorch model. Its whole latency predicted from the per-layer ``torch`` rows plus the
    non-primitive work and eager PyTorch's own time (:mod:`dse.eager`) is compared with its measured
    eager latency: same batch, the profile's PyTorch thread count, ``torch.inference_mode``, median of
@@ -58,6 +59,7 @@ class HoldoutResult:
     load_1m: float | None
     drift: float = 1.0  # now / at profiling, for this primitive's profiled shapes re-measured now
     repeatability: float | None = None  # RMS relative difference of those shapes measured twice now
+    side_by_side_ms: float | None = None  # predicted from this primitive's rows re-measured just before
 
     @property
     def rel_error(self) -> float:
@@ -67,9 +69,15 @@ class HoldoutResult:
     def drift_corrected_error(self) -> float:
         return (self.predicted_ms * self.drift - self.measured_ms) / self.measured_ms
 
+    @property
+    def side_by_side_error(self) -> float | None:
+        if self.side_by_side_ms is None:
+            return None
+        return (self.side_by_side_ms - self.measured_ms) / self.measured_ms
+
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "rel_error": self.rel_error,
-                "drift_corrected_error": self.drift_corrected_error}
+                "drift_corrected_error": self.drift_corrected_error, "side_by_side_error": self.side_by_side_error}
 
 
 def reference_shapes(table: CostTable, backend: str, primitive: str,
@@ -119,7 +127,8 @@ def _measurer(settings: Any) -> Any:
 
 
 def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count: int = 12, seed: int = 0,
-                    backends: Iterable[str] = ("tvm", "torch"), anchors: int = 3) -> list[HoldoutResult]:
+                    backends: Iterable[str] = ("tvm", "torch"), anchors: int = 3,
+                    side_by_side: bool = False) -> list[HoldoutResult]:
     """Measure ``count`` held-out shapes per kernel primitive and backend (:func:`holdout_shapes` around
     the inventory's shapes) and compare each with the cost model's prediction from ``profile``.
 
@@ -128,21 +137,31 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
     taken (load, clocks), which a shared machine makes large, and the two back-to-back measurements
     give the noise floor (``repeatability``) no predictor can beat; results carry both so that the
     report can give the drift-corrected error next to the raw one.
+
+    With ``side_by_side`` every profiled row of the primitive is measured again just before its held-out
+    shapes, the law is fitted again on those rows, and each held-out shape is also predicted from it
+    (``side_by_side_ms``): the cost model's own error, without the machine's drift since profiling, as the
+    dense check's side-by-side rounds give it for the whole model.
     """
     import kernels
     from dse.profile import RowSpec
+    from dse.store import Profile
 
     table = CostTable(profile)
     measurer = _measurer(settings)
     rng = np.random.default_rng(seed)
     results = []
 
-    def measure(prim: str, backend: str, shape: tuple[int, int, int, int], dtype: str) -> float | None:
+    def measure_row(prim: str, backend: str, shape: tuple[int, int, int, int], dtype: str) -> dict | None:
         try:
-            return float(measurer.measure(RowSpec(prim, backend, *shape, dtype, "kernel"))["latency_ms"])
+            return measurer.measure(RowSpec(prim, backend, *shape, dtype, "kernel"))
         except Exception as exc:  # one shape failing to build must not void the others
             log.warning("%s/%s %s failed: %s", prim, backend, shape, exc)
             return None
+
+    def measure(prim: str, backend: str, shape: tuple[int, int, int, int], dtype: str) -> float | None:
+        row = measure_row(prim, backend, shape, dtype)
+        return None if row is None else float(row["latency_ms"])
 
     for backend in backends:
         for prim in KERNEL_PRIMITIVES[backend]:
@@ -161,14 +180,19 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
                     repeat.append(2 * (again - first) / (again + first))
             drift = float(np.median(ratios)) if ratios else 1.0
             repeatability = float(np.sqrt(np.mean(np.square(repeat)))) if repeat else None
+            fresh = None
+            if side_by_side:
+                rows = [r for r in (measure_row(prim, backend, shape, dtype) for shape in profiled) if r is not None]
+                fresh = CostTable(Profile.from_rows(rows, profile.meta))
             for shape in holdout_shapes(reference, set(profiled), count, rng):
                 now = measure(prim, backend, shape, dtype)
                 if now is None:
                     continue
                 est = table.estimate(backend, Call(prim, *shape))
+                again = None if fresh is None else fresh.estimate(backend, Call(prim, *shape)).latency_ms
                 results.append(HoldoutResult(prim, backend, *shape, now, est.latency_ms,
                                              law.loo_rmspe if law else None, est.extrapolated, _load(), drift,
-                                             repeatability))
+                                             repeatability, again))
                 log.info("%s/%s %s: measured %.4f ms, predicted %.4f ms (drift %.2f)", prim, backend, shape, now,
                          est.latency_ms, drift)
     return results
@@ -224,12 +248,16 @@ def calibrate(inventory: Any, settings: Any, root: str | Path, *, count: int = 1
 
 
 def summarize_shapes(results: list[HoldoutResult]) -> dict[str, Any]:
-    """Overall and per (backend, primitive) error figures, raw and drift-corrected."""
+    """Overall and per (backend, primitive) error figures: raw, drift-corrected and side by side."""
 
     def figures(rs: list[HoldoutResult]) -> dict[str, Any]:
         out = error_summary([r.predicted_ms for r in rs], [r.measured_ms for r in rs])
         corrected = error_summary([r.predicted_ms * r.drift for r in rs], [r.measured_ms for r in rs])
         out.update({f"drift_corrected_{k}": v for k, v in corrected.items() if k != "count"})
+        paired = [r for r in rs if r.side_by_side_ms is not None]
+        if paired:
+            sbs = error_summary([r.side_by_side_ms for r in paired], [r.measured_ms for r in paired])
+            out.update({f"side_by_side_{k}": v for k, v in sbs.items()})
         return out
 
     summary: dict[str, Any] = {"all": figures(results)}

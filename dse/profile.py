@@ -492,10 +492,9 @@ def _resolve_target(spec: Any, root: str | Path, device: Any, *, use_cache: bool
     return target_json, slug, False
 
 
-def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int, passes: int = 1) -> bool:
-    """Whether an existing row answers this run: present, measured in >= ``passes`` passes and, for TVM
-    kernels, tuned with >= ``trials``."""
-    if row is None or passes_of(row) < passes:
+def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int) -> bool:
+    """Whether an existing row answers this run: present and, for TVM kernels, tuned with >= ``trials``."""
+    if row is None:
         return False
     if spec.backend == "tvm" and spec.kind == "kernel" and trials > 0:
         return int(row.get("tuned_trials", 0)) >= trials
@@ -507,8 +506,7 @@ def spec_of_row(row: Mapping[str, Any]) -> RowSpec:
     import kernels
 
     prim = str(row["primitive"])
-    kind = ("framework" if prim == eager.FRAMEWORK else
-            "kernel" if prim in kernels.names() or prim in TORCH_BASELINE.values() else "nonprim")
+    kind = "framework" if prim == eager.FRAMEWORK else "kernel" if prim in kernels.names() else "nonprim"
     return RowSpec(prim, str(row["backend"]), int(row["batch"]), int(row["m"]), int(row["k"]), int(row["n"]),
                    str(row["dtype"]), kind)
 

@@ -188,7 +188,8 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
     model = build_dense(cfg)
     inventory = build_inventory(model, batch=cfg.profile.batch, nbits=cfg.finetune.nbits, name=cfg.model.name)
     settings = Settings.from_config(cfg.profile)
-    shapes = validate_shapes(profile, settings, inventory, count=cfg.cost.holdout_shapes, seed=cfg.seed)
+    shapes = validate_shapes(profile, settings, inventory, count=cfg.cost.holdout_shapes, seed=cfg.seed,
+                             side_by_side=cfg.cost.validate_rounds > 0)
     summary = summarize_shapes(shapes)
     dense = validate_dense_model(profile, model, inventory, threads=cfg.profile.torch_threads,
                                  min_runs=cfg.cost.validate_runs, settings=settings, rounds=cfg.cost.validate_rounds)
@@ -198,16 +199,19 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
             "within_15": s["within_15"], "rmspe": s["rmspe"], "law_loo_rmspe": s.get("law_loo_rmspe"),
             "drift": s.get("drift"), "repeat": s.get("repeatability"),
             "corr_within_15": s["drift_corrected_within_15"],
-            "corr_rmspe": s["drift_corrected_rmspe"]}
+            "sbs_within_15": s.get("side_by_side_within_15"), "sbs_rmspe": s.get("side_by_side_rmspe")}
            for key, s in summary.items() if key != "all"]
     text = "\n".join([
         f"cost model validation: {cfg.model.name} (batch {inventory.batch}), profile {profile.path}",
         f"held-out shapes (not in the profile), predicted vs measured: {format_figure(summary['all'])}",
         f"  drift-corrected (prediction x this primitive's now/profiled speed ratio on re-measured profiled "
         f"shapes): {format_figure(summary['all'], 'drift_corrected_')}",
+        *([f"  side by side (each primitive's profiled rows re-measured and its law refitted just before its "
+           f"held-out shapes; the method's own error): {format_figure(summary['all'], 'side_by_side_')}"]
+          if "side_by_side_rmspe" in summary["all"] else []),
         table(per, floatfmt="{:.3f}"),
         "  (law_loo_rmspe: the law's leave-one-out error on the profile; drift: now/profiled speed; repeat: RMS "
-        "difference of one shape measured twice now, the noise floor)",
+        "difference of one shape measured twice now, the noise floor; corr: drift-corrected; sbs: side by side)",
         f"dense PyTorch model, {dense['threads']} threads: predicted {dense['predicted_ms']:.3f} ms from "
         f"{dense['rows_measured']} measured + {dense['rows_predicted']} predicted rows, measured "
         f"{dense['measured_ms']:.3f} ms (median of {dense['runs']} runs in {dense['bursts']} bursts spread over the check; p90 "

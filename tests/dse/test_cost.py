@@ -511,6 +511,39 @@ def test_eager_framework_time_is_added_on_the_torch_backend_only():
 
 
 
+def test_side_by_side_holdout_separates_the_laws_error_from_drift(monkeypatch):
+    """A profile taken when the machine ran at half speed: against it every held-out shape is predicted
+    2x too slow (drift 0.5); with the primitive's rows re-measured and its law refitted first, the
+    prediction is the law itself."""
+    import dse.cost_validate as cv
+    from dse.inventory import build_inventory
+    from dse.profile import Measurer, Settings
+
+    inv = build_inventory(_tiny_vit(), batch=2, nbits=8)
+    rng = np.random.default_rng(3)
+    rows = []
+    for prim in ("matmul", "bmm", "matadd"):
+        ref = cv.reference_shapes(None, "torch", prim, inv)
+        for shape in dict.fromkeys(ref + cv.holdout_shapes(ref, set(ref), 8, rng)):
+            row = _row(prim, *shape, backend="torch")
+            rows.append({**row, "latency_ms": 2 * row["latency_ms"]})  # profiled at half speed
+
+    def measure(self, spec):  # the machine now: the law itself
+        return {**_row(spec.primitive, *spec.shape, backend=spec.backend), "measured_at": "now"}
+
+    monkeypatch.setattr(Measurer, "measure", measure)
+    results = cv.validate_shapes(Profile.from_rows(rows, {}), Settings(energy=("model",)), inv, count=4,
+                                 backends=("torch",), side_by_side=True)
+    assert {r.primitive for r in results} == {"matmul", "bmm", "matadd"} and len(results) == 12
+    for r in results:
+        truth = _row(r.primitive, r.b, r.m, r.k, r.n)["latency_ms"]
+        assert r.measured_ms == pytest.approx(truth) and r.drift == pytest.approx(0.5)
+        assert r.rel_error == pytest.approx(1.0, abs=0.02) and abs(r.side_by_side_error) < 0.02
+    summary = cv.summarize_shapes(results)["all"]
+    assert summary["within_15"] == 0.0 and summary["side_by_side_within_10"] == 1.0
+    assert summary["drift_corrected_within_10"] == 1.0
+
+
 def test_dense_validation_times_the_model_in_bursts_spread_over_the_check(monkeypatch):
     """The measured latency is the median of every burst's runs (one burst first, then one after each
     side-by-side re-measurement of the rows); each round's error pairs its fresh rows with its own burst."""
