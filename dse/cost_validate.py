@@ -15,8 +15,8 @@ et al., MobiSys 2021) reports its predictors:
 2. The dense PyTorch model. Its whole latency predicted from the per-layer ``torch`` rows plus the
    non-primitive work and eager PyTorch's own time (:mod:`dse.eager`) is compared with its measured
    eager latency: same batch, the profile's PyTorch thread count, ``torch.inference_mode``, median of
-   many runs in bursts spread over the check; and side by side with freshly re-measured rows, which isolates the method's own error
-   from drift.
+   many runs in bursts spread over the check; and side by side with freshly re-measured rows, which
+   isolates the method's own error from drift.
 
 Both are noisy on a shared machine: rows and checks are measured at different times, so the report
 carries the load average, the drift and the noise floor.

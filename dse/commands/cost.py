@@ -214,9 +214,9 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
         "difference of one shape measured twice now, the noise floor; corr: drift-corrected; sbs: side by side)",
         f"dense PyTorch model, {dense['threads']} threads: predicted {dense['predicted_ms']:.3f} ms from "
         f"{dense['rows_measured']} measured + {dense['rows_predicted']} predicted rows, measured "
-        f"{dense['measured_ms']:.3f} ms (median of {dense['runs']} runs in {dense['bursts']} bursts spread over the check; p90 "
-        f"{dense['measured_p90_ms']:.3f}) -> "
-        f"error {100 * dense['rel_error']:+.1f}%",
+        f"{dense['measured_ms']:.3f} ms (median of {dense['runs']} runs"
+        + (f" in {dense['bursts']} bursts spread over the check" if dense["bursts"] > 1 else "")
+        + f"; p90 {dense['measured_p90_ms']:.3f}) -> error {100 * dense['rel_error']:+.1f}%",
         *([f"  side by side ({dense['side_by_side_rounds']} rounds re-measuring its torch rows next to the model): "
            f"predicted {dense['side_by_side_predicted_ms']:.3f} ms, measured {dense['side_by_side_measured_ms']:.3f} "
            f"ms -> error {100 * dense['side_by_side_error']:+.1f}% (the method's own error, without drift since "
