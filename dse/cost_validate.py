@@ -173,17 +173,21 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
             profiled = {r[0]: r[1] for r in table.measured(backend, prim)}
             reference = reference_shapes(table, backend, prim, inventory)
             ratios, repeat = [], []
+            remeasured: dict[tuple[int, int, int, int], dict] = {}  # profiled shapes measured again now
             for shape in [s for s in dict.fromkeys(reference) if s in profiled][:anchors]:
-                first, again = measure(prim, backend, shape, dtype), measure(prim, backend, shape, dtype)
+                first, again = measure_row(prim, backend, shape, dtype), measure(prim, backend, shape, dtype)
                 if first is not None and again is not None:
-                    ratios.append(first / profiled[shape])
-                    repeat.append(2 * (again - first) / (again + first))
+                    remeasured[shape] = first
+                    ratios.append(first["latency_ms"] / profiled[shape])
+                    repeat.append(2 * (again - first["latency_ms"]) / (again + first["latency_ms"]))
             drift = float(np.median(ratios)) if ratios else 1.0
             repeatability = float(np.sqrt(np.mean(np.square(repeat)))) if repeat else None
             fresh = None
-            if side_by_side:
-                rows = [r for r in (measure_row(prim, backend, shape, dtype) for shape in profiled) if r is not None]
-                fresh = CostTable(Profile.from_rows(rows, profile.meta))
+            if side_by_side:  # the anchors' first measurements are already rows of this moment
+                for shape in profiled:
+                    if shape not in remeasured and (row := measure_row(prim, backend, shape, dtype)) is not None:
+                        remeasured[shape] = row
+                fresh = CostTable(Profile.from_rows(list(remeasured.values()), profile.meta))
             for shape in holdout_shapes(reference, set(profiled), count, rng):
                 now = measure(prim, backend, shape, dtype)
                 if now is None:

@@ -99,7 +99,7 @@ def write_model_rows(profile_csv: str | Path, inventory: Inventory, path: str | 
     frame = load_profile(profile_csv).frame
     keys = {spec.key for spec in plan(inventory)}
     mine = [r for r in frame.to_dict("records") if row_key(r) in keys]
-    return atomic_write_text(path, format_rows(mine, [c for c in frame.columns]))
+    return atomic_write_text(path, format_rows(mine, list(frame.columns)))
 
 
 @dataclasses.dataclass
@@ -572,8 +572,7 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
                 for spec in _progress([s for s in todo if initial[s.key] < pass_no], progress, desc):
                     # --force replaces each row in the first pass; otherwise another process may have
                     # measured it meanwhile
-                    now = {row_key(r): r for r in store.rows()}.get(spec.key)
-                    done = 0 if (force and pass_no == 1) else have(now, spec)
+                    done = 0 if (force and pass_no == 1) else have(store.row(spec.key), spec)
                     if done >= pass_no:
                         by_other += 1
                         continue

@@ -447,6 +447,10 @@ class ProfileStore:
         with file_lock(self.path):
             return self._read_rows()[1]
 
+    def row(self, key: Key) -> dict[str, Any] | None:
+        """The stored row with ``key``, None if there is none."""
+        return next((r for r in self.rows() if row_key(r) == key), None)
+
     def add(self, row: Mapping[str, Any], *, replace: bool = False, merge: bool = False) -> bool:
         """Merge one measured row into the file (atomic, under the lock).
 
