@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from dse.cost import Call, CostModel, CostTable
 from dse.cost_regression import error_summary
 from dse.inventory import TORCH_BASELINE
+from dse.profile import load_1m
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def holdout_shapes(reference: list[tuple[int, int, int, int]], exclude: set[tupl
     return out
 
 
-def _measurer(settings: Any) -> Any:
+def _measurer(settings: Any, eager_probe: Any = None) -> Any:
     """A :class:`dse.profile.Measurer` for the settings' target, timing as the profiler does."""
     import kernels
     from dse.energy import AnalyticalEnergyModel
@@ -123,7 +123,7 @@ def _measurer(settings: Any) -> Any:
 
     tgt = kernels.resolve_target(settings.target)
     # latency is what is validated; the analytical energy source needs no measurement window
-    return Measurer(settings, tgt, AnalyticalEnergyModel(), kernels.target_slug(tgt))
+    return Measurer(settings, tgt, AnalyticalEnergyModel(), kernels.target_slug(tgt), eager_probe=eager_probe)
 
 
 def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count: int = 12, seed: int = 0,
@@ -195,7 +195,7 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
                 est = table.estimate(backend, Call(prim, *shape))
                 again = None if fresh is None else fresh.estimate(backend, Call(prim, *shape)).latency_ms
                 results.append(HoldoutResult(prim, backend, *shape, now, est.latency_ms,
-                                             law.loo_rmspe if law else None, est.extrapolated, _load(), drift,
+                                             law.loo_rmspe if law else None, est.extrapolated, load_1m(), drift,
                                              repeatability, again))
                 log.info("%s/%s %s: measured %.4f ms, predicted %.4f ms (drift %.2f)", prim, backend, shape, now,
                          est.latency_ms, drift)
@@ -348,33 +348,33 @@ def validate_dense_model(profile: Any, model: Any, inventory: Any, *, threads: i
     side_by_side = settings is not None and rounds > 0
     bursts = rounds + 1 if side_by_side else 1
     per_burst = {"threads": threads, "min_runs": max(1, min_runs // bursts), "min_seconds": min_seconds / bursts}
-    loads = [_load()]
+    loads = [load_1m()]
     times = time_model(model, inventory.batch, inventory.input_size, **per_burst)
-    loads.append(_load())
+    loads.append(load_1m())
     preds, meas = [], []
     if side_by_side:
-        measurer = _measurer(dataclasses.replace(settings, torch_threads=threads))
-        measurer.eager_probe = inventory.eager_probe
+        measurer = _measurer(dataclasses.replace(settings, torch_threads=threads), inventory.eager_probe)
         specs = dense_torch_specs(inventory)
         for _ in range(rounds):
             fresh = Profile.from_rows([measurer.measure(s) for s in specs], {})
             preds.append(CostModel(fresh, backend="torch").for_model(inventory).predict(dense).latency_ms)
             burst = time_model(model, inventory.batch, inventory.input_size, **per_burst)
-            loads.append(_load())
+            loads.append(load_1m())
             meas.append(float(np.median(burst)))
             times += burst
     arr = np.asarray(times)
+    measured = float(np.median(arr))
     out = {
         "model": inventory.model,
         "batch": inventory.batch,
         "threads": threads,
         "predicted_ms": predicted,
-        "measured_ms": float(np.median(arr)),
+        "measured_ms": measured,
         "measured_p90_ms": float(np.percentile(arr, 90)),
         "measured_min_ms": float(arr.min()),
         "runs": len(times),
         "bursts": bursts,
-        "rel_error": (predicted - float(np.median(arr))) / float(np.median(arr)),
+        "rel_error": (predicted - measured) / measured,
         "rows_measured": measured_rows,
         "rows_predicted": len(rows) - measured_rows,
     }
@@ -384,13 +384,6 @@ def validate_dense_model(profile: Any, model: Any, inventory: Any, *, threads: i
                    side_by_side_measured_ms=float(np.median(meas)), side_by_side_error=float(np.median(errors)))
     out["load_1m"] = max((v for v in loads if v is not None), default=None)
     return out
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def format_figure(summary: dict[str, Any], prefix: str = "") -> str:

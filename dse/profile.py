@@ -206,7 +206,8 @@ class _Runnable:
 class Measurer:
     """Measures :class:`RowSpec` rows on one target with one energy source."""
 
-    def __init__(self, settings: Settings, target: Any, energy_source: Any, target_slug: str) -> None:
+    def __init__(self, settings: Settings, target: Any, energy_source: Any, target_slug: str, *,
+                 eager_probe: Callable[[], Any] | None = None) -> None:
         self.settings = settings
         self.target = target  # tvm.target.Target
         self.source = energy_source
@@ -217,7 +218,7 @@ class Measurer:
         self.is_cuda = kernels.targets.is_cuda(target)
         self.torch_device = "cuda" if self.is_cuda else "cpu"
         # the model's forward on an empty batch (Inventory.eager_probe): what a ``framework`` row times
-        self.eager_probe: Callable[[], Any] | None = None
+        self.eager_probe = eager_probe
 
     @property
     def measured_energy(self) -> bool:
@@ -364,7 +365,7 @@ class Measurer:
             "min_repeat_ms": float(self.settings.min_repeat_ms), "energy_mj": float(energy),
             "energy_source": self.source.name, "idle_power_w": self.idle_power_w(),
             "target": self.target_slug, "schedule": runnable.schedule, "tuned_trials": runnable.tuned_trials,
-            "load_1m": _load_1m(), "measured_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "load_1m": load_1m(), "measured_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
 
     def compile_only(self, spec: RowSpec) -> None:
@@ -378,7 +379,7 @@ class Measurer:
                           dtype=spec.dtype, trials=0)
 
 
-def _load_1m() -> float | None:
+def load_1m() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
@@ -565,8 +566,8 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
         if todo:
             import kernels
 
-            measurer = Measurer(settings, kernels.resolve_target(target_json), source, slug)
-            measurer.eager_probe = inventory.eager_probe
+            measurer = Measurer(settings, kernels.resolve_target(target_json), source, slug,
+                                eager_probe=inventory.eager_probe)
             for pass_no in range(1, passes + 1):
                 desc = slug if passes == 1 else f"{slug} pass {pass_no}/{passes}"
                 for spec in _progress([s for s in todo if initial[s.key] < pass_no], progress, desc):

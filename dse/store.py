@@ -129,9 +129,11 @@ def merge_passes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
 
     if row_key(old) != row_key(new):
         raise ValueError(f"cannot merge passes of different rows {row_key(old)} and {row_key(new)}")
-    before = tuple(old.get("pass_latencies_ms") or (float(old["latency_ms"]),))
-    lat = (*before, *(new.get("pass_latencies_ms") or (float(new["latency_ms"]),)))
-    k, j = passes_of(old), passes_of(new)
+    def medians(row: Mapping[str, Any]) -> tuple[float, ...]:  # a one-pass row stores only its latency
+        return tuple(row.get("pass_latencies_ms") or (float(row["latency_ms"]),))
+
+    before, after = medians(old), medians(new)
+    lat, k, j = (*before, *after), len(before), len(after)
     loads = [v for v in (old.get("load_1m"), new.get("load_1m")) if v is not None and not math.isnan(v)]
     return {**dict(new), "latency_ms": float(statistics.median(lat)),
             "latency_ms_p90": max(float(old["latency_ms_p90"]), float(new["latency_ms_p90"])),

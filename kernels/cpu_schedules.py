@@ -67,7 +67,7 @@ def _gemm_tile(lanes: int, n: int, m: int) -> GemmTile:
     exact = [nv for nv in options if n % (nv * lanes) == 0]
     nv = exact[0] if exact else min(options, key=lambda v: (_ceil_div(n, v * lanes) * v * lanes, -v))
     rows = max(1, budget // nv)
-    mr = min(range(rows, max(1, -(-3 * rows // 4)) - 1, -1), key=lambda r: (_ceil_div(m, r) * r, -r))
+    mr = min(range(rows, _ceil_div(3 * rows, 4) - 1, -1), key=lambda r: (_ceil_div(m, r) * r, -r))
     if (_ceil_div(m, rows) * rows - _ceil_div(m, mr) * mr) * 16 <= m:
         mr = rows
     return GemmTile(mr=mr, nv=nv)
@@ -389,12 +389,18 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
 # The work a kernel really does
 
 
-def _tile_dims(name: str, m: int, n: int, lanes: int) -> tuple[int, int]:
-    """(rows, columns) of the register tile the CPU kernel of ``name`` uses at ``m`` x ``n``."""
+def _tiling(name: str, b: int, m: int, k: int, n: int, lanes: int) -> tuple[int, int, int, int, int]:
+    """``(b, m_pad, k, n_pad, steps)`` of the CPU kernel of ``name``: :func:`tiled_shape` and :func:`tile_steps`
+    from one tile choice."""
     if name == "matshift":
-        return _matshift_tile(lanes)
-    tile = _gemm_tile(lanes, n, m)
-    return tile.mr, tile.nv * lanes
+        mt, nb = _matshift_tile(lanes)
+    else:
+        tile = _gemm_tile(lanes, n, m)
+        mt, nb = tile.mr, tile.nv * lanes
+    m_pad, n_pad = _ceil_div(m, mt) * mt, _ceil_div(n, nb) * nb
+    # matshift steps once per row tile, k and column; the GEMMs once per row, k and column tile
+    steps = b * (m_pad // mt) * k * n_pad if name == "matshift" else b * m_pad * k * (n_pad // nb)
+    return b, m_pad, k, n_pad, steps
 
 
 def tiled_shape(name: str, b: int, m: int, k: int, n: int, lanes: int) -> tuple[int, int, int, int]:
@@ -404,8 +410,7 @@ def tiled_shape(name: str, b: int, m: int, k: int, n: int, lanes: int) -> tuple[
     time follows the padded work, not ``b·m·k·n``: e.g. 24x49x58x24 ``bmm`` pads n=24 to 32 and does a
     third more work than it returns. The cost model's regression uses this (``dse.cost_regression``).
     """
-    mt, nb = _tile_dims(name, m, n, lanes)
-    return b, _ceil_div(m, mt) * mt, k, _ceil_div(n, nb) * nb
+    return _tiling(name, b, m, k, n, lanes)[:4]
 
 
 def tile_steps(name: str, b: int, m: int, k: int, n: int, lanes: int) -> int:
@@ -414,11 +419,7 @@ def tile_steps(name: str, b: int, m: int, k: int, n: int, lanes: int) -> int:
     per row tile, ``k`` and column for ``matshift`` (one scalar weight on a vector of rows). Their cost is
     what makes narrow tiles dearer than their MACs say: ``matadd`` at n=33 (16-wide tiles) runs ~60
     GMAC/s, at n=64 ~85 on this project's machine."""
-    mt, nb = _tile_dims(name, m, n, lanes)
-    m_pad, n_pad = _ceil_div(m, mt) * mt, _ceil_div(n, nb) * nb
-    if name == "matshift":
-        return b * (m_pad // mt) * k * n_pad
-    return b * m_pad * k * (n_pad // nb)
+    return _tiling(name, b, m, k, n, lanes)[4]
 
 
 TileFn = Callable[[str, int, int, int, int], tuple[int, int, int, int, int]]
@@ -435,9 +436,7 @@ def tile_padding(target: tvm.target.Target) -> TileFn | None:
     lanes = _vector_lanes(target, 4)
 
     def pad(name: str, b: int, m: int, k: int, n: int) -> tuple[int, int, int, int, int]:
-        if name not in _CPU_SCHEDULES:
-            return b, m, k, n, 0
-        return (*tiled_shape(name, b, m, k, n, lanes), tile_steps(name, b, m, k, n, lanes))
+        return _tiling(name, b, m, k, n, lanes) if name in _CPU_SCHEDULES else (b, m, k, n, 0)
 
     return pad
 

@@ -35,15 +35,11 @@ def _config(args: argparse.Namespace):
         cfg.model.name = args.model
     if args.target:
         cfg.profile.target = args.target
-    for flag, value in (("--batch", args.batch), ("--trials", args.trials), ("--passes", args.passes)):
-        if value is not None and (value < (0 if flag == "--trials" else 1)):
-            raise UsageError(f"{flag} must be {'>= 0' if flag == '--trials' else 'positive'}, got {value}")
-    if args.batch is not None:
-        cfg.profile.batch = args.batch
-    if args.trials is not None:
-        cfg.profile.trials = args.trials
-    if args.passes is not None:
-        cfg.profile.passes = args.passes
+    for name, least in (("batch", 1), ("trials", 0), ("passes", 1)):  # flags that override cfg.profile
+        if (value := getattr(args, name)) is not None:
+            if value < least:
+                raise UsageError(f"--{name} must be {'positive' if least else '>= 0'}, got {value}")
+            setattr(cfg.profile, name, value)
     return cfg
 
 
