@@ -1,6 +1,7 @@
 # Two entry points: `make run` (the whole pipeline on the embedded default) and `make test`.
 # Both create .venv when it is missing or older than pyproject.toml; a second call reinstalls nothing.
-PYTHON ?= python3.11
+# The newest Python 3.11-3.13 that runs here (a pyenv shim of an inactive version fails, so run it), or PYTHON=.
+PYTHON ?= $(or $(shell for v in 3.13 3.12 3.11; do python$$v -c '' 2>/dev/null && { echo python$$v; break; }; done),python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin

@@ -8,6 +8,7 @@ unknown key or a value of the wrong type is a :class:`ConfigError` naming the do
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import yaml
 
 from dse.errors import ConfigError
 from dse.fileio import atomic_write_text
+
+PROFILE_DIR_ENV = "DSE_PROFILE_DIR"
 
 
 @dataclass
@@ -61,7 +64,8 @@ class ProfileConfig:
     repeat: int = 7
     energy: list[str] = field(default_factory=lambda: ["nvml", "rapl", "model"])  # tried in order
     energy_window_s: float = 0.5
-    dir: str = "profiles"
+    # Profile root: $DSE_PROFILE_DIR when set (a shared profile store, or a test's own), else ./profiles.
+    dir: str = field(default_factory=lambda: os.environ.get(PROFILE_DIR_ENV) or "profiles")
     torch_threads: int = 2  # intra-op threads of the PyTorch baseline rows (0 = torch's default)
     nonprim: bool = True  # also profile the non-primitive work (norms, GELU, softmax, ...)
     passes: int = 1  # measure every row this many times, a whole run apart; a row keeps their median
@@ -116,7 +120,9 @@ class SearchConfig:
     energy_budget_mj: float | None = None
     max_accuracy_drop: float = 1.0  # points, for choosing best_assignment.yaml
     stage: Literal["a", "b", "both"] = "both"  # a: cost model + risk proxy only; b: fine-tune front candidates
-    profile: str | None = None  # profile CSV (or a cost-table JSON); None = the store's for profile.target
+    # Profile CSV(s) from any device (or a cost-table JSON); several: one latency objective per device.
+    # None = the store's profile for this device and profile.target.
+    profile: str | list[str] | None = None
     sensitivity_samples: int = 512  # validation images for the per-layer sensitivity proxy (0 = all)
     persist_every_s: float = 2.0  # stage A writes its in-memory trials to the storage at least this often
 
@@ -259,6 +265,7 @@ def _validate(cfg: Config) -> None:
         "bench.repeat": cfg.bench.repeat,
         "search.trials": cfg.search.trials,
         "search.population": cfg.search.population,
+        "cost.holdout_shapes": cfg.cost.holdout_shapes,
     }
     for key, value in positive.items():
         if value <= 0:

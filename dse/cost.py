@@ -301,6 +301,34 @@ def _meta_device_slug(meta: Mapping[str, Any]) -> str | None:
     return str(device) if device else None
 
 
+def profile_identity(profile: Any) -> tuple[str, str]:
+    """(device slug, target slug) the profile was measured on and for: the device an answer priced from it is
+    for. ProfileError when its metadata does not say."""
+    meta = profile.meta
+    device, target = _meta_device_slug(meta), meta.get("target_slug")
+    if target is None and _meta_target(meta) is not None:
+        import kernels
+
+        try:
+            target = kernels.target_slug(_meta_target(meta))
+        except Exception:  # a malformed target in the metadata: reported as missing below
+            target = None
+    if device is None or target is None:
+        where = str(profile.path) if profile.path else "the profile"
+        raise ProfileError(f"{where} has no device/target metadata (its .yaml is missing or old); "
+                           "re-run `dse profile` on its device")
+    return str(device), str(target)
+
+
+def check_profile_target(profile: Any, target: Any) -> None:
+    """Refuse a profile measured for another target than ``target`` (any device)."""
+    _, have = profile_identity(profile)
+    want = _target_slug(target)
+    if have != want:
+        raise ProfileError(f"{profile.path or 'the profile'} was measured for target {have}, not {want}; drop "
+                           "--target to price for the profile's own target, or pass a profile for that target")
+
+
 def check_profile(profile: Any, target: Any, device_slug: str | None = None) -> None:
     """Refuse a profile measured on another device, or for another target, than the model is compiled for.
 
@@ -311,29 +339,18 @@ def check_profile(profile: Any, target: Any, device_slug: str | None = None) -> 
     import kernels
     from dse.device import describe_device
 
-    meta = profile.meta
-    where = str(profile.path) if profile.path else "the profile"
+    have_device, have_target = profile_identity(profile)
     want_target = _target_slug(target)
-    have = _meta_target(meta)
-    have_target = meta.get("target_slug")
-    if have_target is None and have is not None:
-        try:
-            have_target = kernels.target_slug(have)
-        except Exception:  # a malformed target in the metadata is itself a mismatch
-            have_target = json.dumps(have, sort_keys=True)
     if device_slug is None:
         try:
             device_slug = describe_device(kernels.targets.target_dict(target)).slug
         except TargetUnavailableError:  # pricing a CUDA deployment from a machine without the GPU
             device_slug = None
-    have_device = _meta_device_slug(meta)
-    if have_device is None or have_target is None:
-        raise ProfileError(f"{where} has no device/target metadata (its .yaml is missing or old); "
-                           "re-run `dse profile` for this device and target")
     if have_target != want_target or (device_slug is not None and have_device != device_slug):
+        where = str(profile.path) if profile.path else "the profile"
         raise ProfileError(f"{where} was measured on {have_device} for target {have_target}, but the model is "
-                           f"compiled for {want_target} on {device_slug}; run `dse profile` here or pass "
-                           "the matching --profile")
+                           f"compiled for {want_target} on {device_slug}; this command measures there, so run "
+                           "`dse profile` on that device or pass its --profile")
 
 
 # ----------------------------------------------------------------------------------------------------

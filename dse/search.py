@@ -7,6 +7,9 @@ categorical dimensions, the objective costs microseconds (a sum of table lookups
 proxy of :mod:`dse.sensitivity`), and a few thousand trials are wanted; NSGA-II's per-trial overhead is
 ~150 trials/s in memory on this CPU, where Optuna 5's multi-objective TPE manages ~5 trials/s (DESIGN.md).
 The three baselines are enqueued first (all-mult, all-shift with MSA, the ShiftAddViT recipe).
+With several profiles (``search.profile`` a list, from any devices) the latency objective is one per
+device (``latency_ms@<device>``), so the front holds the designs that trade one device's speed for
+another's; energy is the first device's.
 
 Storage. A storage write per trial would cap stage A at ~3 trials/s on SQLite, so trials run in an
 in-memory study (ask/tell) and are written to the persistent study in batches — every
@@ -165,19 +168,56 @@ class CostTableFile:
 
 
 def load_costs(cfg: Config, model: Any, profile: str | Path | None) -> CostSource:
-    """A cost-table JSON, or the cost model of a profile CSV (default: the store's profile for
-    ``profile.target``), specialised to ``model``'s layers."""
-    if profile is not None and Path(profile).suffix == ".json":
-        return CostTableFile.from_json(profile)
+    """A cost-table JSON, or the cost model of a profile CSV from any device (default: the store's profile
+    for this device and ``profile.target``), specialised to ``model``'s layers."""
     from dse import finetune
 
-    try:
-        path = Path(profile) if profile is not None else finetune.default_profile(cfg)
-        return finetune.cost_model_for(cfg, model, path)
-    except (ImportError, AttributeError) as exc:
-        raise StageError(
-            f"the cost model cannot load a profile here ({exc}); pass --profile COSTS.json"
-        ) from None
+    if profile is not None and Path(profile).suffix == ".json":
+        return CostTableFile.from_json(profile)
+    path = Path(profile) if profile is not None else finetune.default_profile(cfg)
+    return finetune.cost_model_for(cfg, model, path)
+
+
+def profile_list(value: str | Sequence[str] | None) -> list[str | None]:
+    """``search.profile`` as a list: one entry per device (``[None]``: this device's stored profile)."""
+    if value is None or (not isinstance(value, str) and not value):
+        return [None]
+    return [value] if isinstance(value, str) else list(value)
+
+
+def device_label(costs: CostSource, profile: str | Path | None) -> str:
+    """The device slug a cost source prices for (a cost table: its file name)."""
+    meta = getattr(getattr(getattr(costs, "table", None), "profile", None), "meta", None)
+    if meta:
+        from dse.cost import profile_identity
+
+        return profile_identity(costs.table.profile)[0]
+    return Path(profile).stem if profile is not None else "this-device"
+
+
+def load_device_costs(cfg: Config, model: Any, profiles: str | Sequence[str] | None
+                      ) -> list[tuple[str, CostSource]]:
+    """``[(device label, cost source)]``, one per profile; labels are device slugs, made unique with the
+    target slug where two profiles come from one device (e.g. two ISAs of one CPU)."""
+    paths = profile_list(profiles)
+    sources = [load_costs(cfg, model, p) for p in paths]
+    labels = [device_label(c, p) for c, p in zip(sources, paths)]
+    if len(set(labels)) < len(labels):
+        from dse.cost import profile_identity
+
+        labels = ["/".join(profile_identity(c.table.profile)) if hasattr(c, "table") else Path(p).stem
+                  for c, p in zip(sources, paths)]
+    if len(set(labels)) < len(labels):
+        raise ConfigError(f"search.profile names one device twice ({', '.join(map(str, paths))}); give each once")
+    return list(zip(labels, sources))
+
+
+def objective_names(labels: Sequence[str]) -> tuple[str, ...]:
+    """Stage A's objectives: one predicted latency per device (``latency_ms`` alone for one device), then the
+    first device's energy and the risk proxy."""
+    if len(labels) <= 1:
+        return OBJECTIVES_A
+    return (*(f"latency_ms@{label}" for label in labels), "energy_mj", "risk")
 
 
 def priced_choices(costs: CostSource, kinds: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
@@ -210,16 +250,19 @@ def priced_choices(costs: CostSource, kinds: Mapping[str, str]) -> dict[str, tup
 
 
 class Objective:
-    """params -> (predicted latency ms, predicted energy mJ, risk proxy)."""
+    """params -> (predicted latency ms on each device, predicted energy mJ on the first, risk proxy)."""
 
-    def __init__(self, space: SearchSpace, costs: CostSource, risk: Mapping[str, Mapping[str, float]]):
-        self.space, self.costs, self.risk = space, costs, risk
+    def __init__(self, space: SearchSpace, costs: CostSource, risk: Mapping[str, Mapping[str, float]],
+                 other_devices: Sequence[CostSource] = ()):
+        self.space, self.costs, self.risk, self.others = space, costs, risk, tuple(other_devices)
 
-    def __call__(self, params: Mapping[str, str]) -> tuple[float, float, float]:
+    def __call__(self, params: Mapping[str, str]) -> tuple[float, ...]:
         layer_choice = self.space.choices(params)
-        got = self.costs.predict(self.space.assignment(params))
+        assignment = self.space.assignment(params)
+        got = self.costs.predict(assignment)
+        others = [float(c.predict(assignment).latency_ms) for c in self.others]
         proxy = math.fsum(self.risk[layer][choice] for layer, choice in layer_choice.items())
-        return float(got.latency_ms), float(got.energy_mj), proxy
+        return (float(got.latency_ms), *others, float(got.energy_mj), proxy)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,8 +316,13 @@ def open_study(
             f"study '{name}' in {url} has objectives {have}, not {list(directions)}; use another --study name"
         )
     if study.metric_names is None:
-        with contextlib.suppress(Exception):  # cosmetic (dashboard labels); a concurrent worker may win
+        with contextlib.suppress(Exception):  # a concurrent worker may set them first
             study.set_metric_names(list(metric_names))
+    elif list(study.metric_names) != list(metric_names):  # e.g. latency on other devices
+        raise StageError(
+            f"study '{name}' in {url} has objectives {list(study.metric_names)}, not {list(metric_names)}; "
+            "use another --study name"
+        )
     if space is not None:
         fp = space.fingerprint()
         stored = study.user_attrs.get("dse:space")
@@ -363,6 +411,7 @@ def run_stage_a(
     seed: int = 0,
     persist_every_s: float = 2.0,
     progress: Callable[[str], None] | None = None,
+    objectives: Sequence[str] = OBJECTIVES_A,
 ) -> StageAResult:
     """Run stage A until the persistent study holds ``trials`` completed trials (module docstring)."""
     import optuna
@@ -371,11 +420,12 @@ def run_stage_a(
 
     t0 = time.perf_counter()
     with _quiet_optuna():
-        storage, _ = open_study(storage_url, study_name, ["minimize"] * 3, OBJECTIVES_A, space)
+        directions = ["minimize"] * len(objectives)
+        storage, _ = open_study(storage_url, study_name, directions, objectives, space)
         store = TrialStore(storage, study_name)
         worker = store.register_worker()
         mem = optuna.create_study(
-            directions=["minimize"] * 3, sampler=_sampler(sampler, population, seed + 7919 * worker)
+            directions=directions, sampler=_sampler(sampler, population, seed + 7919 * worker)
         )
         stored = store.read_new()
         _check_space(space, stored, study_name)
@@ -459,11 +509,17 @@ def stored_trials(storage_url: str, study_name: str) -> list[Any]:
 
 
 def front_table(
-    space: SearchSpace, trials: Sequence[Any]
+    space: SearchSpace, trials: Sequence[Any], devices: Sequence[str] = ()
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], np.ndarray]:
-    """(front rows, baseline rows, all objective values [n, 3]); the front is de-duplicated by params
-    (the lowest trial number stands for its duplicates)."""
-    values = np.array([t.values for t in trials], dtype=float).reshape(-1, 3)
+    """(front rows, baseline rows, all objective values [n, objectives]); the front is de-duplicated by
+    params (the lowest trial number stands for its duplicates). With several ``devices`` a row also has
+    ``latency_ms@<device>`` per device and ``latency_rel``: the mean over devices of its latency over the
+    all-mult design's there (unit-free, so every device counts equally); ``latency_ms`` is the first's."""
+    width = 3 + max(0, len(devices) - 1)
+    values = np.array([t.values for t in trials], dtype=float).reshape(-1, width)
+    dense_key = space.key(space.baselines()["all-mult"])
+    dense_lat = next((values[i, : width - 2] for i, t in enumerate(trials) if space.key(t.params) == dense_key),
+                     None)
     unique: dict[tuple, int] = {}
     for i, t in enumerate(trials):
         unique.setdefault(space.key(t.params), i)
@@ -475,11 +531,17 @@ def front_table(
     def row(i: int) -> dict[str, Any]:
         t = trials[i]
         layer_choice = space.choices(t.params)
+        per_device = {}
+        if len(devices) > 1:
+            per_device = {f"latency_ms@{d}": float(v) for d, v in zip(devices, t.values[: width - 2])}
+            if dense_lat is not None:
+                per_device["latency_rel"] = float(np.mean(np.asarray(t.values[: width - 2]) / dense_lat))
         return {
             "trial": t.number,
             "latency_ms": float(t.values[0]),
-            "energy_mj": float(t.values[1]),
-            "risk": float(t.values[2]),
+            **per_device,
+            "energy_mj": float(t.values[-2]),
+            "risk": float(t.values[-1]),
             "baseline": t.user_attrs.get("baseline", ""),
             **{f"n_{k}": v for k, v in SearchSpace.counts(layer_choice).items()},
             "params": dict(t.params),
@@ -496,6 +558,17 @@ def front_table(
             baselines.append(r)
     baselines.sort(key=lambda r: r["baseline"])
     return front, baselines, values
+
+
+def _latencies(row: Mapping[str, Any]) -> list[float]:
+    """The row's predicted latency on every searched device (one value for one device)."""
+    per_device = [v for k, v in row.items() if k.startswith("latency_ms@")]
+    return per_device or [row["latency_ms"]]
+
+
+def _speed_key(row: Mapping[str, Any]) -> float:
+    """What "fastest" means when choosing: the latency, or over several devices ``latency_rel``."""
+    return row.get("latency_rel", row["latency_ms"])
 
 
 def _feasible(row: Mapping[str, Any], latency_budget: float | None, energy_budget: float | None) -> bool:
@@ -520,7 +593,7 @@ def stage_b_candidates(
     pool = feasible or pool
     chosen = []
     if pool and k > 0:
-        pts = np.array([[r["latency_ms"], r["energy_mj"], r["risk"]] for r in pool])
+        pts = np.array([[*_latencies(r), r["energy_mj"], r["risk"]] for r in pool])
         chosen = [pool[i] for i in pareto.spread(pts, k)]
     for name in ("recipe", "all-shift"):  # the report compares the chosen design with both
         base = next((b for b in baselines if b["baseline"] == name), None)
@@ -662,12 +735,12 @@ def choose(
         dense = feasible[0]["dense_accuracy"]
         within = [r for r in feasible if r["accuracy"] >= dense - max_drop]
         if within:
-            best = min(within, key=lambda r: (r["latency_ms"], -r["accuracy"]))
+            best = min(within, key=lambda r: (_speed_key(r), -r["accuracy"]))
             return best, (
                 f"fastest predicted latency among stage-B candidates within {max_drop:g} points of the "
                 f"dense accuracy {dense:.2f}%{note}"
             )
-        best = max(feasible, key=lambda r: (r["accuracy"], -r["latency_ms"]))
+        best = max(feasible, key=lambda r: (r["accuracy"], -_speed_key(r)))
         return best, (
             f"no stage-B candidate within {max_drop:g} points of the dense accuracy {dense:.2f}%: the "
             f"most accurate{note}"
@@ -679,12 +752,12 @@ def choose(
     if recipe is not None:
         safe = [r for r in pool if r["risk"] <= recipe["risk"] + 1e-12]
         if safe:
-            best = min(safe, key=lambda r: (r["latency_ms"], r["risk"]))
+            best = min(safe, key=lambda r: (_speed_key(r), r["risk"]))
             return best, (
                 "stage A only (no accuracy measured): fastest predicted latency among front designs whose "
                 "risk proxy is no higher than the ShiftAddViT recipe's"
             )
-    best = min(pool, key=lambda r: (r["risk"], r["latency_ms"]))
+    best = min(pool, key=lambda r: (r["risk"], _speed_key(r)))
     return best, "stage A only: the lowest risk proxy on the front"
 
 
@@ -723,6 +796,7 @@ def write_pareto_csv(
                 "source": source,
                 "baseline": r.get("baseline", ""),
                 "latency_ms": r["latency_ms"],
+                **{k: v for k, v in r.items() if k.startswith("latency_ms@") or k == "latency_rel"},
                 "energy_mj": r["energy_mj"],
                 "risk": r["risk"],
                 "accuracy": m["accuracy"] if m else None,
@@ -842,8 +916,14 @@ def run_search(
     storage_url = with_driver(s.storage or default_storage(out))
     dense, _ = load_dense(cfg, checkpoint)
     kinds = layer_kinds(dense)
-    costs = costs if costs is not None else load_costs(cfg, dense, s.profile)
-    space = SearchSpace.build(kinds, s.freeze, s.tie, priced_choices(costs, kinds))
+    devices = [("", costs)] if costs is not None else load_device_costs(cfg, dense, s.profile)
+    labels = [label for label, _ in devices] if len(devices) > 1 else []
+    costs, others = devices[0][1], [c for _, c in devices[1:]]
+    choices = priced_choices(costs, kinds)
+    for other in others:  # a choice is searched only where every device can price it
+        theirs = priced_choices(other, kinds)
+        choices = {layer: tuple(c for c in ok if c in theirs[layer]) for layer, ok in choices.items()}
+    space = SearchSpace.build(kinds, s.freeze, s.tie, choices)
     data = load_data(cfg.data, cfg.seed)
     summary: dict[str, Any] = {
         "storage": storage_url,
@@ -853,6 +933,7 @@ def run_search(
         "pinned": len(space.pinned),
         "sampler": s.sampler,
         "population": s.population,
+        "devices": labels or None,
     }
     if s.stage in ("a", "both"):
         sens, reused = measure_risk(cfg, out, dense, kinds, checkpoint, data, progress)
@@ -864,7 +945,7 @@ def run_search(
             "dense_acc_subset": sens.base_acc,
         }
         objective = Objective(
-            space, costs, risk_table(sens, kinds, lambda layer: _shift_share(costs, kinds, layer))
+            space, costs, risk_table(sens, kinds, lambda layer: _shift_share(costs, kinds, layer)), others
         )
         res = run_stage_a(
             space,
@@ -877,6 +958,7 @@ def run_search(
             seed=cfg.seed,
             persist_every_s=s.persist_every_s,
             progress=progress,
+            objectives=objective_names(labels),
         )
         summary["stage_a"] = {
             "stored": res.stored,
@@ -892,7 +974,7 @@ def run_search(
             f"study '{s.study_name}' in {storage_url} has no stage-A trials; run --stage a first"
         )
     _check_space(space, trials, s.study_name)
-    front, baselines, values = front_table(space, trials)
+    front, baselines, values = front_table(space, trials, labels)
     summary["trials"] = len(trials)
     summary["front_size"] = len(front)
     summary["baselines"] = {
@@ -953,7 +1035,7 @@ def run_search(
     acc = {r["trial"]: r["accuracy"] for r in measured}
     pareto.plot_front(
         out / "pareto.png",
-        values,
+        values[:, [0, -2, -1]],  # the first device's latency, energy, risk
         [dict(r, accuracy=acc.get(r["trial"])) for r in front],
         [dict(b, accuracy=acc.get(b["trial"])) for b in baselines],
         chosen=chosen,
@@ -965,11 +1047,15 @@ def run_search(
         space.assignment(chosen["params"]).to_yaml(out / "best_assignment.yaml")
         summary["chosen"] = {
             k: chosen.get(k) for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy")
-        }
+        } | {k: v for k, v in chosen.items() if k.startswith("latency_ms@") or k == "latency_rel"}
         summary["chosen"]["counts"] = {k[2:]: v for k, v in chosen.items() if k.startswith("n_")}
+    if labels:
+        rule += (f"; 'fastest' over {len(labels)} devices: the least mean of each device's predicted latency "
+                 "relative to the dense (all-mult) design there")
     summary["rule"] = rule
     summary["front"] = [
         {k: r[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk")}
+        | {k: v for k, v in r.items() if k.startswith("latency_ms@")}
         | {"counts": {k[2:]: v for k, v in r.items() if k.startswith("n_")}}
         for r in front
     ]

@@ -44,6 +44,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,32 @@ def load_profile(path: str | Path) -> Profile:
     header, rows = parse_rows(text, str(path))
     meta = read_meta(path)
     return Profile.from_rows(rows, meta, path, [*COLUMNS, *(h for h in header if h not in COLUMNS)])
+
+
+def list_profiles(root: str | Path) -> list[dict[str, Any]]:
+    """One summary per profile under ``root`` (``<device>/<target>.csv``): device, target, rows, the models
+    it was measured for, when, and its energy sources. A profile that cannot be read is listed with why."""
+    out = []
+    for path in sorted(Path(root).glob("*/*.csv")):
+        entry: dict[str, Any] = {"profile": str(path), "device": path.parent.name, "target": path.stem}
+        try:
+            profile = load_profile(path)
+        except ProfileError as exc:
+            out.append(entry | {"error": str(exc)})
+            continue
+        meta = profile.meta
+        device = meta.get("device") or {}
+        models = [m.split(" (")[0] for m in meta.get("models") or [] if re.match(r"^[\w.-]+ \(batch", str(m))]
+        frame = profile.frame
+        sources = sorted({str(s) for s in frame["energy_source"] if isinstance(s, str) and s}) \
+            if "energy_source" in frame.columns else []
+        out.append(entry | {
+            "device": device.get("slug") or entry["device"], "device_name": device.get("name"),
+            "target": meta.get("target_slug") or entry["target"], "rows": len(profile),
+            "models": sorted(set(models)), "date": str(meta.get("updated") or meta.get("created") or ""),
+            "energy_source": sources, "tvm": (meta.get("versions") or {}).get("tvm"),
+        })
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

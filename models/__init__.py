@@ -6,13 +6,21 @@ from models.errors import AssignmentError, CheckpointError, ModelError
 from models.hamming import HammingAttention, PvtHammingAttention, fit_hamming
 from models.moe import MoELinear, moe_balance_loss, moe_layers, routing_shares, set_moe_capacity
 from models.ops import kernel_ops, set_kernel_ops
-from models.registry import create, load_weights, names, read_checkpoint, register_model, state_dict_of
+from models.registry import (
+    check_name,
+    create,
+    load_weights,
+    names,
+    read_checkpoint,
+    register_model,
+    state_dict_of,
+)
 from models.reparam import apply_costs, reparameterize
 from models.shift import ShiftLinear
 
 __all__ = [
     "Assignment", "AssignmentError", "CheckpointError", "ExpertCostModel", "HammingAttention", "ModelError",
-    "MoELinear", "PvtHammingAttention", "ShiftLinear", "apply_costs", "create", "fit_hamming", "kernel_ops",
+    "MoELinear", "PvtHammingAttention", "ShiftLinear", "apply_costs", "check_name", "create", "fit_hamming", "kernel_ops",
     "load_weights", "moe_balance_loss", "moe_layers", "names", "read_checkpoint", "register_model",
     "reparameterize", "routing_shares", "set_kernel_ops", "set_moe_capacity", "state_dict_of",
 ]

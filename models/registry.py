@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
@@ -46,18 +47,22 @@ def vit_digits(**kwargs: Any) -> nn.Module:
     return VisionTransformer(**args)
 
 
+def check_name(name: str) -> None:
+    """UnknownNameError unless ``name`` is registered here or in timm (checked without building anything)."""
+    if name in _ENTRYPOINTS or timm.is_model(name):
+        return
+    raise UnknownNameError(
+        f"unknown model '{name}'; use one of {', '.join(names())} or a timm model name "
+        "(python -c 'import timm; print(timm.list_models())')"
+    )
+
+
 def create(name: str, **kwargs: Any) -> nn.Module:
     """Build a model by registered or timm name, never downloading weights."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    check_name(name)
     if name in _ENTRYPOINTS:
         return _ENTRYPOINTS[name](**kwargs)
-    import timm
-
-    if not timm.is_model(name):
-        raise UnknownNameError(
-            f"unknown model '{name}'; use one of {', '.join(names())} or a timm model name "
-            "(python -c 'import timm; print(timm.list_models())')"
-        )
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as exc:

@@ -17,16 +17,18 @@ from dse.errors import UsageError
 
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registered or timm model name (default: config model.name)")
-    p.add_argument("--profile", metavar="FILE", help="profile CSV from `dse profile` (default: the stored "
-                   "profile for this device and profile.target)")
+    p.add_argument("--profile", metavar="FILE", action="append",
+                   help="profile CSV from `dse profile` on any device; the prediction is for that profile's device "
+                   "and target. Repeat for one column per device (default: the stored profile for this device "
+                   "and profile.target)")
     p.add_argument("--assignment", metavar="FILE.yaml", help="per-layer assignment (default: all mult / msa)")
-    p.add_argument("--target", help="the target the model is compiled for (default: config profile.target); "
-                   "a profile for another target or device is refused")
+    p.add_argument("--target", help="the target the model is compiled for (default: config profile.target, or the "
+                   "--profile's own target); a --profile for another target is refused")
     p.add_argument("--batch", type=int, help="images per batch (default: config profile.batch)")
     p.add_argument("--backend", choices=("tvm", "torch"), default="tvm",
                    help="tvm: the compiled ShiftAddViT (default); torch: the PyTorch model")
     p.add_argument("--validate", action="store_true", help="measure held-out shapes and the dense PyTorch model "
-                   "here and report the prediction error (CSV files in --out)")
+                   "here and report the prediction error (CSV files in --out; needs this machine's profile)")
     p.add_argument("--calibrate", type=int, metavar="N", help="measure N random shapes per kernel primitive and "
                    "backend around the model's range into the profile (the regression's sample), then exit")
     p.add_argument("--holdout", type=int, help="--validate: held-out shapes per primitive and backend "
@@ -34,41 +36,41 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    cfg = config_from_args(args)
-    if args.model:
-        cfg.model.name = args.model
+    if args.calibrate is not None and args.calibrate < 1:
+        raise UsageError(f"--calibrate must be positive, got {args.calibrate}")
+    if args.validate and args.assignment:
+        raise UsageError("--validate checks the cost model itself; drop --assignment")
+    if (args.validate or args.calibrate is not None) and args.profile and len(args.profile) > 1:
+        raise UsageError("--validate and --calibrate measure this machine: give at most one --profile")
+    cfg = config_from_args(args, flags={"model": "model.name", "batch": "profile.batch",
+                                        "holdout": "cost.holdout_shapes"})
     if args.target:  # assigned after loading: a JSON target would be parsed as YAML by --set
         cfg.profile.target = args.target
-    for flag, value in (("--batch", args.batch), ("--holdout", args.holdout)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be positive, got {value}")
-    if args.batch is not None:
-        cfg.profile.batch = args.batch
-    if args.holdout is not None:
-        cfg.cost.holdout_shapes = args.holdout
     return cfg
 
 
-def _load(cfg, profile_arg: str | None):
-    from dse.cost import check_profile, default_profile_path, read_profile
+def _load(cfg, profile_arg: str | None, *, here: bool, target_given: bool):
+    """The profile to price with. ``here``: the command measures on this machine, so the profile must be this
+    device's for ``profile.target``; otherwise any device's profile prices the model for that device (its
+    target must match ``--target`` when one was given)."""
+    from dse.cost import check_profile, check_profile_target, default_profile_path, read_profile
 
     path = Path(profile_arg) if profile_arg else default_profile_path(cfg.profile)
     profile = read_profile(path)
-    check_profile(profile, cfg.profile.target)
+    if here:
+        check_profile(profile, cfg.profile.target)
+    elif target_given:
+        check_profile_target(profile, cfg.profile.target)
     return profile
 
 
-@command("cost", "predicted latency/energy per layer and for the whole model (--validate: check the cost model)",
-         _args)
+@command("cost", "predicted latency/energy per layer and for the whole model, on any profiled device "
+         "(--validate: check the cost model here)", _args)
 def run(args: argparse.Namespace):
     cfg = _config(args)
     if args.calibrate is not None:
-        if args.calibrate < 1:
-            raise UsageError(f"--calibrate must be positive, got {args.calibrate}")
         return _calibrate(cfg, args)
     if args.validate:
-        if args.assignment:
-            raise UsageError("--validate checks the cost model itself; drop --assignment")
         return _validate(cfg, args)
     return _price(cfg, args)
 
@@ -78,31 +80,60 @@ def run(args: argparse.Namespace):
 
 
 def _price(cfg, args: argparse.Namespace) -> dict[str, Any]:
-    from dse.cost import CostModel
+    from dse.cost import CostModel, profile_identity
     from dse.inventory import build_inventory
     from dse.pretrain import build_dense
     from models.assignment import Assignment
 
-    profile = _load(cfg, args.profile)
     model = build_dense(cfg)
     assignment = Assignment.from_yaml(args.assignment) if args.assignment else Assignment.uniform(model)
     assignment.validate(model)
+    profiles = [_load(cfg, p, here=False, target_given=bool(args.target)) for p in (args.profile or [None])]
     inventory = build_inventory(model, batch=cfg.profile.batch, nbits=cfg.finetune.nbits, name=cfg.model.name)
-    mc = CostModel.from_config(profile, cfg.cost, args.backend).for_model(inventory)
-    rows = mc.per_layer(assignment)
-    total = mc.predict(assignment)
-    layer_rows = [r.as_dict() for r in rows if r.kind != "fixed"]
-    fixed_rows = [r.as_dict() for r in rows if r.kind == "fixed"]
-    result = {
-        "model": cfg.model.name, "batch": inventory.batch, "backend": args.backend,
-        "profile": str(profile.path), "metric": cfg.cost.metric, "assignment": assignment.to_dict(),
-        "latency_ms": total.latency_ms, "energy_mj": total.energy_mj,
-        "fixed_latency_ms": mc.fixed.latency_ms, "fixed_energy_mj": mc.fixed.energy_mj,
-        "energy_source": _energy_sources(profile), "layers": layer_rows, "fixed": fixed_rows,
-        "moe": {name: {"expert_costs": mc.moe_expert_costs(name), "equilibrium_share": mc.equilibrium_share(name)}
-                for name, choice in assignment.linear.items() if choice == "moe"},
-    }
-    return {"text": _price_text(result), "json": result}
+    results = []
+    for profile in profiles:
+        mc = CostModel.from_config(profile, cfg.cost, args.backend).for_model(inventory)
+        rows = mc.per_layer(assignment)
+        total = mc.predict(assignment)
+        device, target = profile_identity(profile)
+        results.append({
+            "model": cfg.model.name, "batch": inventory.batch, "backend": args.backend,
+            "device": device, "target": target, "profile": str(profile.path), "metric": cfg.cost.metric,
+            "assignment": assignment.to_dict(), "latency_ms": total.latency_ms, "energy_mj": total.energy_mj,
+            "fixed_latency_ms": mc.fixed.latency_ms, "fixed_energy_mj": mc.fixed.energy_mj,
+            "energy_source": _energy_sources(profile),
+            "layers": [r.as_dict() for r in rows if r.kind != "fixed"],
+            "fixed": [r.as_dict() for r in rows if r.kind == "fixed"],
+            "moe": {name: {"expert_costs": mc.moe_expert_costs(name), "equilibrium_share": mc.equilibrium_share(name)}
+                    for name, choice in assignment.linear.items() if choice == "moe"},
+        })
+    if len(results) == 1:
+        return {"text": _price_text(results[0]), "json": results[0]}
+    return {"text": _devices_text(results), "json": {"model": cfg.model.name, "devices": results}}
+
+
+def _device_label(r: dict) -> str:
+    return f"{r['device']}/{r['target']}"
+
+
+def _devices_text(results: list[dict]) -> str:
+    """One latency column per device: the same assignment priced on every profile."""
+    labels = [_device_label(r) for r in results]
+    by_layer = [{x["layer"]: x for x in r["layers"]} for r in results]
+    rows = []
+    for x in results[0]["layers"]:
+        row = {"layer": x["layer"], "choice": x["choice"]}
+        for label, layers in zip(labels, by_layer):
+            row[f"{label} ms"] = layers[x["layer"]]["latency_ms"]
+        rows.append(row)
+    for key, name in (("fixed_latency_ms", "(fixed work)"), ("latency_ms", "total")):
+        rows.append({"layer": name, "choice": "", **{f"{label} ms": r[key] for label, r in zip(labels, results)}})
+    lines = [f"{results[0]['model']} (batch {results[0]['batch']}), backend {results[0]['backend']}, "
+             f"priced on {len(results)} devices"]
+    lines += [f"  {label}: profile {r['profile']}, total {r['latency_ms']:.3f} ms, {r['energy_mj']:.4f} mJ "
+              f"(energy source: {', '.join(r['energy_source']) or 'none'})" for label, r in zip(labels, results)]
+    lines += ["", table(rows, floatfmt="{:.4f}")]
+    return "\n".join(lines)
 
 
 def _energy_sources(profile) -> list[str]:
@@ -132,7 +163,7 @@ def _price_text(r: dict) -> str:
                       "fit err": "-" if all(x["source"] == "measured" for x in xs) else
                       max((_fmt_err(x) for x in xs if x["source"] != "measured"), default="-"),
                       "detail": ""})
-    lines = [f"{r['model']} (batch {r['batch']}), backend {r['backend']}, profile {r['profile']}",
+    lines = [f"{r['model']} (batch {r['batch']}) on {_device_label(r)}, backend {r['backend']}, profile {r['profile']}",
              table(trows, floatfmt="{:.4f}"), "",
              f"total: {r['latency_ms']:.3f} ms, {r['energy_mj']:.4f} mJ "
              f"(energy source: {', '.join(r['energy_source']) or 'none'}; fixed work {r['fixed_latency_ms']:.3f} ms)"]
@@ -183,7 +214,7 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
     from dse.profile import Settings, check_target_runnable
 
     check_target_runnable(cfg.profile.target)
-    profile = _load(cfg, args.profile)
+    profile = _load(cfg, (args.profile or [None])[0], here=True, target_given=True)
     out = out_dir(cfg)
     model = build_dense(cfg)
     inventory = build_inventory(model, batch=cfg.profile.batch, nbits=cfg.finetune.nbits, name=cfg.model.name)

@@ -6,7 +6,6 @@ from typing import Any
 
 from dse.cli import command
 from dse.commands.common import config_from_args, table
-from dse.errors import UsageError
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -24,23 +23,29 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="re-measure every row of this model (and discard a "
                    "profile from another device or version)")
     p.add_argument("--list-shapes", action="store_true", help="print the layer inventory and exit (no measuring)")
+    p.add_argument("--list", action="store_true", help="list the profiles under the profile root (device, target, "
+                   "rows, models, date, energy source) and exit; any of them prices a model with `dse cost "
+                   "--profile`")
     p.add_argument("--compile-only", action="store_true", help="build every kernel and op for the target, "
                    "measure nothing (works for CUDA without a GPU)")
 
 
 def _config(args: argparse.Namespace):
-    cfg = config_from_args(args)
-    # Assigned after loading: a JSON target would otherwise be parsed as a YAML mapping by --set.
-    if args.model:
-        cfg.model.name = args.model
-    if args.target:
+    cfg = config_from_args(args, flags={"model": "model.name", "batch": "profile.batch", "trials": "profile.trials",
+                                        "passes": "profile.passes"})
+    if args.target:  # assigned after loading: a JSON target would otherwise be parsed as a YAML mapping by --set
         cfg.profile.target = args.target
-    for name, least in (("batch", 1), ("trials", 0), ("passes", 1)):  # flags that override cfg.profile
-        if (value := getattr(args, name)) is not None:
-            if value < least:
-                raise UsageError(f"--{name} must be {'positive' if least else '>= 0'}, got {value}")
-            setattr(cfg.profile, name, value)
     return cfg
+
+
+def _list_text(entries: list[dict[str, Any]], root) -> str:
+    if not entries:
+        return f"no profiles under {root}; measure one with `dse profile`"
+    rows = [{"device": e["device"], "target": e["target"], "rows": e.get("rows"),
+             "models": ", ".join(e.get("models") or []) or ("-" if "error" not in e else e["error"][:60]),
+             "date": (e.get("date") or "")[:10], "energy": ", ".join(e.get("energy_source") or []),
+             "profile": e["profile"]} for e in entries]
+    return f"profiles under {root}:\n" + table(rows)
 
 
 def _shape_text(inv) -> str:
@@ -114,6 +119,12 @@ def run(args: argparse.Namespace):
     from dse.profile import Settings, check_target_runnable, compile_model, profile_model, summary_rows
 
     cfg = _config(args)
+    if args.list:
+        from dse.store import list_profiles
+
+        root = args.out or cfg.profile.dir
+        entries = list_profiles(root)
+        return {"text": _list_text(entries, root), "json": entries}
     settings = Settings.from_config(cfg.profile)
     if not args.list_shapes and not args.compile_only:
         check_target_runnable(settings.target)  # before building anything: one line, exit 1

@@ -14,8 +14,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         metavar="FILE",
-        help="profile CSV from `dse profile`, or a cost-table JSON "
-        "(config search.profile; default: the stored profile for profile.target)",
+        action="append",
+        help="profile CSV from `dse profile` on any device, or a cost-table JSON; repeat to minimise the "
+        "predicted latency on every given device (config search.profile; default: the stored profile for "
+        "this device and profile.target)",
     )
     p.add_argument(
         "--stage",
@@ -48,7 +50,6 @@ def run(args: argparse.Namespace):
     for flag, key in (
         ("model", "model.name"),
         ("checkpoint", "model.checkpoint"),
-        ("profile", "search.profile"),
         ("stage", "search.stage"),
         ("trials", "search.trials"),
         ("storage", "search.storage"),
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace):
         if value is not None:
             extra.append(f"{key}={value}")
     cfg = config_from_args(args, *extra)
+    if args.profile:  # a list: assigned after loading, as --set would parse it as YAML
+        cfg.search.profile = args.profile if len(args.profile) > 1 else args.profile[0]
     out = out_dir(cfg)
     chatty = not args.json and sys.stderr.isatty()
     log = logging.getLogger("dse.search")
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace):
 
 def _text(s: dict, stage: str) -> str:
     lines = []
+    if s.get("devices"):
+        lines.append(f"devices: {', '.join(s['devices'])} (one latency objective each)")
     a = s.get("stage_a")
     if a:
         lines.append(
@@ -90,7 +95,7 @@ def _text(s: dict, stage: str) -> str:
         {
             "trial": r["trial"],
             "baseline": r["baseline"],
-            "latency_ms": r["latency_ms"],
+            **({k: v for k, v in r.items() if k.startswith("latency_ms@")} or {"latency_ms": r["latency_ms"]}),
             "energy_mj": r["energy_mj"],
             "risk": r["risk"],
             **r["counts"],

@@ -594,7 +594,7 @@ def _write_profile(tmp_path, rows, device, target_slug):
     return path
 
 
-def test_cli_prices_an_assignment_and_refuses_a_foreign_profile(tmp_path):
+def test_cli_prices_for_any_devices_profile_and_validates_only_here(tmp_path):
     import json
 
     from dse.device import describe_device
@@ -618,8 +618,27 @@ def test_cli_prices_an_assignment_and_refuses_a_foreign_profile(tmp_path):
     out = json.loads(res.stdout)
     assert out["latency_ms"] == pytest.approx(sum(r["latency_ms"] for r in out["layers"] + out["fixed"]))
     assert out["moe"]["blocks.0.mlp.fc1"]["equilibrium_share"] > 0
-    foreign = _write_profile(tmp_path / "b", rows, "amd-epyc-9654", "llvm-znver4-2c")
-    res = run_dse("cost", "--profile", str(foreign), *common)
+    # Another device's profile prices the model for that device, named in the answer.
+    foreign = _write_profile(tmp_path / "b", [dict(r, latency_ms=2 * r["latency_ms"]) for r in rows],
+                             "amd-epyc-9654", "llvm-znver4-2c")
+    res = run_dse("cost", "--profile", str(foreign), "--assignment", str(plan), "--json", *common)
+    assert res.returncode == 0, res.stderr
+    theirs = json.loads(res.stdout)
+    assert (theirs["device"], theirs["target"]) == ("amd-epyc-9654", "llvm-znver4-2c")
+    assert theirs["latency_ms"] == pytest.approx(2 * out["latency_ms"])  # every row measured, each twice as slow
+    # Both devices at once: one column each, the same totals as alone.
+    res = run_dse("cost", "--profile", str(good), "--profile", str(foreign), "--assignment", str(plan), *common)
+    assert res.returncode == 0, res.stderr
+    assert f"{here}/{slug} ms" in res.stdout and "amd-epyc-9654/llvm-znver4-2c ms" in res.stdout
+    res = run_dse("cost", "--profile", str(good), "--profile", str(foreign), "--json", *common)
+    both = json.loads(res.stdout)["devices"]
+    assert [d["device"] for d in both] == [here, "amd-epyc-9654"]
+    assert both[1]["latency_ms"] == pytest.approx(2 * both[0]["latency_ms"])
+    # A --target the profile was not measured for is refused; validation measures here, so it needs this
+    # machine's profile.
+    res = run_dse("cost", "--profile", str(foreign), "--target", "cpu", *common)
+    assert res.returncode == 2 and "llvm-znver4-2c" in res.stderr.strip().splitlines()[-1]
+    res = run_dse("cost", "--validate", "--profile", str(foreign), *common)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "amd-epyc-9654" in lines[-1] and "Traceback" not in res.stderr

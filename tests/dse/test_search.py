@@ -17,7 +17,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from dse import pareto
-from dse.errors import ConfigError, ProfileError
+from dse.errors import ConfigError, ProfileError, StageError
 from dse.search import (
     CostTableFile,
     Objective,
@@ -505,3 +505,53 @@ def test_processes_creating_one_fresh_sqlite_study_all_succeed(tmp_path):
     for p in procs:
         p.join(120)
     assert sorted(results.get(timeout=5) for _ in range(n)) == ["ok"] * n
+
+
+# ---------------------------------------------------------------------------------------------------
+# several devices: one latency objective per profile
+
+
+def _device_table(src: Path, dst: Path, scale: dict[str, float]) -> Path:
+    """A second device's cost table: the same layers, each choice's latency scaled by ``scale[choice]``."""
+    raw = json.loads(src.read_text())
+    for layer in raw["layers"].values():
+        for choice, cost in layer.items():
+            cost[0] *= scale.get(choice, 1.0)
+    raw.pop("moe_expert_costs", None)
+    dst.write_text(json.dumps(raw))
+    return dst
+
+
+def test_search_on_two_devices_minimises_latency_on_each(tmp_path):
+    from dse.config import load_config
+    from dse.search import run_search
+
+    ckpt, laptop, kinds = tiny_checkpoint(tmp_path)
+    laptop = laptop.rename(tmp_path / "laptop.json")
+    # The synthetic table makes shift and Hamming cheaper than mult and MSA; on the second device they cost
+    # 3x that, more than mult and MSA: the two latencies disagree, so the front trades one for the other.
+    server = _device_table(laptop, tmp_path / "server.json", {"hamming": 3.0, "shift": 3.0, "moe": 2.0})
+    cfg = load_config(None, [*OVERRIDES, f"model.checkpoint={ckpt}", "search.stage=a", "search.trials=150",
+                             f"out={tmp_path / 'run'}"])
+    cfg.search.profile = [str(laptop), str(server)]
+    summary = run_search(cfg)
+    assert summary["devices"] == ["laptop", "server"]
+    frame = pd.read_csv(tmp_path / "run" / "pareto.csv")
+    assert {"latency_ms@laptop", "latency_ms@server", "latency_rel"} <= set(frame.columns)
+    tables = {name: json.loads(p.read_text()) for name, p in (("laptop", laptop), ("server", server))}
+    params = [c for c in frame.columns if c.startswith("blocks.")]
+    for _, row in frame.iterrows():  # each device's latency, summed by hand from its own table
+        for name, table in tables.items():
+            by_hand = table["fixed"][0] + sum(table["layers"][layer][row[layer]][0] for layer in params)
+            assert row[f"latency_ms@{name}"] == pytest.approx(by_hand)
+        assert row["latency_ms"] == pytest.approx(row["latency_ms@laptop"])
+    front = frame[frame["source"] == "front"]
+    objectives = front[["latency_ms@laptop", "latency_ms@server", "energy_mj", "risk"]].to_numpy()
+    assert pareto.nondominated(objectives).all()
+    assert front["latency_ms@server"].idxmin() != front["latency_ms@laptop"].idxmin()
+    # The study records four objectives; the same study cannot be reused with one device.
+    study = optuna.load_study(study_name="shiftadd", storage=summary["storage"])
+    assert study.metric_names == ["latency_ms@laptop", "latency_ms@server", "energy_mj", "risk"]
+    cfg.search.profile = str(laptop)
+    with pytest.raises(StageError, match="objectives"):
+        run_search(cfg)
