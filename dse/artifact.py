@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from dse.fileio import atomic_write_text, sha256_file
+from dse.threads import use_all_cores
 from kernels.errors import ShiftAddError, TargetUnavailableError, UsageError
 
 log = logging.getLogger(__name__)
@@ -143,31 +144,6 @@ class LatencyStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"median_ms": self.median_ms, "p90_ms": self.p90_ms, "repeats": self.repeats}
-
-
-def use_all_cores(cores: int | None = None) -> None:
-    """Give TVM's thread pool one thread per usable core unless ``TVM_NUM_THREADS`` says otherwise.
-
-    Without it TVM 0.27 halves ``hardware_concurrency()`` on x86 to skip hyper-threads, so a 2-vCPU
-    machine runs every parallel loop on one thread (measured: 12.0 vs 6.9 ms for the embedded model).
-    TVM reads the variable when its pool starts (the first parallel loop of the process), so this must run
-    before any compiled code does.
-    """
-    import os
-
-    if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, int(cores))))
-
-
-def tvm_threads() -> int:
-    """Threads TVM's pool runs parallel loops on in this process."""
-    import tvm_ffi
-
-    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
 def prepare_params(vm: Any, params: list[Any]) -> list[Any]:

@@ -22,7 +22,6 @@ measured median.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,15 +33,21 @@ from torch import nn
 
 import models
 from dse import artifact as art
+from dse import energy as en
 from dse.config import Config, config_from_dict
+from dse.cost import CostModel, check_profile, read_profile
 from dse.errors import CheckpointError, ShiftAddError
+from dse.export import profile_table, val_tensors
+from dse.finetune import build_from_architecture
+from dse.inventory import build_inventory
+from dse.profile import load_1m
+from dse.threads import set_threads, tvm_threads
+from models.assignment import Assignment
 
 log = logging.getLogger(__name__)
 
 
 def _inputs(manifest: dict[str, Any], cfg: Config) -> tuple[np.ndarray, str]:
-    from dse.export import val_tensors
-
     batch = int(manifest["input"]["batch"])
     shape = tuple(int(s) for s in manifest["input"]["shape"])
     try:
@@ -60,8 +65,6 @@ def _inputs(manifest: dict[str, Any], cfg: Config) -> tuple[np.ndarray, str]:
 
 def dense_model(manifest: dict[str, Any], cfg: Config, dense: str | Path | None = None) -> tuple[nn.Module, str]:
     """The dense baseline: ``dense`` or the manifest's ``dense_checkpoint`` or ``model.checkpoint``."""
-    from dse.finetune import build_from_architecture
-
     path = dense or manifest.get("dense_checkpoint") or cfg.model.checkpoint
     if not path or not Path(path).is_file():
         raise CheckpointError(f"no dense checkpoint to compare with (manifest says {path!r}); pass --dense FILE "
@@ -131,8 +134,6 @@ def _dense_kernel_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, in
 def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dict[str, Callable[[], Any]]
            ) -> dict[str, dict[str, Any]]:
     """{contestant: {"energy_mj", "energy_source"}} (module docstring)."""
-    from dse import energy as en
-
     kind = "cuda" if (manifest.get("target") or {}).get("kind") == "cuda" else "cpu"
     try:
         source = en.select_source(kind, ["nvml", "rapl", "model"])
@@ -158,16 +159,6 @@ def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dic
 # The command
 
 
-def set_threads(threads: int) -> None:
-    """The same number of threads for PyTorch and TVM (0: PyTorch's default, all cores). TVM's pool reads
-    ``TVM_NUM_THREADS`` when its first parallel loop runs, so this must come before the artifact runs."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-        os.environ["TVM_NUM_THREADS"] = str(threads)
-    else:
-        art.use_all_cores(torch.get_num_threads())
-
-
 def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None = None, dense: str | Path | None = None,
           profile: str | Path | None = None) -> dict[str, Any]:
     b = cfg.bench
@@ -175,6 +166,8 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     torch_compile = b.torch_compile if torch_compile is None else torch_compile
     loaded = art.Artifact.load(artifact_dir)
     manifest = loaded.manifest
+    if profile is not None:  # the bench measures here: another device's profile cannot be checked against it
+        check_profile(read_profile(profile), manifest["target"])
     images, source = _inputs(manifest, cfg)
     model, dense_path = dense_model(manifest, cfg, dense)
     x = torch.from_numpy(images.copy())
@@ -220,41 +213,29 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         })
     return {
         "rows": rows, "batch": loaded.batch, "inputs": source, "repeat": b.repeat, "warmup": b.warmup,
-        "threads": {"torch": torch.get_num_threads(), "tvm": art.tvm_threads()},
-        "load_1m": _load(), "torch_compile_s": compile_s, "artifact": str(artifact_dir), "dense_checkpoint": dense_path,
+        "threads": {"torch": torch.get_num_threads(), "tvm": tvm_threads()},
+        "load_1m": load_1m(), "torch_compile_s": compile_s, "artifact": str(artifact_dir), "dense_checkpoint": dense_path,
         "top1_agreement_with_dense": agree, "prediction_profile": predictions.get("profile"),
     }
 
 
 def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profile: str | Path | None
                  ) -> dict[str, Any]:
-    from dse.export import _profile_table
-
     out: dict[str, Any] = {}
     pred = manifest.get("prediction") or {}
     if pred.get("available"):
         out["tvm"] = pred.get("latency_ms")
-    table, reason = _profile_table(cfg, manifest["target"], profile or manifest.get("prediction", {}).get("profile"))
+    table, reason = profile_table(cfg, manifest["target"], profile or manifest.get("prediction", {}).get("profile"),
+                                   here=profile is not None)
     out["profile"] = reason
     if table is not None:
         try:
-            from dse.cost import CostModel
-            from dse.inventory import build_inventory
-            from models.assignment import Assignment
-
             cm = CostModel(table, backend="torch", metric=cfg.cost.metric, mix_alpha=cfg.cost.mix_alpha)
             out["eager"] = float(cm.for_model(build_inventory(dense, batch=int(manifest["input"]["batch"])))
                                  .predict(Assignment()).latency_ms)
-        except (ShiftAddError, ImportError, AttributeError, TypeError, KeyError) as exc:
+        except ShiftAddError as exc:
             log.info("no torch-backend prediction: %s", exc)
     return out
 
 
-def _load() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-__all__ = ["bench", "dense_model", "interleaved", "set_threads"]
+__all__ = ["bench", "dense_model", "interleaved"]

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dse.artifact import use_all_cores
 from dse.errors import ShiftAddError, UsageError
+from dse.threads import use_all_cores
 
 
 @dataclass
@@ -41,7 +41,7 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, as the contract says
+    def error(self, message: str) -> None:  # one line, exit 2, as the README's exit statuses say
         sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 
@@ -117,10 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())
-
-
-def run() -> None:
-    sys.exit(main())
 
 
 __all__ = ["Command", "UsageError", "command", "main"]

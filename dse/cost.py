@@ -10,7 +10,7 @@ Layers of lookup:
 2. :meth:`CostModel.for_model` turns a layer inventory into a :class:`ModelCost`: per decision layer
    and per choice, (latency, energy) precomputed once, so pricing one whole-model assignment is a sum
    of array lookups (microseconds; ``python -m dse.benchmarks cost`` prints it). Choices map to calls
-   as in the contract:
+   as the README's cost model lists them:
 
    * linear ``mult`` -> ``matmul``; ``shift`` -> the faster (by latency) of ``matshift`` plus its
      fixed-point conversions (``requant``) and ``matshift_decode`` plus its input rounding (``quantize``) for that
@@ -50,6 +50,7 @@ import numpy as np
 from dse.cost_regression import CostLaw, PadFn, fit_law
 from dse.errors import AssignmentError, ProfileError, TargetUnavailableError
 from dse.inventory import TORCH_BASELINE
+from models.moe import equilibrium_share
 
 log = logging.getLogger(__name__)
 
@@ -445,14 +446,6 @@ class ModelWork:
 # MoE arithmetic
 
 
-def equilibrium_share(c_mult: float, c_shift: float) -> float:
-    """Mult token share where the balance loss vanishes: ``c_mult·n_mult = c_shift·n_shift``
-    (see :mod:`models.moe`), i.e. ``c_shift / (c_mult + c_shift)``."""
-    if not (c_mult > 0 and c_shift > 0):
-        raise ValueError(f"expert costs must be positive, got mult={c_mult}, shift={c_shift}")
-    return c_shift / (c_mult + c_shift)
-
-
 def moe_expected(mult: Estimate, shift: Estimate, overhead: Estimate, share: float) -> Estimate:
     """``share·mult + (1 - share)·shift + overhead`` (router + dispatch)."""
     if not 0.0 <= share <= 1.0:
@@ -610,7 +603,13 @@ class ModelCost:
             self._by_kind[kind].append((name, costs))
         self._names = {k: {name for name, _ in v} for k, v in self._by_kind.items()}
 
+    @property
+    def identity(self) -> tuple[str, str]:
+        """(device slug, target slug) of the profile these costs come from: the device they are for."""
+        return profile_identity(self.cost_model.table.profile)
+
     # ---- construction ------------------------------------------------------------------------------
+
     def _framework(self, calls: tuple[tuple[str, Call], ...]) -> list[tuple[str, str, Estimate]]:
         """Eager PyTorch's own time (:mod:`dse.eager`): the measured row, else nothing (logged): a profile
         from before the row existed, or from a GPU, prices the eager model by its ops alone."""
@@ -689,7 +688,7 @@ class ModelCost:
 
     def equilibrium_share(self, layer_name: str) -> float:
         c = self.moe_expert_costs(layer_name)
-        return equilibrium_share(c["mult"], c["shift"])
+        return equilibrium_share(c)
 
     def moe_cost(self, layer_name: str, share: float | None = None) -> Estimate:
         """Expected cost of the MoE form of ``layer_name`` at Mult share ``share`` (default: equilibrium)."""

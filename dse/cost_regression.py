@@ -12,10 +12,8 @@ register tiles (``kernels.cpu_schedules.tiled_shape``), so a 24-column ``bmm`` d
 other kernels (PyTorch's, tuned or GPU ones) they are ``m`` and ``n``. ``steps`` (those CPU kernels only)
 counts iterations of the kernel's innermost tile step (``kernels.cpu_schedules.tile_steps``: a broadcast
 or mask test per row, ``k`` and column tile), the part of the work that does not scale with the tile's
-width. On the embedded model's range padded work took the held-out TVM shapes within ±10% from 57% to
-80%, and ``steps`` to 90% (DeiT-Tiny's range: 82%), mostly by fixing ``matadd``. It
-is the additive form of the roofline model (Williams et al., "Roofline", CACM 2009): each term is the
-time one resource needs. The coefficients are fitted by non-negative least squares (Lawson & Hanson
+width. The law is the additive form of the roofline model (Williams et al., "Roofline", CACM 2009): each term
+is the time one resource needs. The coefficients are fitted by non-negative least squares (Lawson & Hanson
 1974, ``scipy.optimize.nnls``) on *relative* residuals ``(y - ŷ)/y`` — every row weighted by ``1/y`` —
 because latencies span orders of magnitude and the error we report is relative (nn-Meter's ±10%
 accuracy and RMSPE).

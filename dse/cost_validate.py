@@ -37,6 +37,7 @@ from dse.cost import Call, CostModel, CostTable
 from dse.cost_regression import error_summary
 from dse.inventory import TORCH_BASELINE
 from dse.profile import load_1m
+from dse.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +287,7 @@ def time_model(model: Any, batch: int, input_size: tuple[int, int, int], *, thre
     ``min_runs`` runs and ``min_seconds``, at most ten times ``min_runs`` once ``min_seconds`` have passed."""
     import torch
 
-    previous = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         model.eval()
         x = torch.randn(batch, *input_size)
         times: list[float] = []
@@ -303,8 +301,6 @@ def time_model(model: Any, batch: int, input_size: tuple[int, int, int], *, thre
                 times.append((time.perf_counter() - t0) * 1e3)
                 if len(times) >= 10 * min_runs and time.perf_counter() - start >= min_seconds:
                     break
-    finally:
-        torch.set_num_threads(previous)
     return times
 
 

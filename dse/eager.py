@@ -3,16 +3,16 @@
 In eager mode every module call and every op call pays interpreter and dispatcher time on top of its
 kernel: ``nn.Module.__call__``, the model's Python between ops (timm's reshapes, checks, identity
 modules), argument parsing, output allocation. A per-op row times one op in a tight loop, so the sum of a
-dense model's rows misses this glue: ``torch.profiler`` put 0.78 ms of a 4.1 ms ``vit_digits`` forward
-(batch 8, 2 threads) outside every aten op.
+dense model's rows misses this glue, which ``torch.profiler`` shows as time outside every aten op (a
+sizeable share of a small model's forward).
 
 It is measured as the model's forward on an **empty batch**: every module and op runs and allocates,
 every kernel returns at once, so what is timed is the framework and the model's Python alone, whatever
-the batch. (A tiny-width twin of the architecture gives ~1.6x more, because its 1-element kernels still
+the batch. (A tiny-width twin of the architecture gives more, because its 1-element kernels still
 run; the empty batch is the one that needs no per-architecture knowledge.) The profile keys the row as
 ``framework`` (backend ``torch``) at ``(1, module calls per forward, 1, 1)``: it is the cost of the
 model's structure, and two models with the same number of module calls are priced alike. The compiled
-TVM model has no such layer (its VM dispatch was measured at ~0.2 us per call).
+TVM model has no such layer (its VM's dispatch per call is negligible next to eager's).
 """
 
 from __future__ import annotations

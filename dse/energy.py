@@ -1,7 +1,8 @@
 """Energy per kernel call, from three sources behind one interface, every result labelled.
 
 - ``nvml``  (:class:`NvmlMeter`): the GPU's cumulative energy counter, differenced over a window of
-  repeated calls (Zeus' method, anchors §1); power polling + trapezoid integration on GPUs without it.
+  repeated calls (Zeus' method: You, Chung & Chowdhury, NSDI 2023); power polling + trapezoid integration
+  on GPUs without it.
 - ``rapl``  (:class:`RaplMeter`): CPU package energy from the Linux powercap sysfs counters.
 - ``model`` (:class:`AnalyticalEnergyModel`): operation and byte counts × 45 nm per-operation
   energies (an ASIC projection, not a measurement of this machine; always available).
@@ -29,7 +30,7 @@ from kernels.errors import ConfigError, ShiftAddError, TargetUnavailableError, U
 
 logger = logging.getLogger(__name__)
 
-# The NVML energy counter updates about every 100 ms (anchors §1, Zeus): a window must span several
+# The NVML energy counter updates about every 100 ms (as Zeus, NSDI 2023, reports): a window must span several
 # updates or it reads 0 J / one quantum. 0.5 s = 5 updates, the error from one missed update <= 20%
 # in the worst case and far less on average; raise it for publication-grade numbers (Zeus uses 1-10 s).
 DEFAULT_MIN_WINDOW_S = 0.5
@@ -515,7 +516,7 @@ class RaplZone:
 class RaplMeter(EnergyMeter):
     """CPU package energy: the sum of the top-level ``intel-rapl:N`` zones named ``package-*``.
 
-    Reading ``energy_uj`` needs root on most kernels since CVE-2020-8694 (anchors §1); the counter
+    Reading ``energy_uj`` needs root on most kernels since CVE-2020-8694; the counter
     wraps at ``max_energy_range_uj`` (a few minutes at full load, or less), so it is read every
     ``poll_s`` during a window and each wrap is added back. DRAM and ``psys`` zones are left out
     (psys would count the package twice).
@@ -641,7 +642,8 @@ def _unit_key_counts(counts: Any, dtype: str) -> dict[str, int]:
 
 
 class AnalyticalEnergyModel:
-    """Energy = Σ count(op) · pJ(op); an ASIC projection (anchors §8), labelled source "model".
+    """Energy = Σ count(op) · pJ(op); an ASIC projection (45 nm energies, Horowitz, ISSCC 2014), labelled
+    source "model".
 
     Operation and byte counts come from ``kernels.op_counts`` (one definition of what each
     primitive computes: matmul/bmm b·m·n·k multiplies and adds, matshift b·m·n·k shifts and int32

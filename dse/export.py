@@ -44,11 +44,18 @@ from torch import nn
 import kernels
 import models
 from dse import artifact as art
-from dse import graph
+from dse import cost, graph, store
 from dse.config import Config, config_to_dict
 from dse.data import load_data
+from dse.device import describe_device, versions
 from dse.errors import CheckpointError, ConfigError, ShiftAddError
 from dse.fileio import atomic_write
+from dse.finetune import build_from_architecture, load_finetuned, reparam_options
+from dse.inventory import build_inventory
+from dse.pretrain import architecture
+from dse.profile import load_1m
+from dse.threads import set_torch_threads, tvm_threads, use_all_cores
+from kernels.torch_ops import use_tvm
 from models.assignment import Assignment, layer_kinds
 from models.hamming import fit_hamming
 from models.moe import moe_layers, reset_routing_stats, routing_shares, set_moe_capacity
@@ -77,9 +84,6 @@ def checkpoint_file(path: str | Path) -> Path:
 def load_model(cfg: Config, checkpoint: str | Path, assignment: str | Path | None = None,
                fit_images: torch.Tensor | None = None) -> tuple[nn.Module, Assignment, dict[str, Any]]:
     """(ShiftAddViT in eval mode, its assignment, checkpoint meta)."""
-    from dse.finetune import build_from_architecture, load_finetuned
-    from dse.pretrain import architecture
-
     path = checkpoint_file(checkpoint)
     meta = dict(models.read_checkpoint(path).get("meta") or {})
     if meta.get("assignment"):
@@ -102,8 +106,6 @@ def load_model(cfg: Config, checkpoint: str | Path, assignment: str | Path | Non
     plan.validate(dense)
     log.warning("exporting %s reparameterised for %s without fine-tuning: accuracy will be that of the "
                 "converted dense weights", path, assignment)
-    from dse.finetune import reparam_options
-
     torch.manual_seed(cfg.seed)  # router initialisation: the same model for the same seed
     model = reparameterize(dense, plan, costs=None, **reparam_options(cfg)).eval()
     if fit_images is not None:
@@ -141,8 +143,6 @@ def batches(x: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, int]]:
 def logits_of(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
     """Eval-mode logits, ``batch`` images per call. The shift/matadd custom ops run their PyTorch
     references (same arithmetic as the kernels, exact for the integer ones), not per-shape TVM builds."""
-    from kernels.torch_ops import use_tvm
-
     model.eval()
     with use_tvm(False):
         return torch.cat([model(chunk)[:real] for chunk, real in batches(x, batch)])
@@ -200,25 +200,31 @@ def shift_shapes(model: nn.Module, tokens: int) -> dict[str, tuple[int, int, int
     return shapes
 
 
-def _profile_table(cfg: Config, target: Any, profile: str | Path | None) -> tuple[Any, str | None]:
-    """(cost table of the matching profile or None, why not / which file)."""
+def profile_table(cfg: Config, target: Any, profile: str | Path | None, *, here: bool = False
+                   ) -> tuple[Any, str | None]:
+    """(cost table of the profile for ``target`` or None, which file / why not). Without ``profile``: this
+    device's profile for the target, else the one device's under ``profile.dir`` that has it (exporting for a
+    device measured elsewhere). ``here``: the caller measures on this machine, so only this device's profile
+    is accepted, and any other is a ProfileError."""
+    tdict = kernels.targets.target_to_dict(kernels.resolve_target(target))
     try:
-        from dse import cost, store
-        from dse.device import describe_device
-
-        tdict = kernels.targets.target_to_dict(kernels.resolve_target(target))
         if profile is None:
-            device = describe_device("cuda" if tdict.get("kind") == "cuda" else "cpu")
-            profile = store.profile_path(cfg.profile.dir, device.slug, kernels.target_slug(tdict))
-        if not Path(profile).is_file():
-            return None, f"no profile at {profile}"
+            profile = store.find_profile(cfg.profile.dir, kernels.target_slug(tdict), _this_device(tdict))
         data = cost.read_profile(profile)
-        cost.check_profile(data, tdict)
-        return cost.CostTable(data), str(profile)
+        cost.check_profile_target(data, tdict)
     except ShiftAddError as exc:
         return None, str(exc)
-    except (ImportError, AttributeError) as exc:  # the cost model is another engineer's, and optional here
-        return None, f"cost model unavailable ({exc})"
+    if here:
+        cost.check_profile(data, tdict)
+    return cost.CostTable(data), str(profile)
+
+
+def _this_device(tdict: dict[str, Any]) -> str | None:
+    """This machine's slug for the target's kind of device, or None when it has no such device."""
+    try:
+        return describe_device("cuda" if tdict.get("kind") == "cuda" else "cpu").slug
+    except ShiftAddError:
+        return None
 
 
 def choose_shift_primitives(shapes: dict[str, tuple[int, int, int, int]], target: Any, table: Any,
@@ -228,8 +234,6 @@ def choose_shift_primitives(shapes: dict[str, tuple[int, int, int, int]], target
     ``force`` is ``export.shift_primitive``: a primitive for every layer, or ``{layer: primitive}`` for some
     (a MoE layer's name covers its Shift expert); ``auto`` (or an unnamed layer) applies the rule.
     """
-    from dse import cost
-
     forced: dict[str, str] = {}
     for name in shapes:
         choice = force.get(name, force.get(name.rpartition(".")[0], "auto")) if isinstance(force, dict) else force
@@ -280,14 +284,11 @@ def predict_cost(cfg: Config, model: nn.Module, plan: Assignment, batch: int, ta
     if table is None:
         return {"available": False, "reason": "no matching profile"}
     try:
-        from dse.cost import CostModel
-        from dse.inventory import build_inventory
-
-        cm = CostModel(table, backend="tvm", metric=cfg.cost.metric, mix_alpha=cfg.cost.mix_alpha)
+        cm = cost.CostModel(table, backend="tvm", metric=cfg.cost.metric, mix_alpha=cfg.cost.mix_alpha)
         inv = build_inventory(model, batch=batch)
         pred = cm.for_model(inv).predict(plan)
         return {"available": True, "latency_ms": float(pred.latency_ms), "energy_mj": float(pred.energy_mj)}
-    except (ShiftAddError, ImportError, AttributeError, TypeError, KeyError) as exc:
+    except ShiftAddError as exc:
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
 
 
@@ -341,9 +342,8 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
     """Compile and package the model (module docstring). Returns a summary; ``cuda_arch=True`` means
     ``cfg.export.cuda_arch``."""
     ex = cfg.export
-    if ex.threads > 0:
-        torch.set_num_threads(ex.threads)
-    art.use_all_cores()  # before any kernel runs: the shift-kernel timing and the latency use every core
+    set_torch_threads(ex.threads)
+    use_all_cores()  # before any kernel runs: the shift-kernel timing and the latency use every core
     out = Path(out)
     target = target if target is not None else ex.target
     tgt = kernels.resolve_target(target)
@@ -360,7 +360,7 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
     plan = Assignment(attention=dict(plan.attention), linear=dict(plan.linear), capacity=capacity)
     log.info("loaded and calibrated the model in %.1f s (MoE capacity %s)", time.perf_counter() - t_start, capacity)
     shapes = shift_shapes(model, tokens)
-    table, table_reason = _profile_table(cfg, tgt, profile)
+    table, table_reason = profile_table(cfg, tgt, profile)
     choices = choose_shift_primitives(shapes, tgt, table, table_reason, ex.shift_primitive)
     form = graph.export_form(model, lambda name, _layer: choices[name]["primitive"])
 
@@ -395,7 +395,7 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
     if arch and not kernels.targets.is_cuda(tgt):
         t0 = time.perf_counter()
         cuda_tgt = kernels.resolve_target(f"cuda:{arch}")
-        cuda_table, cuda_reason = _profile_table(cfg, cuda_tgt, None)
+        cuda_table, cuda_reason = profile_table(cfg, cuda_tgt, None)
         cuda_choices = choose_shift_primitives(shapes, cuda_tgt, cuda_table, cuda_reason, ex.shift_primitive)
         cuda_form = graph.export_form(model, lambda name, _layer: cuda_choices[name]["primitive"])
         summary["cuda"] = export_compile_only(cuda_form, plan, x_val[:batch], out.with_name(f"{out.name}-cuda-{arch}"),
@@ -460,8 +460,6 @@ def _manifest(cfg: Config, meta: dict[str, Any], plan: Assignment, g: graph.Rela
               target_dict: dict[str, Any], batch: int, tokens: int, choices: dict[str, Any], capacity: dict[str, float],
               moe_cost: dict[str, Any] | None, prediction: dict[str, Any], table_reason: str | None,
               checkpoint: str | Path) -> dict[str, Any]:
-    from dse.device import describe_device, versions
-
     kind = "cuda" if kernels.targets.is_cuda(tgt) else "cpu"
     try:
         device = describe_device(kind).as_dict() if kind == "cpu" else {"kind": "cuda"}
@@ -504,20 +502,9 @@ def _check_on_device(out: Path, manifest: dict[str, Any], x: torch.Tensor, y: to
     manifest["accuracy"] = {**manifest["accuracy"], "compiled_val_acc": accuracy(logits, y), "top1_agreement": agree,
                             "max_rel_logit_err": max(errs), "median_rel_logit_err": float(np.median(errs))}
     manifest["latency"] = {"measured": timing.as_dict(), "batch": batch,
-                           "threads": _tvm_threads(), "load_1m": _load()}
+                           "threads": tvm_threads(), "load_1m": load_1m()}
     manifest["run_on_device"] = True
     return manifest
-
-
-def _tvm_threads() -> int:
-    return art.tvm_threads()
-
-
-def _load() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -26,14 +26,10 @@ Steps, in order:
 
 Per epoch ``metrics.csv`` also holds, for every MoE layer, the share of training tokens routed to the Mult
 expert (``mult_share/<layer>``) and the cost model's equilibrium share ``c_shift / (c_mult + c_shift)``
-(``eq_share/<layer>``, where the balance loss is zero), and their mean absolute gap (``routing_gap``).
+(``eq_share/<layer>``, :func:`models.moe.equilibrium_share`: where the balance loss is zero), and their mean
+absolute gap (``routing_gap``).
 
-Defaults (``FinetuneConfig``), measured on the embedded default (vit_digits from a 30-epoch dense model at
-96.94% val top-1, seed 0, the stored CPU profile's costs): the recipe (4 Hamming attentions, 16 MoE Linears)
-right after conversion scores ~39% (Hamming attention is the loss; shift conversion alone scores 97.5%), and
-12 epochs at lr 1e-3, batch 32, kd_weight 0.5, T 2 bring it to 96.94% (drop 0.0); Hamming + all-shift with
-the same settings ends at 95.83% (drop 1.1). lr 5e-4 / batch 64 / 15 epochs reached only 95.56% (more
-optimiser steps matter more than epochs here). One validation image is 0.28 points.
+The defaults are those of ``FinetuneConfig`` (:mod:`dse.config`).
 
 Validation during fine-tuning runs the PyTorch reference of the shift/matadd ops (the same arithmetic as
 the TVM kernels, without compiling a kernel per shape); export and bench run the kernels.
@@ -57,11 +53,13 @@ from dse.config import Config, save_config
 from dse.data import DataBundle, epoch_loader, load_data
 from dse.errors import CheckpointError, ConfigError, ProfileError
 from dse.fileio import atomic_write_bytes
+from dse.pretrain import architecture, dense_kwargs
+from dse.threads import set_torch_threads
 from dse.train import TrainSpec, evaluate, is_main_process, load_training_state, set_seed, train
 from models.assignment import Assignment
 from models.costs import CostSource, expert_costs
 from models.hamming import fit_hamming
-from models.moe import moe_balance_loss, moe_layers, reset_routing_stats
+from models.moe import equilibrium_share, moe_balance_loss, moe_layers, reset_routing_stats
 from models.ops import kernel_ops
 from models.reparam import reparameterize
 
@@ -78,10 +76,7 @@ META_KEYS = ("architecture", "assignment", "costs", "reparam")
 def build_from_architecture(arch: Mapping[str, Any]) -> nn.Module:
     """The dense model an ``architecture`` record describes (as :func:`dse.pretrain.architecture` writes)."""
     try:
-        kwargs = dict(arch.get("kwargs") or {})
-        kwargs.setdefault("num_classes", arch["num_classes"])
-        if arch["name"] == "vit_digits" or "img_size" in kwargs:
-            kwargs.setdefault("img_size", arch["img_size"])
+        kwargs = dense_kwargs(arch["name"], arch.get("kwargs") or {}, arch["num_classes"], lambda: arch["img_size"])
         return models.create(arch["name"], **kwargs)
     except (KeyError, TypeError, AttributeError):
         raise CheckpointError(f"checkpoint architecture record {dict(arch)!r} is incomplete; it needs name, "
@@ -91,8 +86,6 @@ def build_from_architecture(arch: Mapping[str, Any]) -> nn.Module:
 def load_dense(cfg: Config, checkpoint: str | Path, model_name: str | None = None
                ) -> tuple[nn.Module, dict[str, Any]]:
     """(dense model with the checkpoint's weights, its architecture record)."""
-    from dse.pretrain import architecture
-
     obj = models.read_checkpoint(checkpoint)
     arch = (obj.get("meta") or {}).get("architecture") or architecture(cfg)
     name = model_name or cfg.model.name
@@ -166,11 +159,6 @@ def resolve_costs(cfg: Config, model: nn.Module, assignment: Assignment, *, prof
         return {name: expert_costs(costs, name) for name in names}
     except models.ModelError as exc:
         raise ProfileError(f"{exc}; re-run `dse profile` for this model") from None
-
-
-def equilibrium_share(costs: Mapping[str, float]) -> float:
-    """Mult share at which the latency-aware balance loss vanishes: ``c_mult·n_mult = c_shift·n_shift``."""
-    return costs["shift"] / (costs["mult"] + costs["shift"])
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -313,8 +301,7 @@ def finetune(cfg: Config, out: Path, *, checkpoint: str | Path | None = None, as
     device = device or cfg.device
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if ft.threads > 0:
-        torch.set_num_threads(ft.threads)
+    set_torch_threads(ft.threads)
     checkpoint = checkpoint or cfg.model.checkpoint
     if not checkpoint:
         raise ConfigError("no dense checkpoint: pass --checkpoint DENSE.pt or set model.checkpoint "
@@ -439,5 +426,5 @@ def load_finetuned(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-__all__ = ["RECIPE", "FinetuneObjective", "RoutingMonitor", "build_from_architecture", "distillation_loss", "equilibrium_share", "finetune", "load_dense", "load_finetuned",
-           "resolve_assignment", "resolve_costs"]
+__all__ = ["RECIPE", "FinetuneObjective", "RoutingMonitor", "build_from_architecture", "distillation_loss", "finetune",
+           "load_dense", "load_finetuned", "resolve_assignment", "resolve_costs"]

@@ -36,7 +36,7 @@ kernels come in two parts (:class:`kernels.cpu_schedules.PrepackedGemm`): a pack
 weights out for the GEMM's register tile (decoding ``sign·2^-shift`` exactly) and the GEMM on the packed
 weights. The packing depends on parameters only, so ``LiftTransformParams`` moves it into
 ``main_transform_params``, which the loader runs once (:func:`dse.artifact.prepare_params`); a forward
-runs the GEMMs alone (15-25% faster per layer than packing on every call). The profiler times these
+runs the GEMMs alone (faster than packing the weights on every call). The profiler times these
 rows the same way, so the cost model prices what runs.
 
 :func:`compile_relax` is the stable entry point other modules use (the profiler times non-primitive ops
@@ -62,6 +62,7 @@ import kernels
 from dse import row_kernels
 from dse.errors import KernelError, ModelError
 from kernels.cpu_schedules import PREPACKABLE, prepacked_gemm
+from kernels.targets import vector_lanes
 from kernels.torch_ops import FIXED_MAX, FIXED_MIN, fixed_grid
 from models.hamming import HammingAttention
 from models.shift import ShiftLinear
@@ -94,7 +95,7 @@ def packed_shift_linear(x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor
     """``x [b,m,k]`` through the shift layer ``(shift, sign) [n,k]`` with the arithmetic of ``primitive``.
 
     * ``matshift``: ``floor(x·2^F)`` to int32, ``Σ sign·(x_int >> shift)``, back by ``2^-F`` — the integer
-      shift-and-add of ``shiftadd::shift_linear`` (each term floors, method §1.5);
+      shift-and-add of ``shiftadd::shift_linear`` (each term floors, see :mod:`kernels.primitives`);
     * ``matshift_decode``: the fixed-point ``x_q = floor(x·2^F)/2^F`` times the decoded weight
       ``sign·2^-shift`` in fp32 — exactly :class:`models.shift.ShiftLinear`'s training/reference forward.
 
@@ -147,11 +148,6 @@ class PackedShiftLinear(nn.Module):
                 f"frac_bits={self.frac_bits}, primitive={self.primitive}")
 
 
-def shift_shape(layer: ShiftLinear | PackedShiftLinear, tokens: int) -> tuple[int, int, int, int]:
-    """The kernel problem size of a shift layer on ``tokens`` rows (the contract's Linear convention)."""
-    return (1, tokens, layer.in_features, layer.out_features)
-
-
 class StableSort(TorchFunctionMode):
     """Every ``argsort`` inside becomes ``stable=True``: ties keep token order.
 
@@ -194,10 +190,6 @@ def export_form(model: nn.Module, choose: Callable[[str, ShiftLinear], str] | No
                 value = module._buffers.pop(buf)
                 module.register_parameter(buf, nn.Parameter(value.detach().clone(), requires_grad=False))
     return new
-
-
-def shift_layers(model: nn.Module) -> dict[str, PackedShiftLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, PackedShiftLinear)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,15 +271,27 @@ class _KernelEmitter:
         return bb.emit(relax.call_tir(self._gvars[name], [args[0], wp], relax.TensorType((b, m, n), "float32")))
 
 
-def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
-    from tvm import relax
+class _Converters:
+    """The importer's ``custom_convert_map``: traced nodes that become calls of the project's kernels.
 
-    permutations: set[Any] = set()  # fx nodes known to hold a permutation of 0..n-1
+    Each converter takes ``(node, importer)`` and returns the Relax value of the node. The instance keeps
+    the fx nodes known to hold a permutation (the MoE's dispatch order), so a later ``argsort`` of one
+    becomes a scatter.
+    """
 
-    def const(v: float, dtype: str = "float32") -> Any:
-        return relax.const(v, dtype)
+    def __init__(self, emitter: _KernelEmitter):
+        self.emitter = emitter
+        self.permutations: set[Any] = set()  # fx nodes known to hold a permutation of 0..n-1
 
-    def shift_linear(node: Any, imp: Any) -> Any:
+    def convert_map(self) -> dict[str, Callable]:
+        return {"packed_shift_linear.default": self.shift_linear, "matadd.default": self.matadd,
+                "addmm.default": self.addmm, "mm.default": self.mm, "bmm.default": self.bmm,
+                "convolution.default": self.convolution, "sort.default": self.sort,
+                "sort.stable": self.sort}  # TVM's argsort is stable too
+
+    def shift_linear(self, node: Any, imp: Any) -> Any:
+        from tvm import relax
+
         bb = imp.block_builder
         x, shift, sign = (imp.env[a] for a in node.args[:3])
         frac_bits, primitive = int(node.args[3]), str(node.args[4])
@@ -298,37 +302,42 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
         fixed = fixed_grid_relax(rows, frac_bits)
         if primitive == "matshift":
             x_int = bb.emit(relax.op.astype(fixed, "int32"))
-            acc = emitter.call(bb, "matshift", (1, b * m, k, n), [x_int, shift, sign])  # int32
+            acc = self.emitter.call(bb, "matshift", (1, b * m, k, n), [x_int, shift, sign])  # int32
             # multiplying by 2^-F is exact, like PyTorch's division by 2^F, and much cheaper than a divide
-            out = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), const(1.0 / scale)))
+            out = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(1.0 / scale, "float32")))
         elif primitive == "matshift_decode":
-            x_q = bb.emit(relax.op.multiply(fixed, const(1.0 / scale)))
-            out = emitter.call(bb, "matshift_decode", (1, b * m, k, n), [x_q, shift, sign])
+            x_q = bb.emit(relax.op.multiply(fixed, relax.const(1.0 / scale, "float32")))
+            out = self.emitter.call(bb, "matshift_decode", (1, b * m, k, n), [x_q, shift, sign])
         else:
             raise KernelError(f"unknown shift primitive '{primitive}' in the traced graph")
         return bb.emit(relax.op.reshape(out, (b, m, n))) if b != 1 else out
 
-    def matadd(node: Any, imp: Any) -> Any:
+    def matadd(self, node: Any, imp: Any) -> Any:
+        from tvm import relax
+
         bb = imp.block_builder
         mask, v = imp.env[node.args[0]], imp.env[node.args[1]]
         b, k, m = _shape(mask)
         n = _shape(v)[2]
         bits = bb.emit(relax.op.astype(mask, "uint8"))  # the codes are exactly 0.0/1.0
-        lanes = row_kernels.vector_lanes(emitter.target) if emitter.target.kind.name == "llvm" else 0
+        lanes = vector_lanes(self.emitter.target) if self.emitter.target.kind.name == "llvm" else 0
         main = n - n % lanes if lanes else n
         if not lanes or main in (0, n):
-            return emitter.call(bb, "matadd", (b, m, k, n), [bits, v])
+            return self.emitter.call(bb, "matadd", (b, m, k, n), [bits, v])
         # Hamming attention's [V, 1] has d+1 columns: the CPU kernel vectorises over columns and a ragged
         # tail costs it ~3x (measured 321 vs 94 us for 24x32x65, n=33 vs 32), so the lane-multiple part
         # and the tail are two matadd calls; every column is the same sum either way.
         v_main = bb.emit(relax.op.strided_slice(v, axes=[2], begin=[0], end=[main]))
         v_tail = bb.emit(relax.op.strided_slice(v, axes=[2], begin=[main], end=[n]))
-        out_main = emitter.call(bb, "matadd", (b, m, k, main), [bits, v_main])
-        out_tail = emitter.call(bb, "matadd", (b, m, k, n - main), [bits, v_tail])
+        out_main = self.emitter.call(bb, "matadd", (b, m, k, main), [bits, v_main])
+        out_tail = self.emitter.call(bb, "matadd", (b, m, k, n - main), [bits, v_tail])
         return bb.emit(relax.op.concat([out_main, out_tail], axis=2))
 
+    @staticmethod
     def _weight_nk(node: Any, imp: Any) -> Any:
         """The [n, k] weight behind a Linear's ``mat2`` (``permute(w, [1, 0])`` after decomposition)."""
+        from tvm import relax
+
         target = str(getattr(node, "target", ""))
         if "permute" in target or target.endswith(".t.default") or "aten.t." in target:
             dims = list(node.args[1]) if len(node.args) > 1 else [1, 0]
@@ -336,26 +345,32 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
                 return imp.env[node.args[0]]
         return imp.block_builder.emit(relax.op.permute_dims(imp.env[node], [1, 0]))
 
-    def _gemm(bb: Any, x2: Any, w: Any) -> Any:
+    def _gemm(self, bb: Any, x2: Any, w: Any) -> Any:
+        from tvm import relax
+
         m, k = _shape(x2)
         n = _shape(w)[0]
         x3 = bb.emit(relax.op.reshape(x2, (1, m, k)))
-        out = emitter.call(bb, "matmul", (1, m, k, n), [x3, w])
+        out = self.emitter.call(bb, "matmul", (1, m, k, n), [x3, w])
         return bb.emit(relax.op.reshape(out, (m, n)))
 
-    def addmm(node: Any, imp: Any) -> Any:
+    def addmm(self, node: Any, imp: Any) -> Any:
+        from tvm import relax
+
         bb = imp.block_builder
         beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
         if beta != 1 or alpha != 1:
             return imp._addmm(node)  # not a Linear: the frontend's own lowering
         bias, x = imp.env[node.args[0]], imp.env[node.args[1]]
-        out = _gemm(bb, x, _weight_nk(node.args[2], imp))
+        out = self._gemm(bb, x, self._weight_nk(node.args[2], imp))
         return bb.emit(relax.op.add(out, bias))
 
-    def mm(node: Any, imp: Any) -> Any:
-        return _gemm(imp.block_builder, imp.env[node.args[0]], _weight_nk(node.args[1], imp))
+    def mm(self, node: Any, imp: Any) -> Any:
+        return self._gemm(imp.block_builder, imp.env[node.args[0]], self._weight_nk(node.args[1], imp))
 
-    def bmm(node: Any, imp: Any) -> Any:
+    def bmm(self, node: Any, imp: Any) -> Any:
+        from tvm import relax
+
         bb = imp.block_builder
         x, y = imp.env[node.args[0]], imp.env[node.args[1]]
         b, m, k = _shape(x)
@@ -363,18 +378,20 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
         weight = _broadcast_matrix(node.args[1], imp)
         if weight is not None:  # a Linear on a non-contiguous 3-D input: one GEMM over all rows
             rows = bb.emit(relax.op.reshape(x, (1, b * m, k)))
-            out = emitter.call(bb, "matmul", (1, b * m, k, n), [rows, weight])
+            out = self.emitter.call(bb, "matmul", (1, b * m, k, n), [rows, weight])
             return bb.emit(relax.op.reshape(out, (b, m, n)))
-        return emitter.call(bb, "bmm", (b, m, k, n), [x, y])
+        return self.emitter.call(bb, "bmm", (b, m, k, n), [x, y])
 
-    def sort(node: Any, imp: Any) -> Any:
+    def sort(self, node: Any, imp: Any) -> Any:
         """``argsort`` of a permutation (the MoE's inverse order) is a scatter, O(T), not a sort."""
+        from tvm import relax
+
         bb = imp.block_builder
         src = node.args[0]  # sort.default(x, dim, descending) or sort.stable(x, *, stable, dim, descending)
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
         descending = node.args[2] if len(node.args) > 2 else node.kwargs.get("descending", False)
         x = imp.env[src]
-        if (src in permutations and not descending and dim in (-1, 0) and len(_shape(x)) == 1):
+        if (src in self.permutations and not descending and dim in (-1, 0) and len(_shape(x)) == 1):
             (t,) = _shape(x)
             positions = relax.op.arange(0, t, 1, "int64")
             inverse = bb.emit(relax.op.scatter_elements(relax.op.zeros((t,), "int64"), x, positions, axis=0))
@@ -383,40 +400,42 @@ def _converters(emitter: _KernelEmitter) -> dict[str, Callable]:
         out = imp._sort(node)
         for user in node.users:  # getitem(sort, 1): the indices, a permutation of 0..T-1
             if len(_shape(x)) == 1 and getattr(user, "args", (None, None))[1] == 1:
-                permutations.add(user)
+                self.permutations.add(user)
         return out
 
-    def convolution(node: Any, imp: Any) -> Any:
+    def convolution(self, node: Any, imp: Any) -> Any:
         """A patch embedding (2-D conv, stride = kernel, no padding/dilation/groups) as a GEMM over
         patches; any other convolution keeps the frontend's lowering."""
+        from tvm import relax
+
         bb = imp.block_builder
-        args = list(node.args) + [None] * (9 - len(node.args))
         x, w = imp.env[node.args[0]], imp.env[node.args[1]]
-        bias = imp.env[args[2]] if args[2] is not None else None
-        stride, padding, dilation = (list(a) if a is not None else None for a in args[3:6])
-        transposed, groups = args[6], args[8]
-        xs, ws = _shape(x), _shape(w)
-        patchify = (len(xs) == 4 and len(ws) == 4 and not transposed and groups in (None, 1)
-                    and stride == ws[2:] and all(p == 0 for p in padding or [0])
-                    and all(d == 1 for d in dilation or [1]) and xs[2] % ws[2] == 0 and xs[3] % ws[3] == 0)
-        if not patchify:
+        if not _is_patchify(node, _shape(x), _shape(w)):
             return imp._convolution(node)
-        bsz, cin, height, width = xs
-        cout, _, kh, kw = ws
+        bias = imp.env[node.args[2]] if len(node.args) > 2 and node.args[2] is not None else None
+        bsz, cin, height, width = _shape(x)
+        cout, _, kh, kw = _shape(w)
         gh, gw = height // kh, width // kw
         patches = relax.op.reshape(x, (bsz, cin, gh, kh, gw, kw))
         patches = relax.op.permute_dims(patches, [0, 2, 4, 1, 3, 5])  # [B, gh, gw, cin, kh, kw]
         rows = bb.emit(relax.op.reshape(patches, (1, bsz * gh * gw, cin * kh * kw)))
         w2 = bb.emit(relax.op.reshape(w, (cout, cin * kh * kw)))
-        out = emitter.call(bb, "matmul", (1, bsz * gh * gw, cin * kh * kw, cout), [rows, w2])
+        out = self.emitter.call(bb, "matmul", (1, bsz * gh * gw, cin * kh * kw, cout), [rows, w2])
         if bias is not None:
             out = relax.op.add(out, bias)
         out = relax.op.reshape(out, (bsz, gh, gw, cout))
         return bb.emit(relax.op.permute_dims(out, [0, 3, 1, 2]))  # NCHW, as the conv returns
 
-    return {"packed_shift_linear.default": shift_linear, "matadd.default": matadd, "addmm.default": addmm,
-            "mm.default": mm, "bmm.default": bmm, "convolution.default": convolution, "sort.default": sort,
-            "sort.stable": sort}  # TVM's argsort is stable too
+
+def _is_patchify(node: Any, xs: list[int], ws: list[int]) -> bool:
+    """Whether an ``aten.convolution`` node is a patch embedding: a 2-D conv with stride = kernel and no
+    padding, dilation, groups or transposition, over an input the kernel tiles exactly."""
+    args = list(node.args) + [None] * (9 - len(node.args))
+    stride, padding, dilation = (list(a) if a is not None else None for a in args[3:6])
+    transposed, groups = args[6], args[8]
+    return (len(xs) == 4 and len(ws) == 4 and not transposed and groups in (None, 1)
+            and stride == ws[2:] and all(p == 0 for p in padding or [0])
+            and all(d == 1 for d in dilation or [1]) and xs[2] % ws[2] == 0 and xs[3] % ws[3] == 0)
 
 
 def _var_name(var: Any) -> str:
@@ -483,7 +502,7 @@ def to_relax(model: nn.Module, example: torch.Tensor, target: Any = "cpu", tune_
             raise ModelError(f"torch.export cannot trace the model ({first}); export supports timm "
                              "ViT/PVTv2 ShiftAddViTs with static MoE capacity") from None
     emitter = _KernelEmitter(tgt, tune_trials)
-    mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=_converters(emitter))
+    mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=_Converters(emitter).convert_map())
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     names = _param_order(ep, mod)
     state = dict(ep.state_dict)
@@ -568,137 +587,165 @@ def _vectorize_ragged(sch: Any, loop: Any, extent: int | None, lanes: int) -> No
         sch.vectorize(sch.split(loop, [None, vec])[1] if extent > vec else loop)
 
 
-def _cpu_rules() -> list[Any]:
-    from tvm import s_tir, tirx
-    from tvm.s_tir import dlight as dl
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import try_inline
+def _product(values: list[int | None]) -> int | None:
+    """The product of loop extents; None when any is not a constant."""
+    out = 1
+    for v in values:
+        if v is None:
+            return None
+        out *= v
+    return out
 
-    def _product(values: list[int | None]) -> int | None:
-        out = 1
-        for v in values:
-            if v is None:
-                return None
-            out *= v
-        return out
 
-    class RowReduction(dl.ScheduleRule):
-        """Softmax-like functions: reductions along the innermost axis of the output's rows.
+# The two rules below are duck-typed dlight ``ScheduleRule``s: ``dl.ApplyDefaultSchedule`` only calls
+# ``apply(func, target, tunable)``, and subclassing ``dl.ScheduleRule`` here would import TVM with this module.
 
-        Injective stages are inlined first (dlight's CPU reduction rule keeps each stage as a full-size
-        buffer), then every stage is computed row by row under a parallel loop over the leading rows;
-        innermost loops are vectorised where the lanes divide them and otherwise left to LLVM (a
-        predicated vector loop is scalarised). Refused where a reduction does not run along the output's
-        rows — there this structure would repeat it once per output row.
-        """
 
-        def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-                return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None or len(infos) < 2 or all(i.is_injective() for i in infos):
-                return None
-            if not infos[-1].is_injective():
-                return None
-            # one reduction axis per reduction stage (softmax, norms); a conv's window (two axes) is not a
-            # row reduction, and this structure computed a depthwise conv wrongly (tests/dse/test_nonprim.py)
-            if any(i.dom_kind().count("R") != 1 for i in infos if not i.is_injective()):
-                return None
-            lead = min(len(k) - len(k.lstrip("S")) for k in (i.dom_kind() for i in infos))
-            if lead == 0:
-                return None
-            last_loops = sch.get_loops(infos[-1].block_rv)
-            rows = _product([_extent(sch, lp) for lp in last_loops[:lead]])
-            for info in infos:
-                if info.is_injective():
-                    continue
-                loops = sch.get_loops(info.block_rv)
-                spatial = _product([_extent(sch, lp) for lp, kd in zip(loops, info.dom_kind()) if kd == "S"])
-                if rows is None or spatial is None or spatial < rows:
-                    return None
-            _inline_single_use(sch, [i.block_rv for i in infos if i.is_injective()][:-1] if infos[-1].is_injective()
-                               else [])
-            infos = normalize_prim_func(sch) or infos
-            lanes = row_kernels.vector_lanes(target)
-            last = infos[-1].block_rv
-            loops = sch.get_loops(last)
-            row_loops = loops[:lead]
-            extents = [_extent(sch, lp) for lp in row_loops]
-            par = _fuse_leading(sch, row_loops, extents)
-            sch.parallel(par)
-            inner_loops = len(loops) - lead  # unchanged by fusing the row loops
-            attach = sch.get_loops(last)[-inner_loops - 1]  # the innermost row loop
-            for info in reversed(infos[:-1]):
-                sch.compute_at(info.block_rv, attach, preserve_unit_loops=True)
-            for info in infos:
-                block = info.block_rv
-                inner = sch.get_loops(block)[-1]
-                extent = _extent(sch, inner)
-                if info.is_injective():
-                    _vectorize_ragged(sch, inner, extent, lanes)
-                else:  # the reduction axis is innermost (normalised form): hoist its init before it
-                    with contextlib.suppress(Exception):
-                        sch.decompose_reduction(block, inner)
-            return sch
+class RowReduction:
+    """Softmax-like functions: reductions along the innermost axis of the output's rows.
 
-    class CpuElementwise(dl.ScheduleRule):
-        """Fallback CPU rule: inline what can be inlined; then per remaining block run the outer spatial
-        loops in parallel (when the block is big enough) and vectorise the innermost spatial loop, keeping
-        the loop nest (fusing everything into one loop would index through div/mod and defeat LLVM's
-        vectoriser). Blocks with a reduction run their spatial loops in parallel and reduce serially."""
+    Injective stages are inlined first (dlight's CPU reduction rule keeps each stage as a full-size
+    buffer), then every stage is computed row by row under a parallel loop over the leading rows;
+    innermost loops are vectorised where the lanes divide them and otherwise left to LLVM (a
+    predicated vector loop is scalarised). Refused where a reduction does not run along the output's
+    rows — there this structure would repeat it once per output row.
+    """
 
-        def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+    def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> Any:
+        from tvm import s_tir, tirx
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        lead = self._row_axes(sch, infos)
+        if lead is None:
+            return None
+        _inline_single_use(sch, [i.block_rv for i in infos if i.is_injective()][:-1] if infos[-1].is_injective()
+                           else [])
+        infos = normalize_prim_func(sch) or infos
+        self._compute_per_row(sch, infos, lead)
+        self._vectorize_stages(sch, infos, vector_lanes(target))
+        return sch
+
+    @staticmethod
+    def _row_axes(sch: Any, infos: list[Any] | None) -> int | None:
+        """How many leading spatial axes make the rows, or None where the function is not a row reduction."""
+        if infos is None or len(infos) < 2 or all(i.is_injective() for i in infos):
+            return None
+        if not infos[-1].is_injective():
+            return None
+        # one reduction axis per reduction stage (softmax, norms); a conv's window (two axes) is not a
+        # row reduction, and this structure computed a depthwise conv wrongly (tests/dse/test_nonprim.py)
+        if any(i.dom_kind().count("R") != 1 for i in infos if not i.is_injective()):
+            return None
+        lead = min(len(k) - len(k.lstrip("S")) for k in (i.dom_kind() for i in infos))
+        if lead == 0:
+            return None
+        last_loops = sch.get_loops(infos[-1].block_rv)
+        rows = _product([_extent(sch, lp) for lp in last_loops[:lead]])
+        for info in infos:
+            if info.is_injective():
+                continue
+            loops = sch.get_loops(info.block_rv)
+            spatial = _product([_extent(sch, lp) for lp, kd in zip(loops, info.dom_kind()) if kd == "S"])
+            if rows is None or spatial is None or spatial < rows:
                 return None
-            sch = s_tir.Schedule(func)
-            infos = normalize_prim_func(sch)
-            if infos is None:
-                return None
-            infos = try_inline(sch, infos)
-            lanes = row_kernels.vector_lanes(target)
-            reductions = []
-            for info in infos:
-                block = info.block_rv
-                loops = sch.get_loops(block)
-                kinds = info.dom_kind()
-                if not loops or len(loops) != len(kinds):
-                    continue
-                s_loops = [lp for lp, kd in zip(loops, kinds) if kd == "S"]
-                other = [lp for lp, kd in zip(loops, kinds) if kd != "S"]
-                if not s_loops:
-                    continue
-                extents = [_extent(sch, lp) for lp in s_loops]
-                total = _product(extents)
-                sch.reorder(*s_loops, *other)
-                if other:  # a reduction (or opaque) block: parallel outer rows, serial reduction
-                    if total is None or total >= 2:
-                        sch.parallel(_fuse_leading(sch, s_loops, extents))
-                    if any(kd == "R" for kd in kinds):
-                        reductions.append((block, other[0]))
-                    continue
-                inner, inner_extent = s_loops[-1], extents[-1]
-                vec = 0
-                if inner_extent is not None:
-                    vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and inner_extent % v == 0), 0)
-                if vec and inner_extent > vec:
-                    io, ii = sch.split(inner, [None, vec])
-                    sch.vectorize(ii)
-                    loops, loop_extents = [*s_loops[:-1], io], [*extents[:-1], inner_extent // vec]
-                elif vec:
-                    sch.vectorize(inner)
-                    loops, loop_extents = s_loops[:-1], extents[:-1]
-                else:  # an odd-sized innermost loop stays serial (LLVM may still vectorise it)
-                    loops, loop_extents = s_loops[:-1] or [inner], extents[:-1] or [inner_extent]
-                if loops and total is not None and total >= PARALLEL_MIN_ELEMENTS:
-                    sch.parallel(_fuse_leading(sch, loops, loop_extents))
-            for block, r_loop in reductions:
-                # an init that cannot be hoisted stays inside the loop nest
+        return lead
+
+    @staticmethod
+    def _compute_per_row(sch: Any, infos: list[Any], lead: int) -> None:
+        """A parallel loop over the last stage's rows, with every other stage computed inside it."""
+        last = infos[-1].block_rv
+        loops = sch.get_loops(last)
+        row_loops = loops[:lead]
+        extents = [_extent(sch, lp) for lp in row_loops]
+        par = _fuse_leading(sch, row_loops, extents)
+        sch.parallel(par)
+        inner_loops = len(loops) - lead  # unchanged by fusing the row loops
+        attach = sch.get_loops(last)[-inner_loops - 1]  # the innermost row loop
+        for info in reversed(infos[:-1]):
+            sch.compute_at(info.block_rv, attach, preserve_unit_loops=True)
+
+    @staticmethod
+    def _vectorize_stages(sch: Any, infos: list[Any], lanes: int) -> None:
+        for info in infos:
+            block = info.block_rv
+            inner = sch.get_loops(block)[-1]
+            extent = _extent(sch, inner)
+            if info.is_injective():
+                _vectorize_ragged(sch, inner, extent, lanes)
+            else:  # the reduction axis is innermost (normalised form): hoist its init before it
                 with contextlib.suppress(Exception):
-                    sch.decompose_reduction(block, r_loop)
-            return sch
+                    sch.decompose_reduction(block, inner)
 
-    return [RowReduction(), CpuElementwise()]
+
+class CpuElementwise:
+    """Fallback CPU rule: inline what can be inlined; then per remaining block run the outer spatial
+    loops in parallel (when the block is big enough) and vectorise the innermost spatial loop, keeping
+    the loop nest (fusing everything into one loop would index through div/mod and defeat LLVM's
+    vectoriser). Blocks with a reduction run their spatial loops in parallel and reduce serially."""
+
+    def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, _tunable: bool) -> Any:
+        from tvm import s_tir, tirx
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline
+
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        lanes = vector_lanes(target)
+        reductions = []
+        for info in infos:
+            reduction = self._schedule_block(sch, info, lanes)
+            if reduction is not None:
+                reductions.append(reduction)
+        for block, r_loop in reductions:
+            # an init that cannot be hoisted stays inside the loop nest
+            with contextlib.suppress(Exception):
+                sch.decompose_reduction(block, r_loop)
+        return sch
+
+    @staticmethod
+    def _schedule_block(sch: Any, info: Any, lanes: int) -> tuple[Any, Any] | None:
+        """Parallelise and vectorise one block; returns (block, first reduction loop) for a reduction block."""
+        block = info.block_rv
+        loops = sch.get_loops(block)
+        kinds = info.dom_kind()
+        if not loops or len(loops) != len(kinds):
+            return None
+        s_loops = [lp for lp, kd in zip(loops, kinds) if kd == "S"]
+        other = [lp for lp, kd in zip(loops, kinds) if kd != "S"]
+        if not s_loops:
+            return None
+        extents = [_extent(sch, lp) for lp in s_loops]
+        total = _product(extents)
+        sch.reorder(*s_loops, *other)
+        if other:  # a reduction (or opaque) block: parallel outer rows, serial reduction
+            if total is None or total >= 2:
+                sch.parallel(_fuse_leading(sch, s_loops, extents))
+            return (block, other[0]) if any(kd == "R" for kd in kinds) else None
+        inner, inner_extent = s_loops[-1], extents[-1]
+        vec = 0
+        if inner_extent is not None:
+            vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and inner_extent % v == 0), 0)
+        if vec and inner_extent > vec:
+            io, ii = sch.split(inner, [None, vec])
+            sch.vectorize(ii)
+            loops, loop_extents = [*s_loops[:-1], io], [*extents[:-1], inner_extent // vec]
+        elif vec:
+            sch.vectorize(inner)
+            loops, loop_extents = s_loops[:-1], extents[:-1]
+        else:  # an odd-sized innermost loop stays serial (LLVM may still vectorise it)
+            loops, loop_extents = s_loops[:-1] or [inner], extents[:-1] or [inner_extent]
+        if loops and total is not None and total >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(_fuse_leading(sch, loops, loop_extents))
+        return None
 
 
 def schedule_rules(target: tvm.target.Target) -> list[Any]:
@@ -707,7 +754,7 @@ def schedule_rules(target: tvm.target.Target) -> list[Any]:
 
     if target.kind.name == "cuda":
         return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-    return _cpu_rules()
+    return [RowReduction(), CpuElementwise()]
 
 
 def _fast_gelu_pass() -> Any:

@@ -5,7 +5,7 @@ Token counts come from one forward pass of a zero batch with hooks, not from a f
 the model really does (class and distillation tokens, PVT stages and their spatial reduction) is
 what the inventory lists.
 
-Shape convention (the contract): a Linear on ``[B, N, C_in] -> C_out`` is ``(b=1, m=B·N, k=C_in,
+Shape convention (the profile's and the cost model's): a Linear on ``[B, N, C_in] -> C_out`` is ``(b=1, m=B·N, k=C_in,
 n=C_out)``. Attention products batch over heads, ``b = B·H`` (H heads of width d, N queries, Nk keys,
 ``nb`` Hamming bits), and both choices are listed because the search picks between them:
 
@@ -37,13 +37,14 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from torch import nn
 
 from dse import eager
 from dse.errors import ModelError
-
-if TYPE_CHECKING:
-    from torch import nn
+from models.assignment import layer_kinds
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,6 @@ class Inventory:
     def nonprim(self) -> list[WorkItem]:
         return self.of_kind("nonprim")
 
-    def layer_names(self) -> list[str]:
-        """The assignment's decision layers (Linears and attentions), in model order."""
-        names = [it.name for it in self.linears()]
-        return names + [a for a in self.attention if a not in names]
-
     def shape_groups(self, kinds: Iterable[str] = KINDS) -> list[ShapeGroup]:
         """Unique ``(primitive, b, m, k, n)`` over the items of ``kinds``, first-seen order."""
         kinds = tuple(kinds)
@@ -215,8 +211,6 @@ class _Seen:
 
 def _trace(model: nn.Module, batch: int, input_size: tuple[int, int, int]) -> dict[str, _Seen]:
     """Input/output shapes of every module's first call on a zero batch, and when it started and ended."""
-    import torch
-
     seen: dict[str, _Seen] = {}
     handles = []
     clock = iter(range(1 << 62))
@@ -267,75 +261,78 @@ def _rows(shape: tuple[int, ...]) -> int:
     return math.prod(shape[:-1])
 
 
-def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int, int] | None = None,
-                    nbits: int = 16, name: str | None = None) -> Inventory:
-    """The inventory of ``model`` (a timm ViT/DeiT or PVTv2, dense or reparameterised) for ``batch``
-    images of ``input_size`` (default: what the model was built for), Hamming codes of ``nbits``."""
-    from torch import nn
+def _block_of(name: str) -> str | None:
+    """The transformer block a module belongs to (``blocks.3``, ``stages.1.blocks.0``), if any."""
+    match = re.match(r"^((?:stages\.\d+\.)?blocks\.\d+)(?:\.|$)", name)
+    return match.group(1) if match else None
 
-    from models.assignment import layer_kinds
 
-    if batch < 1:
-        raise ModelError(f"batch must be >= 1, got {batch}")
-    if nbits < 1:
-        raise ModelError(f"nbits must be >= 1, got {nbits}")
-    kinds = layer_kinds(model)
-    input_size = tuple(int(v) for v in (input_size or infer_input_size(model)))
-    seen = _trace(model, batch, input_size)
-    modules = dict(model.named_modules())
-    items: list[tuple[float, WorkItem]] = []  # (call order, item)
-    attention: dict[str, AttentionInfo] = {}
+class _InventoryBuilder:
+    """Collects the work items of one traced model, each with its call order; one method per kind of work."""
 
-    def add(order: float, **kw: Any) -> None:
-        items.append((order, WorkItem(**kw)))
+    def __init__(self, model: nn.Module, kinds: dict[str, str], seen: dict[str, _Seen], nbits: int):
+        self.model = model
+        self.kinds = kinds
+        self.seen = seen
+        self.nbits = nbits
+        self.modules = dict(model.named_modules())
+        self.items: list[tuple[float, WorkItem]] = []  # (call order, item)
+        self.attention: dict[str, AttentionInfo] = {}
 
-    def block_of(name: str) -> str | None:
-        match = re.match(r"^((?:stages\.\d+\.)?blocks\.\d+)(?:\.|$)", name)
-        return match.group(1) if match else None
+    def add(self, order: float, **kw: Any) -> None:
+        self.items.append((order, WorkItem(**kw)))
 
-    def need(name: str) -> _Seen:
-        rec = seen.get(name)
+    def need(self, name: str) -> _Seen:
+        rec = self.seen.get(name)
         if rec is None or rec.inp is None:
             raise ModelError(f"layer '{name}' did not run in a forward pass; cannot size it")
         return rec
 
-    # decision Linears, with their bias and the extra work of their shift and MoE forms
-    for lname, kind in kinds.items():
-        if kind != "linear":
-            continue
-        rec, mod = need(lname), modules[lname]
-        m, k, n = _rows(rec.inp), int(mod.in_features), int(mod.out_features)
-        blk, o = block_of(lname), rec.order
-        add(o, name=lname, kind="linear", op="linear", primitives=LINEAR_PRIMITIVES, b=1, m=m, k=k, n=n,
-            layer=lname, block=blk)
-        bias = getattr(mod, "bias", None)
-        if bias is None and hasattr(mod, "mult"):  # MoELinear
-            bias = getattr(mod.mult, "bias", None)
-        if bias is not None:
-            add(o + 0.1, name=f"{lname}.bias", kind="nonprim", op="bias", primitives=("bias",), b=1, m=m, k=n,
-                n=n, layer=lname, block=blk)
-        add(o + 0.2, name=f"{lname}.requant", kind="nonprim", op="requant", primitives=("requant",), b=1, m=m,
-            k=k, n=n, layer=lname, choice="shift", block=blk)
-        add(o + 0.3, name=f"{lname}.quantize", kind="nonprim", op="quantize", primitives=("quantize",), b=1, m=m,
-            k=k, n=k, layer=lname, choice="shift", block=blk)
-        add(o - 0.2, name=f"{lname}.router", kind="nonprim", op="router", primitives=("router",), b=1, m=m, k=k,
-            n=2, layer=lname, choice="moe", block=blk)
-        add(o - 0.1, name=f"{lname}.dispatch", kind="nonprim", op="dispatch", primitives=("dispatch",), b=1, m=m,
-            k=k, n=n, layer=lname, choice="moe", block=blk)
+    def ordered(self) -> list[WorkItem]:
+        return [it for _, it in sorted(self.items, key=lambda pair: pair[0])]
 
-    # attention: products of both choices and the work around them
-    for aname, kind in kinds.items():
-        if kind != "attention":
-            continue
-        rec, mod = need(aname), modules[aname]
+    def add_linears(self) -> None:
+        """Decision Linears, with their bias and the extra work of their shift and MoE forms."""
+        for lname, kind in self.kinds.items():
+            if kind != "linear":
+                continue
+            rec, mod = self.need(lname), self.modules[lname]
+            m, k, n = _rows(rec.inp), int(mod.in_features), int(mod.out_features)
+            blk, o = _block_of(lname), rec.order
+            add = self.add
+            add(o, name=lname, kind="linear", op="linear", primitives=LINEAR_PRIMITIVES, b=1, m=m, k=k, n=n,
+                layer=lname, block=blk)
+            bias = getattr(mod, "bias", None)
+            if bias is None and hasattr(mod, "mult"):  # MoELinear
+                bias = getattr(mod.mult, "bias", None)
+            if bias is not None:
+                add(o + 0.1, name=f"{lname}.bias", kind="nonprim", op="bias", primitives=("bias",), b=1, m=m, k=n,
+                    n=n, layer=lname, block=blk)
+            add(o + 0.2, name=f"{lname}.requant", kind="nonprim", op="requant", primitives=("requant",), b=1, m=m,
+                k=k, n=n, layer=lname, choice="shift", block=blk)
+            add(o + 0.3, name=f"{lname}.quantize", kind="nonprim", op="quantize", primitives=("quantize",), b=1,
+                m=m, k=k, n=k, layer=lname, choice="shift", block=blk)
+            add(o - 0.2, name=f"{lname}.router", kind="nonprim", op="router", primitives=("router",), b=1, m=m,
+                k=k, n=2, layer=lname, choice="moe", block=blk)
+            add(o - 0.1, name=f"{lname}.dispatch", kind="nonprim", op="dispatch", primitives=("dispatch",), b=1,
+                m=m, k=k, n=n, layer=lname, choice="moe", block=blk)
+
+    def add_attentions(self) -> None:
+        """Attention: the products of both choices and the work around them."""
+        for aname, kind in self.kinds.items():
+            if kind == "attention":
+                self._add_attention(aname)
+
+    def _add_attention(self, aname: str) -> None:
+        rec, mod = self.need(aname), self.modules[aname]
         B, N = int(rec.inp[0]), int(rec.inp[1])
         H, d = int(mod.num_heads), int(mod.head_dim)
-        kv = seen.get(f"{aname}.kv")
-        Nk = int(kv.inp[1]) if kv is not None and kv.inp is not None and "kv" in modules[aname]._modules else N
-        attention[aname] = AttentionInfo(aname, H, d, N, Nk, nbits)
-        blk, BH, c2 = block_of(aname), B * H, 2 * nbits
+        kv = self.seen.get(f"{aname}.kv")
+        Nk = int(kv.inp[1]) if kv is not None and kv.inp is not None and "kv" in self.modules[aname]._modules else N
+        self.attention[aname] = AttentionInfo(aname, H, d, N, Nk, self.nbits)
+        blk, BH, c2 = _block_of(aname), B * H, 2 * self.nbits
         # the attention core runs between the input projections and the output projection
-        proj = seen.get(f"{aname}.proj")
+        proj = self.seen.get(f"{aname}.proj")
         o = (proj.order if proj is not None else rec.end) - 1.0
         products = {
             "scores": (BH, N, d, Nk), "context": (BH, N, Nk, d),
@@ -345,13 +342,12 @@ def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int,
             for i, (pname, prim) in enumerate(prods):
                 b, m, k, n = products[pname]
                 at = o + (0.3 if choice == "msa" else 0.2) + 0.02 * i
-                add(at, name=f"{aname}.{pname}", kind="product", op=pname, primitives=(prim,),
-                    b=b, m=m, k=k, n=n, layer=aname, choice=choice, block=blk)
+                self.add(at, name=f"{aname}.{pname}", kind="product", op=pname, primitives=(prim,),
+                         b=b, m=m, k=k, n=n, layer=aname, choice=choice, block=blk)
 
-        def nonprim(suffix: str, op: str, shape: tuple[int, int, int, int], choice: str | None, at: float,
-                    aname: str = aname, blk: str | None = blk) -> None:
-            add(at, name=f"{aname}.{suffix}", kind="nonprim", op=op, primitives=(op,), b=shape[0], m=shape[1],
-                k=shape[2], n=shape[3], layer=aname, choice=choice, block=blk)
+        def nonprim(suffix: str, op: str, shape: tuple[int, int, int, int], choice: str | None, at: float) -> None:
+            self.add(at, name=f"{aname}.{suffix}", kind="nonprim", op=op, primitives=(op,), b=shape[0],
+                     m=shape[1], k=shape[2], n=shape[3], layer=aname, choice=choice, block=blk)
 
         if "qkv" in mod._modules:  # ViT: one fused projection, [B, N, 3·H·d] -> 3 x [B, H, N, d]
             nonprim("split_heads", "split_heads", (B, N, 3 * H * d, 3 * H), None, o + 0.05)
@@ -364,69 +360,102 @@ def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int,
         nonprim("mix", "hamming_mix", (BH, N, d + 1, d), "hamming", o + 0.25)
         nonprim("merge_heads", "merge_heads", (B, N, H * d, H), None, o + 0.7)
 
-    # residual adds: two per transformer block, at the block's token shape
-    blocks = dict.fromkeys(b for b in (block_of(a) for a, kd in kinds.items() if kd == "attention") if b)
-    for blk in blocks:
-        rec = need(blk)
-        m, c = _rows(rec.inp), int(rec.inp[-1])
-        after_attn = seen[f"{blk}.attn"].end if f"{blk}.attn" in seen else rec.end
-        for i, at in ((1, after_attn + 0.5), (2, rec.end - 0.5)):
-            add(at, name=f"{blk}.residual{i}", kind="nonprim", op="residual", primitives=("residual",), b=1, m=m,
-                k=c, n=c, block=blk)
+    def add_residuals(self) -> None:
+        """Residual adds: two per transformer block, at the block's token shape."""
+        blocks = dict.fromkeys(b for b in (_block_of(a) for a, kd in self.kinds.items() if kd == "attention") if b)
+        for blk in blocks:
+            rec = self.need(blk)
+            m, c = _rows(rec.inp), int(rec.inp[-1])
+            after_attn = self.seen[f"{blk}.attn"].end if f"{blk}.attn" in self.seen else rec.end
+            for i, at in ((1, after_attn + 0.5), (2, rec.end - 0.5)):
+                self.add(at, name=f"{blk}.residual{i}", kind="nonprim", op="residual", primitives=("residual",),
+                         b=1, m=m, k=c, n=c, block=blk)
 
-    # position embedding: added to the tokens the first block sees
-    if isinstance(getattr(model, "pos_embed", None), nn.Parameter) and "blocks.0" in seen:
-        rec = need("blocks.0")
-        add(rec.order - 0.5, name="pos_embed", kind="nonprim", op="pos_embed", primitives=("pos_embed",),
-            b=int(rec.inp[0]), m=int(rec.inp[1]), k=int(rec.inp[2]), n=int(rec.inp[2]))
+    def add_pos_embed(self) -> None:
+        """The position embedding, added to the tokens the first block sees."""
+        if isinstance(getattr(self.model, "pos_embed", None), nn.Parameter) and "blocks.0" in self.seen:
+            rec = self.need("blocks.0")
+            self.add(rec.order - 0.5, name="pos_embed", kind="nonprim", op="pos_embed", primitives=("pos_embed",),
+                     b=int(rec.inp[0]), m=int(rec.inp[1]), k=int(rec.inp[2]), n=int(rec.inp[2]))
 
-    # the remaining leaves: norms, activations, convs, the head
-    linear_names = [n for n, kd in kinds.items() if kd == "linear"]
-    unknown: set[str] = set()
-    for lname, rec in seen.items():
-        mod = modules[lname]
-        inside_linear = any(lname.startswith(f"{ln}.") for ln in linear_names)  # experts, router of a MoE
-        if mod._modules or lname in kinds or inside_linear or rec.inp is None:
-            continue
-        blk = block_of(lname)
-        tname = type(mod).__name__
+    def add_leaves(self) -> None:
+        """The remaining leaves: norms, activations, convs, the head."""
+        linear_names = [n for n, kd in self.kinds.items() if kd == "linear"]
+        unknown: set[str] = set()
+        for lname, rec in self.seen.items():
+            mod = self.modules[lname]
+            inside_linear = any(lname.startswith(f"{ln}.") for ln in linear_names)  # experts, router of a MoE
+            if mod._modules or lname in self.kinds or inside_linear or rec.inp is None:
+                continue
+            if not self._add_leaf(lname, mod, rec):
+                tname = type(mod).__name__
+                if not any(s in tname for s in _SKIPPED_LEAVES):
+                    unknown.add(tname)
+        if unknown:
+            log.info("not profiled (no non-primitive op for them): %s", ", ".join(sorted(unknown)))
+
+    def _add_leaf(self, lname: str, mod: nn.Module, rec: _Seen) -> bool:
+        """Add the work item of one leaf module; False for a module no non-primitive op describes."""
+        blk = _block_of(lname)
         if isinstance(mod, nn.LayerNorm):
             c = int(rec.inp[-1])
-            add(rec.order, name=lname, kind="nonprim", op="layernorm", primitives=("layernorm",), b=1,
-                m=_rows(rec.inp), k=c, n=c, block=blk)
+            self.add(rec.order, name=lname, kind="nonprim", op="layernorm", primitives=("layernorm",), b=1,
+                     m=_rows(rec.inp), k=c, n=c, block=blk)
         elif isinstance(mod, nn.GELU):
             c = int(rec.inp[-1])
-            add(rec.order, name=lname, kind="nonprim", op="gelu", primitives=("gelu",), b=1, m=_rows(rec.inp), k=c,
-                n=c, block=blk)
+            self.add(rec.order, name=lname, kind="nonprim", op="gelu", primitives=("gelu",), b=1, m=_rows(rec.inp),
+                     k=c, n=c, block=blk)
         elif isinstance(mod, nn.Conv2d) and rec.out is not None:
             kh, kw = mod.kernel_size
             cin, cout = int(mod.in_channels), int(mod.out_channels)
             B, _, ho, wo = rec.out
             if mod.groups == cin and cin == cout and cin > 1:
-                add(rec.order, name=lname, kind="nonprim", op="dwconv", primitives=("dwconv",), b=int(B),
-                    m=int(rec.inp[2] * rec.inp[3]), k=cin, n=kh * kw, block=blk)
+                self.add(rec.order, name=lname, kind="nonprim", op="dwconv", primitives=("dwconv",), b=int(B),
+                         m=int(rec.inp[2] * rec.inp[3]), k=cin, n=kh * kw, block=blk)
             else:
                 op = "embed" if ("patch_embed" in lname or "downsample" in lname) else "conv"
-                add(rec.order, name=lname, kind="nonprim", op=op, primitives=(op,), b=1, m=int(B * ho * wo),
-                    k=cin // mod.groups * kh * kw, n=cout, block=blk)
+                self.add(rec.order, name=lname, kind="nonprim", op=op, primitives=(op,), b=1, m=int(B * ho * wo),
+                         k=cin // mod.groups * kh * kw, n=cout, block=blk)
         elif isinstance(mod, nn.Linear):
-            add(rec.order, name=lname, kind="nonprim", op="head", primitives=("head",), b=1, m=_rows(rec.inp),
-                k=int(mod.in_features), n=int(mod.out_features), block=blk)
-        elif not any(s in tname for s in _SKIPPED_LEAVES):
-            unknown.add(tname)
-    if unknown:
-        log.info("not profiled (no non-primitive op for them): %s", ", ".join(sorted(unknown)))
-    probe = eager.empty_batch_forward(model, input_size)
-    try:
-        calls = eager.count_module_calls(model, probe)
-    except Exception as exc:  # a model that cannot run an empty batch: priced without its eager overhead
-        log.info("no eager framework row for %s (its forward rejects an empty batch: %s)", name, exc)
-        probe = None
-    else:
-        add(math.inf, name=eager.FRAMEWORK, kind="framework", op=eager.FRAMEWORK, primitives=(eager.FRAMEWORK,),
-            b=1, m=calls, k=1, n=1)
-    ordered = [it for _, it in sorted(items, key=lambda pair: pair[0])]
-    return Inventory(name or type(model).__name__, input_size, batch, nbits, ordered, attention, probe)
+            self.add(rec.order, name=lname, kind="nonprim", op="head", primitives=("head",), b=1,
+                     m=_rows(rec.inp), k=int(mod.in_features), n=int(mod.out_features), block=blk)
+        else:
+            return False
+        return True
+
+    def add_framework(self, input_size: tuple[int, int, int], name: str | None) -> Any:
+        """The eager framework item (PyTorch's own time in the forward); returns the empty-batch probe, or
+        None for a model whose forward rejects an empty batch (then priced without its eager overhead)."""
+        probe = eager.empty_batch_forward(self.model, input_size)
+        try:
+            calls = eager.count_module_calls(self.model, probe)
+        except Exception as exc:  # a model that cannot run an empty batch: priced without its eager overhead
+            log.info("no eager framework row for %s (its forward rejects an empty batch: %s)", name, exc)
+            return None
+        self.add(math.inf, name=eager.FRAMEWORK, kind="framework", op=eager.FRAMEWORK,
+                 primitives=(eager.FRAMEWORK,), b=1, m=calls, k=1, n=1)
+        return probe
+
+
+def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int, int] | None = None,
+                    nbits: int = 16, name: str | None = None) -> Inventory:
+    """The inventory of ``model`` (a timm ViT/DeiT or PVTv2, dense or reparameterised) for ``batch``
+    images of ``input_size`` (default: what the model was built for), Hamming codes of ``nbits``."""
+    if batch < 1:
+        raise ModelError(f"batch must be >= 1, got {batch}")
+    if nbits < 1:
+        raise ModelError(f"nbits must be >= 1, got {nbits}")
+    kinds = layer_kinds(model)
+    input_size = tuple(int(v) for v in (input_size or infer_input_size(model)))
+    builder = _InventoryBuilder(model, kinds, _trace(model, batch, input_size), nbits)
+    builder.add_linears()
+    builder.add_attentions()
+    builder.add_residuals()
+    builder.add_pos_embed()
+    builder.add_leaves()
+    probe = builder.add_framework(input_size, name)
+    return Inventory(name or type(model).__name__, input_size, batch, nbits, builder.ordered(), builder.attention,
+                     probe)
 
 
 def inventory_for_config(cfg: Any, *, batch: int | None = None, nbits: int | None = None) -> Inventory:

@@ -55,7 +55,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+import kernels
+from dse import graph
+from dse.energy import UNIT_ENERGY_PJ
 from dse.errors import UnknownNameError, UsageError
+from kernels import targets
+from kernels.torch_ops import fixed_grid, quantize_fixed
 
 if TYPE_CHECKING:
     import tvm
@@ -100,10 +105,6 @@ def get(name: str) -> NonPrimOp:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownNameError(f"unknown non-primitive op {name!r}; known: {', '.join(names())}") from None
-
-
-def is_nonprim(name: str) -> bool:
-    return name in _REGISTRY
 
 
 def check_shape(name: str, shape: Sequence[int]) -> Shape:
@@ -410,7 +411,6 @@ def _requant_inputs(s: Shape, rng: np.random.Generator) -> list[np.ndarray]:
 def _requant_torch(shape: Shape, x, acc):
     import torch
 
-    from kernels.torch_ops import quantize_fixed
 
     return quantize_fixed(x, FRAC_BITS), acc.to(torch.float32) * (2.0**-FRAC_BITS)
 
@@ -418,9 +418,8 @@ def _requant_torch(shape: Shape, x, acc):
 def _requant_relax(emit, shape: Shape, x, acc):
     from tvm import relax
 
-    from dse.graph import fixed_grid_relax
 
-    fixed = emit(relax.op.astype(fixed_grid_relax(x, FRAC_BITS), "int32"))
+    fixed = emit(relax.op.astype(graph.fixed_grid_relax(x, FRAC_BITS), "int32"))
     back = emit(relax.op.multiply(relax.op.astype(acc, "float32"), _const(2.0**-FRAC_BITS)))
     return relax.Tuple([fixed, back])
 
@@ -437,7 +436,6 @@ register(NonPrimOp(
 
 
 def _quantize_torch(shape: Shape, x):
-    from kernels.torch_ops import fixed_grid
 
     return fixed_grid(x, FRAC_BITS) * (2.0**-FRAC_BITS)
 
@@ -445,9 +443,8 @@ def _quantize_torch(shape: Shape, x):
 def _quantize_relax(emit, shape: Shape, x):
     from tvm import relax
 
-    from dse.graph import fixed_grid_relax
 
-    return relax.op.multiply(emit(fixed_grid_relax(x, FRAC_BITS)), _const(2.0**-FRAC_BITS))
+    return relax.op.multiply(emit(graph.fixed_grid_relax(x, FRAC_BITS)), _const(2.0**-FRAC_BITS))
 
 
 register(NonPrimOp(
@@ -619,8 +616,6 @@ register(NonPrimOp(
 
 def estimate_energy_mj(name: str, shape: Sequence[int], unit_energy_pj: dict[str, float] | None = None) -> float:
     """Analytical energy of one call (op counts × 45 nm unit energies of :mod:`dse.energy`)."""
-    from dse.energy import UNIT_ENERGY_PJ
-
     units = dict(unit_energy_pj or UNIT_ENERGY_PJ)
     counts = get(name).op_counts(check_shape(name, shape))
     return math.fsum(count * units[key] * 1e-9 for key, count in counts.items())  # pJ -> mJ
@@ -666,8 +661,6 @@ class _Emitter:
 
         if self.target is None:
             return self.bb.emit(relax.op.matmul(x, relax.op.permute_dims(w, [1, 0])))
-        import kernels
-
         b, m, k, n = shape
         func = kernels.build("matmul", b=b, m=m, k=k, n=n, target=self.target).primfunc
         func = (func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
@@ -695,20 +688,9 @@ def relax_module(name: str, shape: Sequence[int], target: Any = None) -> tvm.IRM
 
 
 def compile_relax(mod: tvm.IRModule, target: Any) -> Any:
-    """Compile a Relax module as the exporter does: ``dse.graph.compile_relax`` when it exists, else
-    ``tvm.compile`` with TVM's default pipeline for the target."""
-    import tvm
-
-    import kernels
-
-    try:
-        from dse import graph  # the exporter's compile path, so the profile times what it builds
-    except ImportError:
-        graph = None
-    fn = getattr(graph, "compile_relax", None)
-    if fn is not None:
-        return fn(mod, target)
-    return tvm.compile(mod, target=kernels.resolve_target(target))
+    """Compile a Relax module as the exporter does (:func:`dse.graph.compile_relax`), so the profile times
+    what the exporter builds."""
+    return graph.compile_relax(mod, target)
 
 
 @dataclasses.dataclass
@@ -730,8 +712,6 @@ class CompiledOp:
             import tvm
             from tvm import relax
 
-            from kernels import targets
-
             self._dev = targets.device_for(self.target)
             self._vm = relax.VirtualMachine(self.executable, self._dev)
             self._args = [tvm.runtime.tensor(a, self._dev) for a in make_inputs(self.name, self.shape)]
@@ -749,19 +729,15 @@ class CompiledOp:
     def time(self, *, repeat: int, min_repeat_ms: float) -> Any:
         """Median/p90 of ``repeat`` repeats, each at least ``min_repeat_ms`` of back-to-back calls
         (TVM ``time_evaluator``, as ``CompiledKernel.time``)."""
-        from kernels import Timing
-
         vm, args = self._ready()
         vm["main"](*args)  # warm-up
         evaluator = vm.time_evaluator("main", self._dev, number=1, repeat=int(repeat),
                                       min_repeat_ms=int(round(min_repeat_ms)))
-        return Timing.from_seconds(list(evaluator(*args).results), 1)
+        return kernels.Timing.from_seconds(list(evaluator(*args).results), 1)
 
 
 def build_op(name: str, shape: Sequence[int], target: Any) -> CompiledOp:
     """Compile op ``name`` at ``shape`` for ``target`` (compiles without a device; runs need one)."""
-    import kernels
-
     shape = check_shape(name, shape)
     tgt = kernels.resolve_target(target)
     return CompiledOp(name, shape, compile_relax(relax_module(name, shape, tgt), tgt), tgt)

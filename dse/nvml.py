@@ -115,10 +115,6 @@ class Nvml:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @property
-    def is_open(self) -> bool:
-        return self._nv is not None
-
     # -- queries -----------------------------------------------------------------------------------
     def device_count(self) -> int:
         return int(self._call("nvmlDeviceGetCount", what="count GPUs"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +17,28 @@ import models
 from dse.config import Config, save_config
 from dse.data import DataBundle, load_data
 from dse.fileio import atomic_write_bytes
+from dse.threads import set_torch_threads
 from dse.train import TrainSpec, evaluate, set_seed, train
 
 log = logging.getLogger(__name__)
 
 
+def dense_kwargs(name: str, kwargs: Mapping[str, Any], num_classes: int, img_size: Callable[[], int]
+                 ) -> dict[str, Any]:
+    """Constructor arguments of the dense model ``name``: ``kwargs``, defaulting ``num_classes`` and, for
+    ``vit_digits`` (built at the data's image size), ``img_size()``. ``img_size`` is called only for
+    ``vit_digits`` or when ``kwargs`` name an image size (where theirs wins)."""
+    out = dict(kwargs)
+    out.setdefault("num_classes", num_classes)
+    if name == "vit_digits" or "img_size" in out:
+        out.setdefault("img_size", img_size())
+    return out
+
+
 def build_dense(cfg: Config) -> nn.Module:
     """The dense model named by the config, with the data's class count and image size."""
-    kwargs = dict(cfg.model.kwargs)
-    kwargs.setdefault("num_classes", cfg.model.num_classes)
-    if cfg.model.name == "vit_digits" or "img_size" in kwargs:
-        kwargs.setdefault("img_size", cfg.data.img_size)
-    return models.create(cfg.model.name, **kwargs)
+    return models.create(cfg.model.name, **dense_kwargs(cfg.model.name, cfg.model.kwargs, cfg.model.num_classes,
+                                                        lambda: cfg.data.img_size))
 
 
 def architecture(cfg: Config) -> dict[str, Any]:
@@ -44,15 +55,10 @@ def train_spec(cfg: Config) -> TrainSpec:
                      workers=cfg.data.workers, meta={"architecture": architecture(cfg), "stage": "pretrain"})
 
 
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)
-
-
 def pretrain(cfg: Config, out: Path, *, resume: bool = False, progress: bool = True,
              data: DataBundle | None = None) -> dict[str, Any]:
     """Train (or, with ``model.checkpoint`` set, just evaluate) the dense baseline."""
-    set_threads(cfg.pretrain.threads)
+    set_torch_threads(cfg.pretrain.threads)
     data = data or load_data(cfg.data, cfg.seed)
     set_seed(cfg.seed)  # the initial weights too: the same seed gives the same dense model (it did not)
     model = build_dense(cfg)

@@ -204,8 +204,18 @@ def plot_bars(values: dict[str, float], ylabel: str, title: str, path: Path,
 def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
-    sections: list[Section] = []
+    return [
+        _device_section(root, summary),
+        _profile_section(summary, plots),
+        _search_section(root),
+        _assignment_section(root, plots),
+        _finetune_section(root, plots),
+        _accuracy_section(summary, plots),
+        _bench_section(root, plots),
+    ]
 
+
+def _device_section(root: Path, summary: dict[str, Any]) -> Section:
     env = _read_json(root / "env.json") or {}
     s = Section("Device and versions")
     if env:
@@ -222,31 +232,35 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
                                      "seconds": round(st["seconds"], 1),
                                      "seconds when it ran": round(st["ran_seconds"], 1)}
                                     for st in stages]))
-    sections.append(s)
+    return s
 
+
+def _profile_section(summary: dict[str, Any], plots: Path) -> Section:
     prof_path = summary.get("profile_csv")
     rows_path = summary.get("model_rows_csv")
     s = Section("Profile: measured kernels on this device")
     whole = _read_csv(Path(prof_path)) if prof_path else None
     prof = _read_csv(Path(rows_path)) if rows_path else whole
-    if prof is not None and not prof.empty:
-        of = f" of the {len(whole)} in the device's profile (other models, calibration shapes)" if (
-            whole is not None and len(whole) > len(prof)) else ""
-        s.text.append(f"From `{rows_path or prof_path}`: the {len(prof)} rows that price this model{of}, taken "
-                      f"from `{prof_path}`. Latency is the median of TVM's time evaluator "
-                      "(PyTorch rows: median of timed eager calls); energy is labelled with its source.")
-        gemm = prof[prof["primitive"].isin(["matmul", "matshift", "matshift_decode", "matadd", "bmm"])]
-        cols = [c for c in ("primitive", "backend", "batch", "m", "k", "n", "latency_ms", "latency_ms_p90",
-                            "energy_mj", "energy_source", "schedule") if c in gemm.columns]
-        s.tables.append(("Primitive rows", gemm[cols].to_dict("records")))
-        for metric in ("latency_ms", "energy_mj"):
-            p = plot_profile(prof, metric, plots / f"profile_{metric.split('_')[0]}.png")
-            if p:
-                s.images.append((f"Per-shape {metric}", p))
-    else:
+    if prof is None or prof.empty:
         s.text.append("No profile was found for this run.")
-    sections.append(s)
+        return s
+    of = f" of the {len(whole)} in the device's profile (other models, calibration shapes)" if (
+        whole is not None and len(whole) > len(prof)) else ""
+    s.text.append(f"From `{rows_path or prof_path}`: the {len(prof)} rows that price this model{of}, taken "
+                  f"from `{prof_path}`. Latency is the median of TVM's time evaluator "
+                  "(PyTorch rows: median of timed eager calls); energy is labelled with its source.")
+    gemm = prof[prof["primitive"].isin(["matmul", "matshift", "matshift_decode", "matadd", "bmm"])]
+    cols = [c for c in ("primitive", "backend", "batch", "m", "k", "n", "latency_ms", "latency_ms_p90",
+                        "energy_mj", "energy_source", "schedule") if c in gemm.columns]
+    s.tables.append(("Primitive rows", gemm[cols].to_dict("records")))
+    for metric in ("latency_ms", "energy_mj"):
+        p = plot_profile(prof, metric, plots / f"profile_{metric.split('_')[0]}.png")
+        if p:
+            s.images.append((f"Per-shape {metric}", p))
+    return s
 
+
+def _search_section(root: Path) -> Section:
     s = Section("Search: Pareto front")
     pareto = _read_csv(root / "search" / "pareto.csv")
     if pareto is not None and not pareto.empty:
@@ -257,8 +271,10 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
             s.images.append(("Pareto front (baselines marked)", root / "search" / "pareto.png"))
     else:
         s.text.append("The search stage did not run or wrote no pareto.csv.")
-    sections.append(s)
+    return s
 
+
+def _assignment_section(root: Path, plots: Path) -> Section:
     s = Section("Chosen assignment")
     chosen = _read_yaml(root / "search" / "best_assignment.yaml") or _read_yaml(root / "finetune" / "assignment.yaml")
     if isinstance(chosen, dict):
@@ -271,34 +287,38 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
             s.images.append(("Assignment per block", p))
     else:
         s.text.append("No assignment was chosen.")
-    sections.append(s)
+    return s
 
+
+def _finetune_section(root: Path, plots: Path) -> Section:
     s = Section("Fine-tuning and MoE routing")
     ft = _read_csv(root / "finetune" / "metrics.csv")
-    if ft is not None and not ft.empty:
-        last = ft.iloc[-1]
-        s.text.append(f"{len(ft)} epochs; final validation top-1 {last['val_acc']:.2f}%.")
-        routed, where = ft, "the chosen design"
-        if not [c for c in ft.columns if c.startswith("mult_share/")]:
-            recipe = _recipe_stage_b(root)
-            s.text.append("The chosen assignment has no MoE layer" + (
-                f"; the routing below is the recipe's stage-B fine-tune ({recipe[1]}, {len(recipe[0])} epochs)."
-                if recipe else "."))
-            if recipe:
-                routed, where = recipe
-        share_cols = [c for c in routed.columns if c.startswith("mult_share/")]
-        if share_cols:
-            last_r = routed.iloc[-1]
-            s.tables.append((f"Mult share per MoE layer (final epoch) vs equilibrium: {where}", [
-                {"layer": c.split("/", 1)[1], "epoch 1": routed.iloc[0][c], "final": last_r[c],
-                 "equilibrium": last_r.get("eq_share/" + c.split("/", 1)[1])} for c in share_cols]))
-            p = plot_routing(routed, plots / "routing.png")
-            if p:
-                s.images.append(("Routing share vs equilibrium", p))
-    else:
+    if ft is None or ft.empty:
         s.text.append("The fine-tune stage did not run.")
-    sections.append(s)
+        return s
+    last = ft.iloc[-1]
+    s.text.append(f"{len(ft)} epochs; final validation top-1 {last['val_acc']:.2f}%.")
+    routed, where = ft, "the chosen design"
+    if not [c for c in ft.columns if c.startswith("mult_share/")]:
+        recipe = _recipe_stage_b(root)
+        s.text.append("The chosen assignment has no MoE layer" + (
+            f"; the routing below is the recipe's stage-B fine-tune ({recipe[1]}, {len(recipe[0])} epochs)."
+            if recipe else "."))
+        if recipe:
+            routed, where = recipe
+    share_cols = [c for c in routed.columns if c.startswith("mult_share/")]
+    if share_cols:
+        last_r = routed.iloc[-1]
+        s.tables.append((f"Mult share per MoE layer (final epoch) vs equilibrium: {where}", [
+            {"layer": c.split("/", 1)[1], "epoch 1": routed.iloc[0][c], "final": last_r[c],
+             "equilibrium": last_r.get("eq_share/" + c.split("/", 1)[1])} for c in share_cols]))
+        p = plot_routing(routed, plots / "routing.png")
+        if p:
+            s.images.append(("Routing share vs equilibrium", p))
+    return s
 
+
+def _accuracy_section(summary: dict[str, Any], plots: Path) -> Section:
     s = Section("Accuracy")
     acc = summary.get("accuracy", {})
     if acc:
@@ -308,8 +328,10 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
                       plots / "accuracy.png")
         if p:
             s.images.append(("Accuracy", p))
-    sections.append(s)
+    return s
 
+
+def _bench_section(root: Path, plots: Path) -> Section:
     s = Section("Bench: exported model vs dense PyTorch")
     bench = _read_json(root / "bench" / "bench.json")
     if isinstance(bench, dict) and bench.get("rows"):
@@ -324,8 +346,7 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
             s.text.append(note)
     else:
         s.text.append("The bench stage did not run.")
-    sections.append(s)
-    return sections
+    return s
 
 
 # ---------------------------------------------------------------------------------------------------

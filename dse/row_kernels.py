@@ -15,21 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kernels.targets import vector_lanes
+
 if TYPE_CHECKING:
     import tvm
 
 _OPAQUE = 8  # relax op_pattern kOpaque: fusion leaves a scheduled kernel whole
-
-
-def vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
-    """Lanes of ``bits`` in one vector register of ``target`` (SSE width when LLVM cannot say)."""
-    from tvm.target.codegen import llvm_get_vector_width
-
-    try:
-        width = int(llvm_get_vector_width(target))
-    except Exception:  # a non-LLVM or odd target: SSE width is always safe on x86 and arm
-        width = 128
-    return max(1, (width if width > 0 else 128) // bits)
 
 
 def fast_exp(v: Any) -> Any:

@@ -4,8 +4,9 @@ Stage A (cost only, thousands of trials). Minimise (predicted latency, predicted
 proxy) over the categorical space of :mod:`dse.search_space` with NSGA-II (Deb et al. 2002;
 ``optuna.samplers.NSGAIISampler``, population ``search.population``). Why NSGA-II: the space is 20-60
 categorical dimensions, the objective costs microseconds (a sum of table lookups, :mod:`dse.cost`; the
-proxy of :mod:`dse.sensitivity`), and a few thousand trials are wanted; NSGA-II's per-trial overhead is
-~150 trials/s in memory on this CPU, where Optuna 5's multi-objective TPE manages ~5 trials/s (DESIGN.md).
+proxy of :mod:`dse.sensitivity`), and a few thousand trials are wanted; NSGA-II's per-trial overhead is a
+small constant, where Optuna 5's multi-objective TPE refits its models on every trial
+(``python -m dse.benchmarks search`` prints both rates).
 The three baselines are enqueued first (all-mult, all-shift with MSA, the ShiftAddViT recipe).
 With several profiles (``search.profile`` a list, from any devices) the latency objective is one per
 device (``latency_ms@<device>``), so the front holds the designs that trade one device's speed for
@@ -28,10 +29,12 @@ plus the recipe, are reparameterised from the dense checkpoint and fine-tuned fo
 study (objectives: -accuracy, predicted latency) with the budgets ``search.latency_budget_ms`` /
 ``search.energy_budget_mj`` as Optuna constraints (``Trial.set_constraint``, feasible when <= 0).
 
-Choosing ``best_assignment.yaml``: among candidates meeting the budgets, the fastest predicted latency
-whose accuracy is within ``search.max_accuracy_drop`` points of the dense accuracy; if none is, the most
-accurate. With stage A only (no accuracy measured), the fastest front design whose risk proxy is no
-higher than the recipe's.
+Choosing ``best_assignment.yaml``: the dense design (all-mult: the model compiled as it is, with the dense
+accuracy and no fine-tuning) is always a candidate. Among candidates meeting the budgets, the fastest
+predicted latency whose accuracy is within ``search.max_accuracy_drop`` points of the dense accuracy, a tie
+going to the design that changes fewer layers; if none is within, the most accurate. So a design the dense
+model beats or equals on latency and accuracy is never chosen. With stage A only (no accuracy measured),
+the fastest front design (or the dense one) whose risk proxy is no higher than the recipe's.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from dse.errors import ConfigError, ProfileError, StageError
 from dse.fileio import atomic_write_text, sha256_file
 from dse.search_space import SearchSpace
 from dse.sensitivity import risk_table
+from models.moe import equilibrium_share
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +189,12 @@ def profile_list(value: str | Sequence[str] | None) -> list[str | None]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def device_label(costs: CostSource, profile: str | Path | None) -> str:
-    """The device slug a cost source prices for (a cost table: its file name)."""
-    meta = getattr(getattr(getattr(costs, "table", None), "profile", None), "meta", None)
-    if meta:
-        from dse.cost import profile_identity
-
-        return profile_identity(costs.table.profile)[0]
+def device_label(costs: CostSource, profile: str | Path | None, *, with_target: bool = False) -> str:
+    """The device slug a cost source prices for (``device/target`` with ``with_target``; a cost table: its
+    file name)."""
+    identity = getattr(costs, "identity", None)  # dse.cost.ModelCost knows its profile's device
+    if identity is not None:
+        return "/".join(identity) if with_target else identity[0]
     return Path(profile).stem if profile is not None else "this-device"
 
 
@@ -203,10 +206,7 @@ def load_device_costs(cfg: Config, model: Any, profiles: str | Sequence[str] | N
     sources = [load_costs(cfg, model, p) for p in paths]
     labels = [device_label(c, p) for c, p in zip(sources, paths)]
     if len(set(labels)) < len(labels):
-        from dse.cost import profile_identity
-
-        labels = ["/".join(profile_identity(c.table.profile)) if hasattr(c, "table") else Path(p).stem
-                  for c, p in zip(sources, paths)]
+        labels = [device_label(c, p, with_target=True) for c, p in zip(sources, paths)]
     if len(set(labels)) < len(labels):
         raise ConfigError(f"search.profile names one device twice ({', '.join(map(str, paths))}); give each once")
     return list(zip(labels, sources))
@@ -393,6 +393,7 @@ class StageAResult:
     written: int  # of which written (a baseline another worker stored first is not)
     seconds: float
     worker: int
+    repeats: int = 0  # offspring that repeated a design already in the study: dropped, not stored
 
     @property
     def rate(self) -> float:
@@ -413,7 +414,10 @@ def run_stage_a(
     progress: Callable[[str], None] | None = None,
     objectives: Sequence[str] = OBJECTIVES_A,
 ) -> StageAResult:
-    """Run stage A until the persistent study holds ``trials`` completed trials (module docstring)."""
+    """Run stage A until the persistent study holds ``trials`` completed trials, each a distinct design
+    (module docstring): NSGA-II offspring that repeat a design already evaluated are dropped (their values are
+    known) so the budget buys new designs; a space with fewer designs than ``trials`` ends when it is
+    exhausted, or when offspring have repeated known designs ``20 x population`` times in a row."""
     import optuna
 
     from dse.trial_store import TrialStore
@@ -430,7 +434,10 @@ def run_stage_a(
         stored = store.read_new()
         _check_space(space, stored, study_name)
         mem.add_trials(stored)
+        seen = {space.key(t.params) for t in stored}
         stored_count = store.count()
+        trials = min(trials, space.size())
+        repeats = in_a_row = 0
         for name, params in space.baselines().items():
             mem.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
         log.info("stage A: worker %d, %d stored trials, target %d", worker, stored_count, trials)
@@ -448,6 +455,7 @@ def run_stage_a(
             if others:
                 _check_space(space, others, study_name)
                 mem.add_trials(others)
+                seen.update(space.key(t.params) for t in others)
             stored_count = store.count()
             last_flush = time.monotonic()
             if progress is not None:
@@ -466,6 +474,18 @@ def run_stage_a(
                         # sampler; asking for the relative sample places it in a GA generation (parents).
                         _ = trial.relative_params
                     params = space.suggest(trial)
+                    key = space.key(params)
+                    if key in seen and "baseline" not in trial.user_attrs:
+                        mem.tell(trial, state=optuna.trial.TrialState.FAIL)  # known: not a new design
+                        repeats += 1
+                        in_a_row += 1
+                        if in_a_row >= 20 * population:
+                            log.warning("stage A: the last %d offspring all repeated known designs; stopping at "
+                                        "%d distinct designs", in_a_row, stored_count + len(pending))
+                            break
+                        continue
+                    seen.add(key)
+                    in_a_row = 0
                     values = objective(params)
                     trial.set_user_attr("worker", worker)
                     if "baseline" not in trial.user_attrs:
@@ -484,7 +504,9 @@ def run_stage_a(
             finally:
                 if interrupted:
                     log.warning("stage A: %d trials stored; rerun the same command to continue", stored_count)
-    return StageAResult(stored_count, evaluated, written, time.perf_counter() - t0, worker)
+    if repeats:
+        log.info("stage A: %d offspring repeated known designs and were not stored", repeats)
+    return StageAResult(stored_count, evaluated, written, time.perf_counter() - t0, worker, repeats)
 
 
 def _check_space(space: SearchSpace, trials: Sequence[Any], study_name: str) -> None:
@@ -717,6 +739,11 @@ def _ask_enqueued(study: Any, space: SearchSpace, params: Mapping[str, str]) -> 
 # Choosing the design
 
 
+def _changed(row: Mapping[str, Any]) -> int:
+    """Layers a design reparameterises (shift, MoE or Hamming): the simpler design wins a tie."""
+    return sum(int(row.get(f"n_{c}", 0)) for c in ("shift", "moe", "hamming"))
+
+
 def choose(
     front: Sequence[dict[str, Any]],
     baselines: Sequence[dict[str, Any]],
@@ -726,38 +753,49 @@ def choose(
     latency_budget: float | None,
     energy_budget: float | None,
 ) -> tuple[dict[str, Any] | None, str]:
-    """The design for ``best_assignment.yaml`` and the rule that picked it (module docstring)."""
+    """The design for ``best_assignment.yaml`` and the rule that picked it (module docstring).
+
+    The dense design (the all-mult baseline: the model compiled as it is) is always a candidate, with the dense
+    accuracy and no fine-tuning, so a design it beats or equals on predicted latency and accuracy is never
+    chosen; ties on latency go to the design that changes fewer layers.
+    """
+    dense = next((b for b in baselines if b["baseline"] == "all-mult"), None)
     if measured:
-        feasible = [r for r in measured if r["feasible"] and _feasible(r, latency_budget, energy_budget)]
+        dense_acc = measured[0]["dense_accuracy"]
+        pool = list(measured)
+        if dense is not None and all(r["trial"] != dense["trial"] for r in pool):
+            pool.append(dict(dense, accuracy=dense_acc, dense_accuracy=dense_acc, feasible=True))
+        feasible = [r for r in pool if r["feasible"] and _feasible(r, latency_budget, energy_budget)]
         note = ""
         if not feasible:
-            feasible, note = list(measured), " (no candidate meets the budgets; budgets ignored)"
-        dense = feasible[0]["dense_accuracy"]
-        within = [r for r in feasible if r["accuracy"] >= dense - max_drop]
+            feasible, note = pool, " (no candidate meets the budgets; budgets ignored)"
+        within = [r for r in feasible if r["accuracy"] >= dense_acc - max_drop]
         if within:
-            best = min(within, key=lambda r: (_speed_key(r), -r["accuracy"]))
+            best = min(within, key=lambda r: (_speed_key(r), _changed(r), -r["accuracy"]))
             return best, (
-                f"fastest predicted latency among stage-B candidates within {max_drop:g} points of the "
-                f"dense accuracy {dense:.2f}%{note}"
+                f"fastest predicted latency among stage-B candidates and the dense design within {max_drop:g} "
+                f"points of the dense accuracy {dense_acc:.2f}%{note}"
             )
-        best = max(feasible, key=lambda r: (r["accuracy"], -_speed_key(r)))
+        best = max(feasible, key=lambda r: (r["accuracy"], -_speed_key(r), -_changed(r)))
         return best, (
-            f"no stage-B candidate within {max_drop:g} points of the dense accuracy {dense:.2f}%: the "
-            f"most accurate{note}"
+            f"no candidate within {max_drop:g} points of the dense accuracy {dense_acc:.2f}%: the most "
+            f"accurate{note}"
         )
     pool = [r for r in front if _feasible(r, latency_budget, energy_budget)] or list(front)
+    if dense is not None and all(r["trial"] != dense["trial"] for r in pool):
+        pool.append(dense)
     recipe = next((b for b in baselines if b["baseline"] == "recipe"), None)
     if not pool:
         return None, "no trials"
     if recipe is not None:
         safe = [r for r in pool if r["risk"] <= recipe["risk"] + 1e-12]
         if safe:
-            best = min(safe, key=lambda r: (_speed_key(r), r["risk"]))
+            best = min(safe, key=lambda r: (_speed_key(r), _changed(r), r["risk"]))
             return best, (
-                "stage A only (no accuracy measured): fastest predicted latency among front designs whose "
-                "risk proxy is no higher than the ShiftAddViT recipe's"
+                "stage A only (no accuracy measured): fastest predicted latency among front designs and the "
+                "dense design whose risk proxy is no higher than the ShiftAddViT recipe's"
             )
-    best = min(pool, key=lambda r: (r["risk"], _speed_key(r)))
+    best = min(pool, key=lambda r: (r["risk"], _speed_key(r), _changed(r)))
     return best, "stage A only: the lowest risk proxy on the front"
 
 
@@ -878,14 +916,14 @@ def measure_risk(
 
 
 def _shift_share(costs: CostSource, kinds: Mapping[str, str], layer: str) -> float | None:
-    """The Shift expert's token share at the balance loss's equilibrium, ``c_mult / (c_mult + c_shift)``."""
+    """The Shift expert's token share at the balance loss's equilibrium (``1 -`` the Mult share)."""
     if kinds[layer] != "linear":
         return None
     try:
         c = costs.moe_expert_costs(layer)
-    except Exception:  # a layer MoE cannot be priced for is never searched as moe
+    except (ProfileError, StageError, KeyError):  # a layer MoE cannot be priced for is never searched as moe
         return None
-    return c["mult"] / (c["mult"] + c["shift"])
+    return 1.0 - equilibrium_share(c)
 
 
 def run_search(
@@ -933,7 +971,7 @@ def run_search(
         "pinned": len(space.pinned),
         "sampler": s.sampler,
         "population": s.population,
-        "devices": labels or None,
+        "devices": [label for label, _ in devices if label] or None,  # the devices the latencies are for
     }
     if s.stage in ("a", "both"):
         sens, reused = measure_risk(cfg, out, dense, kinds, checkpoint, data, progress)
@@ -967,6 +1005,7 @@ def run_search(
             "seconds": round(res.seconds, 2),
             "trials_per_s": round(res.rate, 1),
             "worker": res.worker,
+            "repeats_dropped": res.repeats,
         }
     trials = stored_trials(storage_url, s.study_name)
     if not trials:
@@ -976,6 +1015,7 @@ def run_search(
     _check_space(space, trials, s.study_name)
     front, baselines, values = front_table(space, trials, labels)
     summary["trials"] = len(trials)
+    summary["distinct_designs"] = len({space.key(t.params) for t in trials})
     summary["front_size"] = len(front)
     summary["baselines"] = {
         b["baseline"]: {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,3 +196,7 @@ class SearchSpace:
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def size(self) -> int:
+        """How many distinct designs the space holds."""
+        return math.prod(len(p.choices) for p in self.params)

@@ -10,7 +10,7 @@ exclusive lock on ``<csv>.lock`` held around read-merge-write, one row at a time
 loses at most the row it was measuring and two processes extending the same profile keep every row
 exactly once. A complete file always ends with a newline; one that does not was cut short.
 
-Columns (``COLUMNS``; those of the contract are required on read):
+Columns (``COLUMNS``; those marked required must be present on read):
 
 =================  ====================================================================================
 primitive          kernel primitive (matmul, matshift, ...), non-primitive op (layernorm, ...) or ``framework``
@@ -335,6 +335,23 @@ def load_profile(path: str | Path) -> Profile:
     header, rows = parse_rows(text, str(path))
     meta = read_meta(path)
     return Profile.from_rows(rows, meta, path, [*COLUMNS, *(h for h in header if h not in COLUMNS)])
+
+
+def find_profile(root: str | Path, target_slug: str, device_slug: str | None = None) -> Path:
+    """The profile for ``target_slug`` under ``root``: ``device_slug``'s when it has one, else the only device's
+    that does (a profile measured elsewhere prices the model for that device). ProfileError saying what is
+    missing, or which profiles to choose from."""
+    root = Path(root)
+    if device_slug is not None and profile_path(root, device_slug, target_slug).is_file():
+        return profile_path(root, device_slug, target_slug)
+    found = sorted(root.glob(f"*/{target_slug}.csv"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ProfileError(f"no profile for target {target_slug} under {root}; run `dse profile --target ...` on "
+                           "that device and copy its <device>/<target>.csv and .yaml here, or pass --profile")
+    raise ProfileError(f"several devices have a profile for target {target_slug} under {root} "
+                       f"({', '.join(p.parent.name for p in found)}); pass the one to use with --profile")
 
 
 def list_profiles(root: str | Path) -> list[dict[str, Any]]:

@@ -155,6 +155,159 @@ def load_training_state(path: Path) -> dict:
                               "delete it to start over") from None
 
 
+@dataclass
+class _Totals:
+    """Training statistics of one epoch (one rank's shard until summed over ranks)."""
+
+    seen: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    extras_sum: dict[str, float] = field(default_factory=dict)
+
+
+class _Loop:
+    """One training run: the model (and its DDP wrapper), the optimiser, its schedule and the gradient scaler."""
+
+    def __init__(self, model: nn.Module, data: DataBundle, spec: TrainSpec, device: str, distributed: bool):
+        self.model, self.data, self.spec, self.device = model, data, spec, device
+        model.to(device)
+        self.ddp_model: nn.Module = model
+        self.sampler = None
+        if distributed:
+            from torch.utils.data.distributed import DistributedSampler
+
+            self.sampler = DistributedSampler(data.train, shuffle=True, seed=spec.seed)
+            # No per-forward buffer broadcast: these models have no batch-norm statistics, and it would
+            # overwrite each rank's own buffers (MoE routing counters) with rank 0's. Buffers are synced once here.
+            self.ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
+                                                                 broadcast_buffers=False)
+        self.amp_dtype = _amp_dtype(spec.amp, device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        self.opt, self.sched = self._optimizer()
+
+    def _optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW (no weight decay on biases and norms) and its per-step warm-up + cosine schedule."""
+        spec, model = self.spec, self.model
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+        shard = len(self.sampler) if self.sampler is not None else len(self.data.train)  # a rank's samples per epoch
+        steps_per_epoch = math.ceil(shard / spec.batch_size)
+        total = max(1, spec.epochs * steps_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, cosine_lambda(total, spec.warmup_epochs * steps_per_epoch, spec.lr, spec.min_lr))
+        return opt, sched
+
+    def restore(self, ckpt_path: Path, resume: bool) -> tuple[int, list[dict[str, Any]]]:
+        """(first epoch to run, metrics history): from the checkpoint when resuming one, else a fresh seed."""
+        if resume and ckpt_path.exists():
+            state = load_training_state(ckpt_path)
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            start_epoch = state["epoch"] + 1
+            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+            return start_epoch, state["history"]
+        if not resume:
+            set_seed(self.spec.seed)
+        return 0, []
+
+    def run_epoch(self, epoch: int, progress: bool) -> _Totals:
+        """The training steps of one epoch; data order, augmentation and global RNG depend on (seed, epoch)."""
+        spec = self.spec
+        self.ddp_model.train()
+        loader = epoch_loader(self.data.train, spec.batch_size, shuffle=True, seed=spec.seed, epoch=epoch,
+                              workers=spec.workers, sampler=self.sampler)
+        aug_gen = torch.Generator().manual_seed(spec.seed * 7919 + epoch)
+        # Seed the global RNG per epoch too (dropout, hashing refits), so a resumed epoch replays exactly.
+        torch.manual_seed(spec.seed * 104_729 + epoch)
+        if spec.on_epoch_start is not None:
+            spec.on_epoch_start(self.model, epoch)
+        totals = _Totals()
+        bar = _progress(loader, epoch, spec.epochs, enabled=progress)
+        for x, y in bar:
+            x, y = x.to(self.device), y.to(self.device)
+            if self.data.augment:
+                x = augment_batch(x, aug_gen)
+            loss, logits, extras = self._step(x, y)
+            n = y.numel()
+            totals.seen += n
+            totals.loss_sum += loss.item() * n
+            totals.correct += (logits.argmax(1) == y).sum().item()
+            for k, v in extras.items():
+                totals.extras_sum[k] = totals.extras_sum.get(k, 0.0) + v * n
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(self._postfix(totals))
+        return totals
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """One optimiser step on a batch: (loss, logits, the extra loss terms' values)."""
+        spec, opt, scaler = self.spec, self.opt, self.scaler
+        with _autocast(self.device, self.amp_dtype):
+            logits = self.ddp_model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
+            if spec.ce_weight != 1.0:
+                loss = spec.ce_weight * loss
+            extras: dict[str, float] = {}
+            if spec.extra_loss is not None:
+                extra, extras = spec.extra_loss(self.model, x, logits, y)
+                loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if spec.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        self.sched.step()
+        return loss, logits, extras
+
+    def _postfix(self, totals: _Totals) -> dict[str, str]:
+        spec = self.spec
+        post = {"loss": f"{totals.loss_sum / totals.seen:.3f}", "acc": f"{100 * totals.correct / totals.seen:.1f}"}
+        if spec.postfix is not None:
+            post.update(spec.postfix(self.model))
+        elif spec.epoch_metrics is not None:
+            post.update({k: f"{v:.2f}" for k, v in list(spec.epoch_metrics(self.model).items())[:4]})
+        return post
+
+    def epoch_row(self, epoch: int, totals: _Totals, train_metrics: dict[str, float], t0: float) -> dict[str, Any]:
+        """The epoch's metrics row, validation included."""
+        val = evaluate(self.model, self.data.val, self.spec.eval_batch_size, self.device)
+        seen = totals.seen
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "train_loss": totals.loss_sum / max(1, seen),
+            "train_acc": 100 * totals.correct / max(1, seen), "val_loss": val["loss"], "val_acc": val["acc"],
+            "lr": self.opt.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0,
+        }
+        row.update({k: v / max(1, seen) for k, v in totals.extras_sum.items()})
+        row.update(train_metrics)
+        return row
+
+    def save(self, ckpt_path: Path, metrics_path: Path, epoch: int, history: list[dict[str, Any]]) -> None:
+        """``metrics.csv`` and the checkpoint to resume from, after an epoch (rank 0 only)."""
+        row = history[-1]
+        log.info("epoch %d/%d: train_loss %.4f val_acc %.2f%% (%.1fs)", epoch + 1, self.spec.epochs,
+                 row["train_loss"], row["val_acc"], row["epoch_s"])
+        atomic_write_text(metrics_path, pd.DataFrame(history).to_csv(index=False))
+        payload = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                   "scheduler": self.sched.state_dict(), "epoch": epoch, "history": history, "rng": _rng_state(),
+                   "meta": self.spec.meta}
+        if self.scaler is not None:
+            payload["scaler"] = self.scaler.state_dict()
+        _save_checkpoint(ckpt_path, payload)
+
+
 def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, resume: bool = False,
           device: str = "cpu", progress: bool = True, until_epoch: int | None = None) -> dict[str, Any]:
     """Train ``model`` in place; returns the final metrics row. Writes into ``out``.
@@ -166,119 +319,20 @@ def train(model: nn.Module, data: DataBundle, spec: TrainSpec, out: Path, *, res
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.csv"
     distributed = dist.is_available() and dist.is_initialized()
     main = is_main_process()
-    model.to(device)
-    ddp_model: nn.Module = model
-    sampler = None
-    if distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(data.train, shuffle=True, seed=spec.seed)
-        # No per-forward buffer broadcast: these models have no batch-norm statistics, and it would overwrite
-        # each rank's own buffers (MoE routing counters) with rank 0's. Buffers are synced once here.
-        ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
-                                                        broadcast_buffers=False)
-    amp_dtype = _amp_dtype(spec.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
-
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
-    shard = len(sampler) if sampler is not None else len(data.train)  # a rank's samples per epoch
-    steps_per_epoch = math.ceil(shard / spec.batch_size)
-    total = max(1, spec.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_lambda(total, spec.warmup_epochs * steps_per_epoch, spec.lr, spec.min_lr))
-
-    start_epoch, history = 0, []
-    if resume and ckpt_path.exists():
-        state = load_training_state(ckpt_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-    elif not resume:
-        set_seed(spec.seed)
-
+    loop = _Loop(model, data, spec, device, distributed)
+    start_epoch, history = loop.restore(ckpt_path, resume)
     last: dict[str, Any] = history[-1] if history else {}
     for epoch in range(start_epoch, min(spec.epochs, until_epoch or spec.epochs)):
         t0 = time.perf_counter()
-        ddp_model.train()
-        loader = epoch_loader(data.train, spec.batch_size, shuffle=True, seed=spec.seed, epoch=epoch,
-                              workers=spec.workers, sampler=sampler)
-        aug_gen = torch.Generator().manual_seed(spec.seed * 7919 + epoch)
-        # Seed the global RNG per epoch too (dropout, hashing refits), so a resumed epoch replays exactly.
-        torch.manual_seed(spec.seed * 104_729 + epoch)
-        if spec.on_epoch_start is not None:
-            spec.on_epoch_start(model, epoch)
-        seen, correct, loss_sum, extras_sum = 0, 0, 0.0, {}
-        bar = _progress(loader, epoch, spec.epochs, enabled=progress and main)
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            if data.augment:
-                x = augment_batch(x, aug_gen)
-            with _autocast(device, amp_dtype):
-                logits = ddp_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
-                if spec.ce_weight != 1.0:
-                    loss = spec.ce_weight * loss
-                extras: dict[str, float] = {}
-                if spec.extra_loss is not None:
-                    extra, extras = spec.extra_loss(model, x, logits, y)
-                    loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if spec.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            n = y.numel()
-            seen += n
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == y).sum().item()
-            for k, v in extras.items():
-                extras_sum[k] = extras_sum.get(k, 0.0) + v * n
-            if hasattr(bar, "set_postfix"):
-                post = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{100 * correct / seen:.1f}"}
-                if spec.postfix is not None:
-                    post.update(spec.postfix(model))
-                elif spec.epoch_metrics is not None:
-                    post.update({k: f"{v:.2f}" for k, v in list(spec.epoch_metrics(model).items())[:4]})
-                bar.set_postfix(post)
+        totals = loop.run_epoch(epoch, progress and main)
         train_metrics = spec.epoch_metrics(model) if spec.epoch_metrics is not None else {}
         if distributed:  # loss/accuracy over every rank's shard
-            seen, correct, loss_sum, extras_sum = _sum_over_ranks(seen, correct, loss_sum, extras_sum, device)
-        val = evaluate(model, data.val, spec.eval_batch_size, device)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": 100 * correct / max(1, seen),
-            "val_loss": val["loss"], "val_acc": val["acc"], "lr": opt.param_groups[0]["lr"],
-            "epoch_s": time.perf_counter() - t0,
-        }
-        row.update({k: v / max(1, seen) for k, v in extras_sum.items()})
-        row.update(train_metrics)
-        history.append(row)
-        last = row
+            totals = _Totals(*_sum_over_ranks(totals.seen, totals.correct, totals.loss_sum, totals.extras_sum,
+                                              device))
+        last = loop.epoch_row(epoch, totals, train_metrics, t0)
+        history.append(last)
         if main:
-            log.info("epoch %d/%d: train_loss %.4f val_acc %.2f%% (%.1fs)", epoch + 1, spec.epochs,
-                     row["train_loss"], row["val_acc"], row["epoch_s"])
-            atomic_write_text(metrics_path, pd.DataFrame(history).to_csv(index=False))
-            payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "epoch": epoch, "history": history, "rng": _rng_state(), "meta": spec.meta}
-            if scaler is not None:
-                payload["scaler"] = scaler.state_dict()
-            _save_checkpoint(ckpt_path, payload)
+            loop.save(ckpt_path, metrics_path, epoch, history)
     if main:
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "meta": spec.meta}, buf)

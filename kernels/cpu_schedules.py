@@ -35,7 +35,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kernels.schedules import _vector_lanes, register_cpu_schedule
+from kernels.schedules import register_cpu_schedule
+from kernels.targets import vector_lanes
 
 if TYPE_CHECKING:
     import tvm
@@ -207,7 +208,7 @@ def _weight_gemm_cpu(name: str, b: int, m: int, k: int, n: int, dtype: str, targ
     """``matmul``/``matshift_decode`` in one function: the weights packed on every call, then the GEMM."""
     from tvm import te
 
-    lanes = _vector_lanes(target, 4)
+    lanes = vector_lanes(target, 4)
     tile = _gemm_tile(lanes, n, m)
     nb = tile.nv * lanes
     x = te.placeholder((b, m, k), dtype, name="x")
@@ -251,7 +252,7 @@ def matmul_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Ta
 def bmm_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
     from tvm import te
 
-    lanes = _vector_lanes(target, 4)
+    lanes = vector_lanes(target, 4)
     tile = _gemm_tile(lanes, n, m)
     nb = tile.nv * lanes
     x = te.placeholder((b, m, k), dtype, name="x")
@@ -280,7 +281,7 @@ def matshift_decode_cpu(
 def matadd_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
     from tvm import te, tirx
 
-    lanes = _vector_lanes(target, 4)
+    lanes = vector_lanes(target, 4)
     tile = _gemm_tile(lanes, n, m)
     nb = tile.nv * lanes
     mask = te.placeholder((b, k, m), "uint8", name="mask")
@@ -310,7 +311,7 @@ def matshift_cpu(b: int, m: int, k: int, n: int, dtype: str, target: tvm.target.
     """Rows in vector lanes, weights as scalars; see the module doc for the ``xpm`` table."""
     from tvm import s_tir, te, tirx
 
-    lanes = _vector_lanes(target, 4)
+    lanes = vector_lanes(target, 4)
     mt, nb = _matshift_tile(lanes)
     m_pad, n_pad = _ceil_div(m, mt) * mt, _ceil_div(n, nb) * nb
     zero, one = tirx.const(0, "int32"), tirx.const(1, "int32")
@@ -433,7 +434,7 @@ def tile_padding(target: tvm.target.Target) -> TileFn | None:
 
     if target.kind.name != "llvm":
         return None
-    lanes = _vector_lanes(target, 4)
+    lanes = vector_lanes(target, 4)
 
     def pad(name: str, b: int, m: int, k: int, n: int) -> tuple[int, int, int, int, int]:
         return _tiling(name, b, m, k, n, lanes) if name in _CPU_SCHEDULES else (b, m, k, n, 0)
@@ -469,7 +470,7 @@ def prepacked_gemm(name: str, b: int, m: int, k: int, n: int, target: tvm.target
 
     if name not in PREPACKABLE:
         raise ValueError(f"{name} has no pre-packed form; one of {', '.join(PREPACKABLE)}")
-    lanes = _vector_lanes(target, 4)
+    lanes = vector_lanes(target, 4)
     tile = _gemm_tile(lanes, n, m)
     nb = tile.nv * lanes
     packed_shape = (_ceil_div(n, nb), k, nb)

@@ -15,8 +15,8 @@ class ShiftAddError(Exception):
     exit_code = 1
 
     def __init__(self, message: str = "", *args: object):
-        # Messages quote user input (keys, layer names, values), which may hold line breaks; the contract
-        # is one line per error, so they are escaped here once rather than at every raise site.
+        # Messages quote user input (keys, layer names, values), which may hold line breaks; the CLI prints
+        # one line per error, so they are escaped here once rather than at every raise site.
         super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"), *args)
 
 

@@ -14,7 +14,7 @@ matadd             ``out[b,m,n] = Σ_k (mask[b,k,m] ? v[b,k,n] : 0)``     mask u
 =================  ====================================================  =====================
 
 Fixed point (matshift). The ShiftAddViT shift layers run on a Q16.16 grid (``round_to_fixed`` in
-the original ``deepshift/utils.py``, see the method notes §1.3): a float activation ``x`` maps to
+``deepshift/utils.py`` of the ShiftAddViT release, You et al., NeurIPS 2023): a float activation ``x`` maps to
 ``x_int = floor(x · 2^F)`` (int32, ``F`` fraction bits, default :data:`FRAC_BITS` = 16) and the
 integer result maps back as ``out / 2^F``. The weight ``sign·2^-shift`` is applied as an arithmetic
 right shift, ``>>`` rounds toward −∞ exactly as TVM's ``>>`` on int32 and NumPy's ``>>`` on int32,
@@ -332,7 +332,7 @@ def _matshift_ref(x: np.ndarray, shift: np.ndarray, sign: np.ndarray) -> np.ndar
 
 
 def _shift_weights(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Power-of-two weights as a converted Linear would give them (method §1.4).
+    """Power-of-two weights as a converted Linear would give them (:meth:`models.shift.ShiftLinear.from_linear`).
 
     ``shift = round(-log2|w|)`` for kaiming-like ``w``, clamped to [0, 15]; ~5% zero signs.
     """

@@ -4,7 +4,7 @@
 ``tvm.compile``. On CPU (llvm) each primitive may register a hand schedule in ``_CPU_SCHEDULES``
 (``kernels.cpu_schedules``), which can use its own equivalent compute formulation (packed weight
 layouts, see that module); anything without one gets :func:`generic_cpu_schedule`. On CUDA the
-canonical compute goes through ``s_tir.dlight``'s GPU rules, as the design notes prescribe.
+canonical compute goes through ``s_tir.dlight``'s GPU rules.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kernels import primitives
 from kernels.errors import KernelError
-from kernels.targets import is_cuda
+from kernels.targets import is_cuda, vector_lanes
 
 if TYPE_CHECKING:
     import tvm
@@ -51,18 +51,6 @@ def canonical_primfunc(
     return te.create_prim_func([*args, out]).with_attr("global_symbol", "main")
 
 
-def _vector_lanes(target: tvm.target.Target, itemsize: int = 4) -> int:
-    """SIMD lanes of ``itemsize`` bytes for the CPU target (AVX-512: 64-byte registers)."""
-    from tvm.target import codegen
-
-    try:
-        feats = codegen.llvm_get_cpu_features(target)
-    except Exception:  # older TVM or non-x86 target: assume 256-bit vectors
-        feats = set()
-    width = 64 if "avx512f" in feats else 32 if ("avx2" in feats or "avx" in feats) else 16
-    return max(1, width // itemsize)
-
-
 def generic_cpu_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
     """Parallel rows, vectorised output columns, reduction outside the vector loop.
 
@@ -83,7 +71,7 @@ def generic_cpu_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> 
         raise KernelError(f"generic CPU schedule expects 4 loops (b, m, n, k), got {len(loops)}")
     b, i, j, r = loops
     bi = sch.fuse(b, i)
-    lanes = _vector_lanes(target)
+    lanes = vector_lanes(target)
     n = int(sch.get(j).extent)
     if n >= lanes:
         jo, ji = sch.split(j, [None, lanes])

@@ -155,6 +155,19 @@ def resolve_target(spec: str | dict[str, Any] | tvm.target.Target) -> tvm.target
         raise ConfigError(f"TVM rejects target {json.dumps(d)}: {str(exc).splitlines()[-1]}") from None
 
 
+def vector_lanes(target: tvm.target.Target, itemsize: int = 4) -> int:
+    """SIMD lanes of ``itemsize`` bytes in one vector register of the CPU target (AVX-512: 64-byte registers)."""
+    from tvm.target import codegen
+
+    try:
+        feats = codegen.llvm_get_cpu_features(target)
+    except Exception:  # a non-LLVM target (CUDA) or a TVM without the query: no features known
+        feats = set()
+    # without AVX: 16-byte (128-bit) registers, the SSE2/NEON width every x86-64 and AArch64 CPU has
+    width = 64 if "avx512f" in feats else 32 if ("avx2" in feats or "avx" in feats) else 16
+    return max(1, width // itemsize)
+
+
 def is_cuda(target: tvm.target.Target) -> bool:
     return str(target.kind.name) == "cuda"
 

@@ -11,9 +11,9 @@ Ops (layouts batch-first, as in ``kernels.primitives``):
 
 - ``matshift(x int32[b,m,k], shift int8[n,k], sign int8[n,k]) -> int32[b,m,n]``, no gradient.
 - ``shift_linear(x f32[b,m,k], shift, sign, frac_bits) -> f32[b,m,n]``: ``x`` is quantised to the
-  fixed-point grid in fp32 (``floor(x·2^F)``, method §1.3: never in fp16), run through matshift and
+  fixed-point grid in fp32 (``floor(x·2^F)``; never in fp16, where ``x·2^16`` overflows), run through matshift and
   scaled back by ``2^-F``. Backward is straight-through in ``x``: ``grad_x = g @ W`` with
-  ``W = sign·2^-shift`` (the DeepShift STE, method §1.2).
+  ``W = sign·2^-shift`` (the straight-through estimator of DeepShift, Elhoushi et al. 2021).
 - ``matadd(mask f32[b,k,m] in {0,1}, v f32[b,k,n]) -> f32[b,m,n]``, ``out = maskᵀ·v`` computed with
   additions only; the mask is float so a straight-through gradient reaches binary codes:
   ``grad_v = mask @ g`` and ``grad_mask = v @ gᵀ``.
@@ -138,14 +138,6 @@ def fixed_grid(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
 def quantize_fixed(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     """``floor(x·2^F)`` as int32 (:func:`fixed_grid`)."""
     return fixed_grid(x, frac_bits).to(torch.int32)
-
-
-def shift_linear_reference(
-    x: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, frac_bits: int
-) -> torch.Tensor:
-    with use_tvm(False):
-        out = matshift(quantize_fixed(x, frac_bits), shift, sign)
-    return out.to(torch.float32) / (2.0**frac_bits)
 
 
 @torch.library.custom_op("shiftadd::shift_linear", mutates_args=())

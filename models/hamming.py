@@ -1,10 +1,11 @@
-"""Additive attention over binary Hamming codes (ShiftAddViT §2, the "linear-angular" attention).
+"""Additive attention over binary Hamming codes: the "linear-angular" attention of ShiftAddViT (You et al.,
+NeurIPS 2023).
 
 Hashing — sign random projections (Charikar, "Similarity estimation techniques from rounding algorithms",
 STOC 2002): each head keeps a projection ``R`` [d, nbits] and hashes a query or key ``t`` to
 ``c = 1[t_hat @ R > 0]`` with ``t_hat = t / ||t||`` (the sign does not depend on ``||t||``, so inference
 skips the normalisation; training keeps it for the straight-through surrogate's scale). For a random direction ``r``,
-``P(bit differs) = theta / pi``, so the fraction of matching bits estimates ``1 - theta/pi``, the method's
+``P(bit differs) = theta / pi``, so the fraction of matching bits estimates ``1 - theta/pi``, ShiftAddViT's
 linear-angular similarity. Each code is used with its complement, ``c_ext = [c, 1 - c]`` (2·nbits columns),
 so ``c_ext(q_i) . c_ext(k_j) = s_ij``, the number of matching bits — still a pure masked accumulate.
 Keys are centred first (``k - key_center``): softmax attention is invariant to adding one vector to every
@@ -21,14 +22,14 @@ Attention (per head, Nq queries, Nk keys, values v_j)::
 i.e. row weights ``w_ij = (1 - alpha)/Nk + beta * (s_ij / z_i - 1/Nk) + alpha * [i == j]`` (rows sum to 1).
 ``beta`` (per head) is a learnable temperature around the uniform average — the codes' similarity
 varies little around nbits/2, so without it the attention is nearly a plain mean; ``alpha`` (per head) is
-the token's own value, the method's ``0.5 * V`` term (``pvt_v2.py`` LinAngularAttention_ksh) made
+the token's own value, ShiftAddViT's ``0.5 * V`` term (``pvt_v2.py`` LinAngularAttention_ksh) made
 learnable. Both products are ``matadd`` calls, with a ones column appended to V so the normaliser comes
 out of the same two products::
 
     KV  = matadd(mask=c_ext(K) [b·h, Nk, 2nb], v=[V, 1] [b·h, Nk, d+1])     -> [b·h, 2nb, d+1]
     QKV = matadd(mask=c_ext(Q)^T [b·h, 2nb, Nq], v=KV [b·h, 2nb, d+1])      -> [b·h, Nq, d+1]
 
-Deviations from the released method, on purpose: separate Q and K codes (the release ties Q = K through a
+Deviations from the ShiftAddViT release, on purpose: separate Q and K codes (the release ties Q = K through a
 shared ``to_qk``, which is not the pretrained MSA); a normaliser and learnable alpha/beta instead of the
 unnormalised ``0.5 V + code·KV / pi`` followed by an L2 norm; no depthwise conv over the flattened token
 index (``dconv_v``), which does not respect a class token; sign random projections instead of KSH.
@@ -104,7 +105,7 @@ class HammingAttention(nn.Module):
         self.register_buffer("projection", proj.to(device))  # [H, d, nbits]
         self.register_buffer("key_center", torch.zeros(self.num_heads, self.head_dim, device=device))  # [H, d]
         self.register_buffer("fitted", torch.tensor(False, device=device))
-        # Before a fit: the plain normalised linear-angular attention plus the method's 0.5·V own-token term.
+        # Before a fit: the plain normalised linear-angular attention plus ShiftAddViT's 0.5·V own-token term.
         self.beta = nn.Parameter(torch.ones(self.num_heads, device=device))
         self.alpha = nn.Parameter(torch.full((self.num_heads,), 0.5, device=device)) if self_term else None
 

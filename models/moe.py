@@ -1,6 +1,7 @@
-"""Mult/Shift mixture of experts with a trained top-1 router and a latency-aware balance loss (ShiftAddViT §3).
+"""Mult/Shift mixture of experts with a trained top-1 router and a latency-aware balance loss (ShiftAddViT,
+You et al., NeurIPS 2023).
 
-Routing is per token per Linear, as in the method: a router ``Linear(in, 2)`` gives probabilities
+Routing is per token per Linear, as in ShiftAddViT: a router ``Linear(in, 2)`` gives probabilities
 ``p = softmax(router(x))`` over the experts [Mult (``nn.Linear``), Shift (:class:`ShiftLinear`)], each token
 goes to its argmax expert, and the router is trained by two signals:
 
@@ -8,12 +9,11 @@ goes to its argmax expert, and the router is trained by two signals:
   (Shazeer et al. 2017; Switch Transformer). ``gate="straight_through"`` outputs ``y_chosen * g / sg(g)``:
   the chosen expert's value unscaled (a freshly converted layer keeps the dense function, where ``g * y``
   with a 2-expert top-1 ``g >= 0.5`` roughly halves it) and no per-token multiply at inference, with a
-  router gradient of the same direction (``dL/dlogits = <dL/dout, y> * dlog g/dlogits``). Measured on the
-  digits ViT (Hamming attention + MoE in all 16 Linears, 15 epochs, one seed): ``prob`` 97.2% and
-  ``straight_through`` 95.3% top-1 — hence the default. Never a log-space combine (the release's
-  ``y + log g``).
-* the latency-aware load-balancing loss (:meth:`MoELinear.balance_loss`), after the method's NoisyGate
-  (``fmoe_new.py``) and Shazeer et al., "Outrageously large neural networks", ICLR 2017::
+  router gradient of the same direction (``dL/dlogits = <dL/dout, y> * dlog g/dlogits``). ``prob`` is
+  the default because it trained the digits ViT (Hamming attention + MoE in every Linear) to the higher
+  accuracy. Never a log-space combine (the ShiftAddViT release's ``y + log g``).
+* the latency-aware load-balancing loss (:meth:`MoELinear.balance_loss`), after the ShiftAddViT
+  release's NoisyGate (``fmoe_new.py``) and Shazeer et al., "Outrageously large neural networks", ICLR 2017::
 
       importance_e = sum_t p_e(t)                     # soft
       load_e       = sum_t 1[e chosen for t]          # hard counts, straight-through gradient of p_e(t)
@@ -22,7 +22,8 @@ goes to its argmax expert, and the router is trained by two signals:
   with ``c_e`` that layer's measured cost of expert e (latency or energy per token, from the cost model;
   only the ratio matters since cv2 is scale-free). Equilibrium: both terms vanish iff
   ``c_mult * n_mult = c_shift * n_shift`` — tokens in inverse proportion to expert cost, i.e. a share
-  ``c_shift / (c_mult + c_shift)`` to Mult ("the faster the expert, the more tokens"). The hard load term
+  ``c_shift / (c_mult + c_shift)`` to Mult (:func:`equilibrium_share`; "the faster the expert, the more
+  tokens"). The hard load term
   measures the split the model actually makes (soft importance alone can sit at p_mult = 0.25 for every
   token while no token is routed to Mult).
 
@@ -42,7 +43,7 @@ buffers updated in place in every forward — no host synchronisation in forward
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ GATE_MODES = ("prob", "straight_through")
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation, unbiased variance (Shazeer et al. 2017; the method's NoisyGate)."""
+    """Squared coefficient of variation, unbiased variance (Shazeer et al. 2017; ShiftAddViT's NoisyGate)."""
     return x.var() / (x.mean() ** 2 + 1e-10)
 
 
@@ -75,7 +76,7 @@ class MoELinear(nn.Module):
         self.mult = nn.Linear(in_features, out_features, bias=bias, **dd)
         self.shift = ShiftLinear(in_features, out_features, bias, weight_bits, frac_bits, **dd)
         self.router = nn.Linear(in_features, len(EXPERTS), **dd)
-        nn.init.trunc_normal_(self.router.weight, std=0.02)  # the method's router init (Block._init_weights)
+        nn.init.trunc_normal_(self.router.weight, std=0.02)  # ShiftAddViT's router init (Block._init_weights)
         nn.init.zeros_(self.router.bias)
         # Costs come from the cost model of the target; NaN = not given (a balance loss then refuses).
         self.register_buffer("expert_costs", torch.full((len(EXPERTS),), float("nan"), device=device),
@@ -259,6 +260,19 @@ def moe_balance_loss(model: nn.Module) -> torch.Tensor:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)
     return torch.stack(losses).sum()
+
+
+def equilibrium_share(costs: Mapping[str, float]) -> float:
+    """Mult token share at which the latency-aware balance loss vanishes: ``c_shift / (c_mult + c_shift)``.
+
+    Both terms of :meth:`MoELinear.balance_loss` are zero iff ``c_mult·n_mult = c_shift·n_shift``, so with
+    ``s = n_mult / (n_mult + n_shift)``: ``c_mult·s = c_shift·(1 - s)``. ``costs`` holds the layer's
+    per-token expert costs as ``{"mult": c_mult, "shift": c_shift}``; the Shift share is ``1 -`` this.
+    """
+    c_mult, c_shift = costs["mult"], costs["shift"]
+    if not (c_mult > 0 and c_shift > 0):
+        raise ValueError(f"expert costs must be positive, got mult={c_mult}, shift={c_shift}")
+    return c_shift / (c_mult + c_shift)
 
 
 def routing_shares(model: nn.Module, cumulative: bool = True) -> dict[str, float]:

@@ -91,7 +91,8 @@ def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def matadd_reference(mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``out[b,m,n] = sum_k mask[b,k,m] * v[b,k,n]`` (the matadd contract), differentiable in both."""
+    """``out[b,m,n] = sum_k mask[b,k,m] * v[b,k,n]`` (``matadd`` of :mod:`kernels.primitives`), differentiable
+    in both."""
     return torch.bmm(mask.transpose(1, 2), v)  # [b, m, k] @ [b, k, n] -> [b, m, n]
 
 

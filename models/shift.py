@@ -1,4 +1,5 @@
-"""Bit-shift linear layer: power-of-two weights on fixed-point activations (ShiftAddViT §1, after DeepShift).
+"""Bit-shift linear layer: power-of-two weights on fixed-point activations (ShiftAddViT, You et al.,
+NeurIPS 2023; after DeepShift).
 
 Weight parameterisation — the *Q mode* of DeepShift (Elhoushi et al., "DeepShift", 2021; ShiftAddViT
 ``deepshift/modules_q.py``), with a ternary sign:
@@ -9,7 +10,7 @@ Weight parameterisation — the *Q mode* of DeepShift (Elhoushi et al., "DeepShi
   to ``2^e_min`` and becomes an exact zero (so ``t`` is ternary, as in DeepShift-PS);
 * both roundings are straight-through: the gradient of ``W_q`` is passed to ``W`` unchanged.
 
-``weight_bits = b`` gives ``e_min = -(2^(b-1) - 2)``, the method's range (b=5 -> [-14, 0]): ``b - 1`` bits
+``weight_bits = b`` gives ``e_min = -(2^(b-1) - 2)``, ShiftAddViT's range (b=5 -> [-14, 0]): ``b - 1`` bits
 hold 2^(b-1) codes, 2^(b-1)-1 exponents plus one code for zero, and one bit holds the sign.
 Weights with ``|W| > 1`` saturate at ``±1`` (exponent 0, the largest representable) — the kernels only shift
 right; pretrained ViT weights are almost all well inside (-1, 1), so this is rare; the latent weight keeps

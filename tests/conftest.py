@@ -24,7 +24,7 @@ os.environ["DSE_PROFILE_DIR"] = tempfile.mkdtemp(prefix="dse-profiles-")
 
 
 def run_dse(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
-    """Run the real CLI in a subprocess (exit codes and stderr are part of the contract)."""
+    """Run the real CLI in a subprocess (exit codes and stderr are what users script against)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "dse", *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
@@ -35,14 +35,15 @@ def dse_cli():
     return run_dse
 
 
-def write_profile(root: Path, *, model: str = "vit_digits", batch: int = 2, device: dict | None = None,
+def write_profile(root: Path, *, cfg: Config | None = None, batch: int = 2, device: dict | None = None,
                   target: dict | None = None, seconds_per_mac: float = 2e-9, overhead_ms: float = 0.002) -> Path:
-    """Write ``<root>/<device>/<target>.csv`` + ``.yaml``: every row ``dse profile`` would measure for ``model``
-    (``dse.profile.plan``), priced by a stated formula instead of a measurement, so tests own their data:
+    """Write ``<root>/<device>/<target>.csv`` + ``.yaml``: every row ``dse profile`` would measure for the model
+    of ``cfg`` (default: the built-in config's; ``dse.profile.plan``), priced by a stated formula instead of a
+    measurement, so tests own their data:
     ``latency_ms = overhead_ms + b·m·k·n · seconds_per_mac · 1e3`` (PyTorch rows 1.5× that), energy 0.01 mJ
     (``model``). ``device``/``target`` default to this machine's CPU and target."""
-    cfg = Config()
-    cfg.model.name = model
+    cfg = cfg or Config()
+    model = cfg.model.name
     inventory = build_inventory(build_dense(cfg), batch=batch, nbits=cfg.finetune.nbits, name=model)
     target = json.loads(json.dumps(target or kernels.targets.target_to_dict(kernels.resolve_target("cpu"))))
     device = device or describe_device("cpu").as_dict()

@@ -80,16 +80,19 @@ def run(args: argparse.Namespace):
 def _text(s: dict, stage: str) -> str:
     lines = []
     if s.get("devices"):
-        lines.append(f"devices: {', '.join(s['devices'])} (one latency objective each)")
+        each = " (one latency objective each)" if len(s["devices"]) > 1 else ""
+        lines.append(f"predicted for: {', '.join(s['devices'])}{each}")
     a = s.get("stage_a")
     if a:
         lines.append(
             f"stage A: {a['evaluated']} trials evaluated here in {a['seconds']:.1f} s "
             f"({a['trials_per_s']:.0f} trials/s, worker {a['worker']}); study holds {a['stored']}"
+            + (f"; {a['repeats_dropped']} offspring repeated known designs and were dropped"
+               if a.get("repeats_dropped") else "")
         )
     lines.append(
         f"{s['parameters']} parameters over {s['layers']} layers; front: {s['front_size']} designs of "
-        f"{s['trials']} trials"
+        f"{s['trials']} trials ({s['distinct_designs']} distinct designs)"
     )
     rows = [
         {

@@ -7,9 +7,6 @@ import time
 
 import pytest
 
-from tests.conftest import run_dse
-from tests.dse.test_export import artifact, shiftadd_checkpoint  # noqa: F401  (session fixtures)
-
 
 def test_interleaved_timing_ranks_contestants():
     from dse.bench import interleaved
@@ -31,8 +28,8 @@ def test_interleaved_timing_ranks_contestants():
     assert 4.0 <= stats["slow"].median_ms <= stats["slow"].p90_ms
 
 
-def test_bench_cli_reports_all_contestants(artifact):  # noqa: F811
-    res = run_dse("bench", "--artifact", str(artifact), "--no-compile", "--set", "bench.repeat=6",
+def test_bench_cli_reports_all_contestants(artifact, dse_cli):
+    res = dse_cli("bench", "--artifact", str(artifact), "--no-compile", "--set", "bench.repeat=6",
                   "--set", "bench.warmup=1", "--json", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
@@ -57,9 +54,19 @@ def test_bench_cli_reports_all_contestants(artifact):  # noqa: F811
     assert f"{tvm_row['median_ms']:.3f}" in text
 
 
-def test_bench_without_dense_checkpoint_is_one_line_error(artifact, tmp_path):  # noqa: F811
-    res = run_dse("bench", "--artifact", str(artifact), "--no-compile", "--dense", str(tmp_path / "nope.pt"),
+def test_bench_without_dense_checkpoint_is_one_line_error(artifact, tmp_path, dse_cli):
+    res = dse_cli("bench", "--artifact", str(artifact), "--no-compile", "--dense", str(tmp_path / "nope.pt"),
                   timeout=300)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "dense checkpoint" in lines[0]
+
+
+def test_bench_refuses_another_devices_profile(artifact, tmp_path, dse_cli):
+    from tests.conftest import GPU_DEVICE, write_profile
+
+    foreign = write_profile(tmp_path / "profiles", device=GPU_DEVICE)  # this CPU's target, another device
+    res = dse_cli("bench", "--artifact", str(artifact), "--no-compile", "--profile", str(foreign), timeout=300)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and GPU_DEVICE["slug"] in lines[0]

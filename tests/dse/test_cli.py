@@ -2,8 +2,6 @@ import json
 
 import pytest
 
-from tests.conftest import run_dse
-
 
 def _one_error_line(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
@@ -12,36 +10,36 @@ def _one_error_line(stderr: str) -> str:
     return lines[-1]
 
 
-def test_help_lists_subcommands():
-    res = run_dse("--help")
+def test_help_lists_subcommands(dse_cli):
+    res = dse_cli("--help")
     assert res.returncode == 0
     for name in ("env", "pretrain", "run"):
         assert name in res.stdout
 
 
-def test_python_m_and_no_command():
-    res = run_dse()
+def test_python_m_and_no_command(dse_cli):
+    res = dse_cli()
     assert res.returncode == 2
 
 
-def test_env_json_parses():
-    res = run_dse("env", "--json", "--no-compile")
+def test_env_json_parses(dse_cli):
+    res = dse_cli("env", "--json", "--no-compile")
     assert res.returncode == 0, res.stderr
     env = json.loads(res.stdout)
     assert env["versions"]["tvm"] and "model" in env["energy_sources"]
     assert env["energy_sources"]["model"] == "usable"
 
 
-def test_unknown_config_key_exits_2_naming_the_key(tmp_path):
+def test_unknown_config_key_exits_2_naming_the_key(tmp_path, dse_cli):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("pretrain:\n  epochs: 1\n  lr_warmup: 3\n")
-    res = run_dse("pretrain", "-c", str(cfg), "--out", str(tmp_path / "o"))
+    res = dse_cli("pretrain", "-c", str(cfg), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     assert "pretrain.lr_warmup" in _one_error_line(res.stderr)
 
 
-def test_bad_flag_is_usage_error():
-    res = run_dse("pretrain", "--no-such-flag")
+def test_bad_flag_is_usage_error(dse_cli):
+    res = dse_cli("pretrain", "--no-such-flag")
     assert res.returncode == 2
     _one_error_line(res.stderr)
 
@@ -51,29 +49,29 @@ def test_bad_flag_is_usage_error():
     (["model.checkpoint=/nonexistent/dense.pt"], 2, "/nonexistent/dense.pt"),
     (["model.name=no_such_model_xyz"], 2, "no_such_model_xyz"),
 ])
-def test_missing_inputs_one_line(tmp_path, overrides, code, fragment):
+def test_missing_inputs_one_line(tmp_path, overrides, code, fragment, dse_cli):
     args = ["pretrain", "--out", str(tmp_path / "o")]
     for o in overrides:
         args += ["--set", o]
-    res = run_dse(*args)
+    res = dse_cli(*args)
     assert res.returncode == code, res.stderr
     assert fragment in _one_error_line(res.stderr)
 
 
-def test_debug_shows_traceback(tmp_path):
-    res = run_dse("pretrain", "--debug", "--out", str(tmp_path / "o"), "--set", "model.checkpoint=/nope.pt")
+def test_debug_shows_traceback(tmp_path, dse_cli):
+    res = dse_cli("pretrain", "--debug", "--out", str(tmp_path / "o"), "--set", "model.checkpoint=/nope.pt")
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
-def test_truncated_checkpoint_is_one_line(tmp_path):
+def test_truncated_checkpoint_is_one_line(tmp_path, dse_cli):
     bad = tmp_path / "dense.pt"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    res = run_dse("pretrain", "--out", str(tmp_path / "o"), "--set", f"model.checkpoint={bad}")
+    res = dse_cli("pretrain", "--out", str(tmp_path / "o"), "--set", f"model.checkpoint={bad}")
     assert res.returncode == 2
     assert "cannot be read" in _one_error_line(res.stderr)
 
 
-def test_checkpoint_of_another_architecture(tmp_path):
+def test_checkpoint_of_another_architecture(tmp_path, dse_cli):
     import torch
 
     import models
@@ -81,6 +79,6 @@ def test_checkpoint_of_another_architecture(tmp_path):
     other = models.create("vit_digits", embed_dim=48, num_heads=2)
     path = tmp_path / "other.pt"
     torch.save({"model": other.state_dict()}, path)
-    res = run_dse("pretrain", "--out", str(tmp_path / "o"), "--set", f"model.checkpoint={path}")
+    res = dse_cli("pretrain", "--out", str(tmp_path / "o"), "--set", f"model.checkpoint={path}")
     assert res.returncode == 2
     assert "does not fit this model" in _one_error_line(res.stderr)

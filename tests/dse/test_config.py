@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from dse.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from dse.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_roundtrip(tmp_path):
@@ -60,14 +64,10 @@ def test_missing_file_and_non_mapping(tmp_path):
 
 
 def test_shipped_configs_load():
-    from tests.conftest import ROOT
-
     for name in ("default.yaml", "deit_tiny_imagenet.yaml"):
         cfg = load_config(ROOT / "configs" / name)
         assert cfg.model.name
 
 
 def test_default_yaml_is_the_built_in_default():
-    from tests.conftest import ROOT
-
     assert config_to_dict(load_config(ROOT / "configs" / "default.yaml")) == config_to_dict(load_config())

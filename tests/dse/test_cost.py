@@ -22,7 +22,6 @@ from dse.cost import (
     LinearWork,
     ModelWork,
     check_profile,
-    equilibrium_share,
     fastest_shift_primitive,
     moe_expected,
 )
@@ -30,6 +29,7 @@ from dse.cost_regression import error_summary, fit_law
 from dse.errors import AssignmentError, ProfileError
 from dse.store import Profile
 from models.assignment import Assignment
+from models.moe import equilibrium_share
 
 
 def _bytes(prim: str, b: int, m: int, k: int, n: int) -> float:
@@ -205,7 +205,7 @@ def test_unpriceable_primitive_is_a_profile_error():
 
 
 def test_equilibrium_share_balances_cost_times_tokens():
-    s = equilibrium_share(1.0, 3.0)
+    s = equilibrium_share({"mult": 1.0, "shift": 3.0})
     assert s == pytest.approx(0.75)
     assert 1.0 * s == pytest.approx(3.0 * (1 - s))  # c_mult·n_mult = c_shift·n_shift
 

@@ -1,7 +1,8 @@
 """dse export: the compiled graph holds the project's kernels, matches PyTorch, and ships as a verified,
 torch-free artifact (plus a compile-only CUDA one).
 
-One small but trained model serves every test: a 2-block vit_digits pretrained for 2 epochs, then
+One small but trained model serves every test (the session fixtures ``shiftadd_checkpoint`` and ``artifact``
+of ``tests/dse/conftest.py``): a 2-block vit_digits pretrained for 4 epochs, then
 reparameterised with a mixed assignment (Hamming and softmax attention, shift, mult and MoE Linears) and
 its hash fitted — realistic weights, so top-1 agreement is a meaningful check. The PyTorch reference is
 computed here, independently of the exporter's own check.
@@ -9,7 +10,6 @@ computed here, independently of the exporter's own check.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,80 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, run_dse
-
-ASSIGNMENT = {
-    "attention": {"blocks.0.attn": "hamming", "blocks.1.attn": "msa"},
-    "linear": {"blocks.0.attn.qkv": "shift", "blocks.0.attn.proj": "moe", "blocks.0.mlp.fc1": "shift",
-               "blocks.0.mlp.fc2": "mult", "blocks.1.attn.qkv": "mult", "blocks.1.attn.proj": "shift",
-               "blocks.1.mlp.fc1": "moe", "blocks.1.mlp.fc2": "shift"},
-}
-COSTS = {"blocks.0.attn.proj": {"mult": 1.0, "shift": 1.0}, "blocks.1.mlp.fc1": {"mult": 1.0, "shift": 1.0}}
-# Small enough to train in seconds on one thread (47% dense val top-1 after 4 epochs, far above chance).
-OVERRIDES = ["model.kwargs={depth: 2, embed_dim: 48}", "pretrain.epochs=4", "pretrain.warmup_epochs=1",
-             "pretrain.lr=3e-3", "pretrain.threads=1", "data.augment=false", "data.batch_size=32",
-             "export.repeat=5", "export.threads=1"]
-# One layer and one MoE Shift expert on the integer kernel, the rest chosen by the exporter's rule.
-FORCED = "export.shift_primitive={blocks.0.attn.qkv: matshift, blocks.1.mlp.fc1: matshift}"
-CHECK_IMAGES = 96  # the exporter's own calibration and check; the tests compare all 360 themselves
-
-
-def _config(out: Path):
-    from dse.config import load_config
-
-    return load_config(None, [*OVERRIDES, f"out={out}"])
-
-
-@pytest.fixture(scope="session")
-def shiftadd_checkpoint(tmp_path_factory) -> Path:
-    """A ``dse finetune``-format weights.pt (and resolved config) of the mixed ShiftAddViT."""
-    import models
-    from dse.config import save_config
-    from dse.data import load_data
-    from dse.finetune import fit_batch, reparam_options
-    from dse.pretrain import architecture, build_dense, pretrain
-    from models.assignment import Assignment
-    from models.hamming import fit_hamming
-    from models.moe import moe_layers
-    from models.reparam import reparameterize
-
-    # test_bench.py imports these fixtures, which makes pytest hold a second copy: build once per session
-    root = tmp_path_factory.getbasetemp() / "shiftadd"
-    if (root / "finetune" / "resolved_config.yaml").exists():
-        return root / "finetune"
-    root.mkdir(exist_ok=True)
-    cfg = _config(root)
-    pretrain(cfg, root / "dense", progress=False)
-    dense = build_dense(cfg)
-    models.load_weights(dense, root / "dense" / "weights.pt")
-    plan = Assignment.from_dict(ASSIGNMENT)
-    torch.manual_seed(0)
-    model = reparameterize(dense, plan, costs=COSTS, **reparam_options(cfg)).eval()
-    fit_hamming(model, fit_batch(load_data(cfg.data, cfg.seed), cfg))
-    for _, layer in moe_layers(model):  # a fine-tuned router splits the tokens; a fresh one barely varies
-        torch.nn.init.normal_(layer.router.weight, std=0.5)
-    folder = root / "finetune"
-    folder.mkdir()
-    meta = {"architecture": architecture(cfg), "assignment": plan.to_dict(), "costs": COSTS,
-            "reparam": reparam_options(cfg), "dense_checkpoint": str(root / "dense" / "weights.pt")}
-    torch.save({"model": model.state_dict(), "meta": meta}, folder / "weights.pt")
-    save_config(cfg, folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def artifact(shiftadd_checkpoint, tmp_path_factory) -> Path:
-    """``dse export`` through the CLI (CPU artifact and the compile-only CUDA companion)."""
-    out = tmp_path_factory.getbasetemp() / "artifact" / "vit"
-    if (out / "manifest.yaml").exists() and (out.with_name("vit-cuda-sm_90") / "manifest.yaml").exists():
-        return out
-    out.parent.mkdir(exist_ok=True)
-    res = run_dse("export", "--checkpoint", str(shiftadd_checkpoint), "--out", str(out), "--set", FORCED,
-                  "--set", f"export.val_images={CHECK_IMAGES}", "--json", timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads(res.stdout)
-    assert summary["folder"] == str(out)
-    return out
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _reference(checkpoint: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,7 +44,7 @@ def _reference(checkpoint: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray
 # The graph
 
 
-def test_relax_module_calls_the_kernels(shiftadd_checkpoint):
+def test_relax_module_calls_the_kernels(shiftadd_checkpoint, shiftadd_spec):
     """The imported Relax module: kernel PrimFuncs by name, reached through call_tir from main(), one per
     shift primitive as chosen per layer; shift weights enter as int8 arrays."""
     from dse import graph
@@ -129,7 +56,7 @@ def test_relax_module_calls_the_kernels(shiftadd_checkpoint):
     x, _ = val_tensors(cfg, 32)
     model, _ = load_finetuned(shiftadd_checkpoint / "weights.pt")
     capacity = calibrate_capacity(model, x, 8)
-    assert set(capacity) == set(COSTS) and all(0.0 < v < 1.0 for v in capacity.values())
+    assert set(capacity) == set(shiftadd_spec.costs) and all(0.0 < v < 1.0 for v in capacity.values())
     integer = {"blocks.0.attn.qkv", "blocks.1.mlp.fc1.shift"}
     form = graph.export_form(model, lambda name, _l: "matshift" if name in integer else "matshift_decode")
     g = graph.to_relax(form, x[:8].contiguous(), "cpu")
@@ -252,7 +179,7 @@ def _near_ties(checkpoint: Path, manifest: dict, x: np.ndarray, batch: int, tol:
     return flagged
 
 
-def test_artifact_matches_pytorch_on_the_validation_set(artifact, shiftadd_checkpoint):
+def test_artifact_matches_pytorch_on_the_validation_set(artifact, shiftadd_checkpoint, shiftadd_spec):
     from dse.artifact import Artifact
 
     manifest = yaml.safe_load((artifact / "manifest.yaml").read_text())
@@ -273,12 +200,13 @@ def test_artifact_matches_pytorch_on_the_validation_set(artifact, shiftadd_check
     assert (ref.argmax(1) == y).mean() > 0.15  # trained weights, clearly above chance (10%); measured 0.19
     assert {e["primitive"] for e in manifest["shift_primitives"].values()} >= {"matshift"}
     acc = manifest["accuracy"]
-    assert acc["val_images"] == CHECK_IMAGES
-    assert acc["compiled_val_acc"] == pytest.approx(100.0 * (got[:CHECK_IMAGES].argmax(1) == y[:CHECK_IMAGES]).mean())
+    checked = shiftadd_spec.check_images
+    assert acc["val_images"] == checked
+    assert acc["compiled_val_acc"] == pytest.approx(100.0 * (got[:checked].argmax(1) == y[:checked]).mean())
     assert acc["top1_agreement"] == 1.0 and acc["median_rel_logit_err"] <= 1e-4
 
 
-def test_artifact_folder_and_manifest(artifact):
+def test_artifact_folder_and_manifest(artifact, shiftadd_spec):
     from dse.artifact import verify
     from dse.fileio import sha256_file
 
@@ -293,14 +221,14 @@ def test_artifact_folder_and_manifest(artifact):
     prims = {k["primitive"] for k in manifest["kernels"]}
     assert {"matadd", "matmul", "bmm"} <= prims and prims & {"matshift", "matshift_decode"}
     assert all(k["calls"] >= 1 for k in manifest["kernels"])
-    assert set(manifest["moe"]["capacity"]) == set(COSTS)
+    assert set(manifest["moe"]["capacity"]) == set(shiftadd_spec.costs)
     with np.load(artifact / "weights.npz") as npz:
         assert list(manifest["params"]) == [n for n in manifest["params"] if n in npz.files]
         assert npz["blocks.0.attn.qkv.shift"].dtype == np.int8 and npz["blocks.0.attn.qkv.sign"].dtype == np.int8
         assert set(np.unique(npz["blocks.0.attn.qkv.sign"])) <= {-1, 0, 1}
         assert "blocks.0.attn.qkv.weight" not in npz.files
     saved = yaml.safe_load((artifact / "assignment.yaml").read_text())
-    assert saved["linear"] == ASSIGNMENT["linear"] and set(saved["capacity"]) == set(COSTS)
+    assert saved["linear"] == shiftadd_spec.assignment["linear"] and set(saved["capacity"]) == set(shiftadd_spec.costs)
 
 
 def test_cuda_companion_is_compile_only(artifact):
@@ -342,7 +270,7 @@ def test_loader_runs_without_torch(artifact, tmp_path):
     np.testing.assert_allclose(got, Artifact.load(artifact).predict(x), rtol=0, atol=1e-5)
 
 
-def test_tampered_artifact_is_refused_before_loading(artifact, tmp_path, monkeypatch):
+def test_tampered_artifact_is_refused_before_loading(artifact, tmp_path, monkeypatch, dse_cli):
     import shutil
 
     import tvm
@@ -363,7 +291,7 @@ def test_tampered_artifact_is_refused_before_loading(artifact, tmp_path, monkeyp
     monkeypatch.setattr(tvm.runtime, "load_module", no_load)
     with pytest.raises(ArtifactError, match="weights.npz fails its checksum"):
         Artifact.load(bad)
-    res = run_dse("bench", "--artifact", str(bad), "--no-compile", timeout=300)
+    res = dse_cli("bench", "--artifact", str(bad), "--no-compile", timeout=300)
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "checksum" in lines[0]
@@ -371,3 +299,27 @@ def test_tampered_artifact_is_refused_before_loading(artifact, tmp_path, monkeyp
     (bad / "model.so").unlink()
     with pytest.raises(ArtifactError, match="missing"):
         Artifact.load(bad)
+
+
+def test_export_prices_with_the_profile_of_the_device_it_targets(tmp_path):
+    """No profile of this machine: exporting for another device's target uses that device's profile, and
+    says which it lacks or which to choose."""
+    from dse.config import Config
+    from dse.export import profile_table
+    from tests.conftest import write_profile
+
+    cfg = Config()
+    cfg.profile.dir = str(tmp_path / "profiles")
+    znver4 = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
+    table, reason = profile_table(cfg, znver4, None)
+    assert table is None and "no profile for target llvm-znver4-2c" in reason
+    epyc = {"kind": "cpu", "name": "AMD EPYC 9R14", "slug": "amd-epyc-9r14", "cores": 2}
+    path = write_profile(tmp_path / "profiles", device=epyc, target=znver4)
+    table, reason = profile_table(cfg, znver4, None)
+    assert reason == str(path) and table.profile.meta["device"]["slug"] == "amd-epyc-9r14"
+    write_profile(tmp_path / "profiles", device=dict(epyc, slug="amd-epyc-9654", name="AMD EPYC 9654"),
+                  target=znver4)
+    table, reason = profile_table(cfg, znver4, None)
+    assert table is None and "several devices" in reason and "--profile" in reason
+    table, reason = profile_table(cfg, znver4, path)  # named: used, from any device
+    assert reason == str(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,19 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dse.config import load_config
 from dse.data import load_data
 from dse.errors import ConfigError, ProfileError
 from dse.finetune import (
     FinetuneObjective,
     distillation_loss,
-    equilibrium_share,
     finetune,
     load_finetuned,
 )
 from dse.pretrain import architecture, build_dense
 from dse.train import _amp_dtype, evaluate
-from models.assignment import Assignment, layer_kinds
+from models.assignment import Assignment
 from models.hamming import HammingAttention
 from models.moe import moe_layers
 from models.ops import kernel_ops
@@ -36,25 +33,10 @@ from models.reparam import reparameterize
 from models.shift import ShiftLinear
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["data.img_size=16", "data.augment=false", "model.kwargs={patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2}",
-        "finetune.warmup_epochs=0", "finetune.lr=0.002", "finetune.threads=1", "finetune.batch_size=128"]
-
-
-def tiny_cfg(*extra: str):
-    return load_config(None, [*TINY, *extra])
-
-
-def linear_names(model) -> list[str]:
-    return [n for n, k in layer_kinds(model).items() if k == "linear"]
-
-
-def costs_for(model) -> dict[str, dict[str, float]]:
-    """Distinct, non-uniform costs per layer, so a mix-up of layers would show."""
-    return {n: {"mult": 1.0 + i, "shift": 2.0 + 0.5 * i} for i, n in enumerate(linear_names(model))}
 
 
 @pytest.fixture(scope="module")
-def dense_ckpt(tmp_path_factory) -> Path:
+def dense_ckpt(tmp_path_factory, tiny_cfg) -> Path:
     """A dense checkpoint in the format `dse pretrain` writes (random weights: mechanics, not accuracy)."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
@@ -88,7 +70,7 @@ def test_distillation_loss_matches_hinton_formula_and_gradient():
     assert distillation_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_objective_adds_weighted_kd_and_moe_balance():
+def test_objective_adds_weighted_kd_and_moe_balance(costs_for, tiny_cfg):
     cfg = tiny_cfg()
     torch.manual_seed(0)
     dense = build_dense(cfg).eval()
@@ -114,17 +96,10 @@ def test_objective_adds_weighted_kd_and_moe_balance():
     assert loss.item() == pytest.approx(0.3 * kd.item() + 0.05 * balance, rel=1e-5)
 
 
-def test_equilibrium_share_balances_cost_weighted_load():
-    for mult, shift in [(1.0, 3.0), (4.0, 1.0), (2.0, 2.0)]:
-        share = equilibrium_share({"mult": mult, "shift": shift})
-        # the balance loss's cv^2 of c * counts is zero iff c_mult * n_mult == c_shift * n_shift
-        assert mult * share == pytest.approx(shift * (1 - share))
-
-
 # ---- costs policy ----------------------------------------------------------------------------------
 
 
-def test_moe_without_costs_is_an_error(tmp_path, dense_ckpt):
+def test_moe_without_costs_is_an_error(tmp_path, dense_ckpt, costs_for, tiny_cfg):
     cfg = tiny_cfg("finetune.epochs=1")
     with pytest.raises(ProfileError, match="does not exist"):
         finetune(cfg, tmp_path / "a", checkpoint=dense_ckpt, profile=tmp_path / "missing.csv", progress=False)
@@ -136,7 +111,8 @@ def test_moe_without_costs_is_an_error(tmp_path, dense_ckpt):
         finetune(cfg, tmp_path / "c", progress=False)
 
 
-def test_all_shift_needs_no_profile_and_resume_refuses_another_assignment(tmp_path, dense_ckpt):
+def test_all_shift_needs_no_profile_and_resume_refuses_another_assignment(tmp_path, dense_ckpt, costs_for,
+                                                                           linear_names, tiny_cfg):
     from dse.errors import CheckpointError
 
     cfg = tiny_cfg("finetune.epochs=1")
@@ -154,7 +130,7 @@ def test_all_shift_needs_no_profile_and_resume_refuses_another_assignment(tmp_pa
 # ---- the stage end to end ----------------------------------------------------------------------------
 
 
-def test_finetune_outputs_metrics_and_reload(tmp_path, dense_ckpt):
+def test_finetune_outputs_metrics_and_reload(tmp_path, dense_ckpt, costs_for, tiny_cfg):
     cfg = tiny_cfg("finetune.epochs=2")
     dense = build_dense(cfg)
     costs = costs_for(dense)
@@ -189,7 +165,7 @@ def test_finetune_outputs_metrics_and_reload(tmp_path, dense_ckpt):
     assert summary["routing_end"] == pytest.approx({n: metrics[f"mult_share/{n}"].iloc[-1] for n in costs})
 
 
-def test_hashing_fit_is_deterministic_and_saved(tmp_path, dense_ckpt):
+def test_hashing_fit_is_deterministic_and_saved(tmp_path, dense_ckpt, costs_for, tiny_cfg):
     cfg = tiny_cfg("finetune.epochs=0")
     dense = build_dense(cfg)
     states = []
@@ -214,26 +190,16 @@ def test_load_finetuned_rejects_a_dense_checkpoint(dense_ckpt):
 # ---- resume after SIGKILL ----------------------------------------------------------------------------
 
 
-def write_cost_table(path: Path, costs: dict) -> Path:
-    """A cost-table JSON (dse.search.CostTableFile) holding only the MoE expert costs: a profile stand-in."""
-    path.write_text(json.dumps({"fixed": [0.0, 0.0], "layers": {}, "moe_expert_costs": costs}))
-    return path
-
-
-def cli_args(out: Path, dense_ckpt: Path, costs_json: Path, *sets: str) -> list[str]:
-    return ["finetune", *[a for s in [*TINY, *sets] for a in ("--set", s)], "--checkpoint", str(dense_ckpt),
-            "--profile", str(costs_json), "--out", str(out)]
-
-
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, dense_ckpt):
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, dense_ckpt, costs_for, tiny_cfg,
+                                                             finetune_cli_args, write_cost_table):
     """`dse finetune` in a subprocess (so SIGKILL is real), killed during epoch 2, then `--resume`."""
     costs_json = write_cost_table(tmp_path / "costs.json", costs_for(build_dense(tiny_cfg())))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
 
     def start(out: Path, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "dse", *cli_args(out, dense_ckpt, costs_json,
-                                                                        "finetune.epochs=3"), *extra],
+        argv = finetune_cli_args(out, dense_ckpt, costs_json, "finetune.epochs=3")
+        return subprocess.Popen([sys.executable, "-m", "dse", *argv, *extra],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish(proc: subprocess.Popen) -> None:
@@ -268,8 +234,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, dense_ckp
 # ---- the CLI ------------------------------------------------------------------------------------------
 
 
-def test_cli_missing_profile_is_one_line_usage_error(tmp_path, dense_ckpt, dse_cli):
-    sets = [a for s in TINY for a in ("--set", s)]
+def test_cli_missing_profile_is_one_line_usage_error(tmp_path, dense_ckpt, dse_cli, finetune_tiny):
+    sets = [a for s in finetune_tiny for a in ("--set", s)]
     res = dse_cli("finetune", *sets, "--checkpoint", str(dense_ckpt), "--profile", str(tmp_path / "nope.csv"),
                   "--out", str(tmp_path / "o"), env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 2, res.stderr
@@ -286,7 +252,7 @@ def test_amp_policy_and_fp32_fixed_point_under_autocast():
         _amp_dtype("fp8", "cuda")
     torch.manual_seed(0)
     layer = ShiftLinear(16, 8).train()
-    x = (torch.randn(4, 16) * 8).to(torch.bfloat16)  # |x| >= 1: x * 2^16 overflows fp16 (method §1.3)
+    x = (torch.randn(4, 16) * 8).to(torch.bfloat16)  # |x| >= 1: x * 2^16 overflows fp16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.float32
@@ -300,7 +266,7 @@ def test_amp_policy_and_fp32_fixed_point_under_autocast():
 
 
 @pytest.mark.gpu
-def test_finetune_on_cuda_with_bf16_autocast(tmp_path, dense_ckpt):
+def test_finetune_on_cuda_with_bf16_autocast(tmp_path, dense_ckpt, costs_for, tiny_cfg):
     cfg = tiny_cfg("finetune.epochs=1", "device=cuda", "finetune.amp=bf16")
     dense = build_dense(cfg)
     summary = finetune(cfg, tmp_path / "gpu", checkpoint=dense_ckpt, costs=costs_for(dense), progress=False)

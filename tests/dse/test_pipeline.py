@@ -9,8 +9,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import run_dse
-
 TINY = [
     "model.kwargs={depth: 2, embed_dim: 48, num_heads: 2}", "data.img_size=16", "data.augment=false",
     "pretrain.epochs=2", "pretrain.warmup_epochs=0", "profile.repeat=2", "profile.min_repeat_ms=1",
@@ -23,11 +21,11 @@ STAGES = ["pretrain", "profile", "search", "finetune", "export", "bench"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, run_cli):
     root = tmp_path_factory.mktemp("pipeline")
     args = ["run", "--out", str(root / "run"), *[a for s in [*TINY, f"profile.dir={root / 'profiles'}"]
                                                   for a in ("--set", s)]]
-    first = run_dse(*args, timeout=1500)
+    first = run_cli(*args, timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
     return root / "run", args, first
 
@@ -68,9 +66,9 @@ def test_report_figures_come_from_the_stage_files(run):
     assert yaml.safe_load((out / "resolved_config.yaml").read_text())["search"]["trials"] == 60
 
 
-def test_rerun_reuses_every_stage(run):
+def test_rerun_reuses_every_stage(run, run_cli):
     out, args, _ = run
-    again = run_dse(*args, "--json", timeout=600)
+    again = run_cli(*args, "--json", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((out / "run.json").read_text())
     assert [s["name"] for s in summary["stages"] if s["reused"]] == STAGES

@@ -275,6 +275,22 @@ def _by_hand(space: SearchSpace, costs: CostTableFile, risk, params) -> tuple[fl
     return lat, en, sum(risk[n][c] for n, c in choice.items())
 
 
+def test_stage_a_stores_distinct_designs_and_ends_when_the_space_is_exhausted(tmp_path):
+    space, costs, risk = _synthetic_problem()
+    # one choice per layer type: a space of a few dozen designs
+    frozen = SearchSpace.build(KINDS, freeze=[], tie=["attn", "attn.qkv", "attn.proj", "fc1", "fc2"])
+    size = math.prod(len(p.choices) for p in frozen.params)
+    assert frozen.size() == size < 500
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    res = run_stage_a(frozen, Objective(frozen, costs, risk), url, "s", trials=500, population=20,
+                      persist_every_s=0.05)
+    trials = stored_trials(url, "s")
+    keys = [frozen.key(t.params) for t in trials]
+    assert res.stored == len(trials) == len(set(keys))  # nothing stored twice
+    assert res.repeats > 0  # NSGA-II offered known designs, which were dropped
+    assert 0.9 * size <= len(trials) <= size  # (almost) the whole space, then it stopped
+
+
 def test_stage_a_persists_in_batches_and_a_rerun_continues(tmp_path):
     space, costs, risk = _synthetic_problem()
     objective = Objective(space, costs, risk)
@@ -400,6 +416,38 @@ def test_choose_rule():
     recipe = {"trial": 0, "baseline": "recipe", "latency_ms": 6.0, "energy_mj": 2.0, "risk": 0.5}
     best, rule = choose(front, [recipe], [], max_drop=1.0, latency_budget=None, energy_budget=None)
     assert best["trial"] == 8 and "recipe" in rule
+
+
+def _design(trial, latency, accuracy, changed, baseline=""):
+    return {"trial": trial, "baseline": baseline, "latency_ms": latency, "energy_mj": 1.0, "risk": 0.1 * changed,
+            "accuracy": accuracy, "dense_accuracy": 98.0, "feasible": True, "n_shift": changed, "n_mult": 8 - changed,
+            "n_hamming": 0, "n_moe": 0, "n_msa": 2}
+
+
+def test_choose_never_returns_a_design_the_dense_model_beats():
+    dense = _design(0, 3.18, None, 0, "all-mult")
+    # every fine-tuned design is slower than the dense model compiled, and less accurate: dense wins
+    measured = [_design(5, 3.55, 97.78, 1), _design(6, 3.60, 98.0, 8, "all-shift")]
+    best, rule = choose([], [dense], measured, max_drop=1.0, latency_budget=None, energy_budget=None)
+    assert best["trial"] == 0 and best["accuracy"] == 98.0 and "dense design" in rule
+    # a ShiftAdd design faster than dense within the accuracy budget is chosen
+    measured.append(_design(7, 2.90, 97.5, 4))
+    best, _ = choose([], [dense], measured, max_drop=1.0, latency_budget=None, energy_budget=None)
+    assert best["trial"] == 7
+    # ... but not when it costs more accuracy than allowed
+    best, _ = choose([], [dense], measured, max_drop=0.25, latency_budget=None, energy_budget=None)
+    assert best["trial"] == 0
+    # a tie on latency goes to the design that changes fewer layers
+    tie = [_design(8, 3.18, 98.0, 3), _design(9, 3.18, 98.0, 1)]
+    best, _ = choose([], [dense], tie, max_drop=1.0, latency_budget=None, energy_budget=None)
+    assert best["trial"] == 0
+    best, _ = choose([], [], tie, max_drop=1.0, latency_budget=None, energy_budget=None)
+    assert best["trial"] == 9
+    # stage A only: dense (risk 0) is a candidate even when the front list omits it
+    front = [_design(3, 3.5, None, 2)]
+    recipe = dict(_design(1, 4.0, None, 8, "recipe"), risk=0.9)
+    best, _ = choose(front, [recipe, dense], [], max_drop=1.0, latency_budget=None, energy_budget=None)
+    assert best["trial"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -552,6 +600,29 @@ def test_search_on_two_devices_minimises_latency_on_each(tmp_path):
     # The study records four objectives; the same study cannot be reused with one device.
     study = optuna.load_study(study_name="shiftadd", storage=summary["storage"])
     assert study.metric_names == ["latency_ms@laptop", "latency_ms@server", "energy_mj", "risk"]
-    cfg.search.profile = str(laptop)
+    cfg.search.profile = str(laptop)  # one device: the labels name it, the objectives are the plain three
     with pytest.raises(StageError, match="objectives"):
         run_search(cfg)
+
+
+def test_cli_search_with_two_devices_profiles_writes_a_column_per_device(tmp_path, capsys):
+    from dse.cli import main
+    from dse.config import load_config
+    from tests.conftest import GPU_DEVICE, GPU_TARGET, write_profile
+
+    ckpt, _, _ = tiny_checkpoint(tmp_path)
+    cfg = load_config(None, OVERRIDES)
+    here = write_profile(tmp_path / "profiles", cfg=cfg)
+    # A GPU profile measured elsewhere: a hundred times the throughput, a larger per-call overhead.
+    gpu = write_profile(tmp_path / "profiles", cfg=cfg, device=GPU_DEVICE, target=GPU_TARGET,
+                        seconds_per_mac=2e-11, overhead_ms=0.01)
+    out = tmp_path / "run"
+    code = main(["search", "--stage", "a", "--checkpoint", str(ckpt), "--profile", str(here), "--profile", str(gpu),
+                 "--trials", "60", "--out", str(out), *[a for o in OVERRIDES for a in ("--set", o)]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    this_device = here.parent.name
+    assert f"predicted for: {this_device}, {GPU_DEVICE['slug']}" in captured.out
+    frame = pd.read_csv(out / "pareto.csv")
+    assert {f"latency_ms@{this_device}", f"latency_ms@{GPU_DEVICE['slug']}"} <= set(frame.columns)
+    assert (frame[f"latency_ms@{GPU_DEVICE['slug']}"] < frame[f"latency_ms@{this_device}"]).all()

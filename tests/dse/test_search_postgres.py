@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.dse.search_helpers import CLI_SETTINGS, expected_objectives, kill, spawn, tiny_checkpoint
-
 
 def _pg_bin() -> Path | None:
     for candidate in [
@@ -99,11 +97,13 @@ def postgres_url():
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_path, postgres_url):
+def test_two_workers_share_one_study_without_losing_or_duplicating_trials(
+    tmp_path, postgres_url, tiny_checkpoint, search_overrides, search_cli_settings, spawn_dse, kill_process,
+    expected_objectives,
+):
     from dse.config import load_config
     from dse.search import measure_risk, stored_trials
     from dse.search_space import SearchSpace
-    from tests.dse.search_helpers import OVERRIDES
 
     ckpt, costs_json, kinds = tiny_checkpoint(tmp_path)
     outs = [tmp_path / "w0", tmp_path / "w1"]
@@ -111,7 +111,7 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_pa
     from dse.data import load_data
     from dse.finetune import load_dense
 
-    cfg = load_config(None, [*OVERRIDES, f"model.checkpoint={ckpt}"])
+    cfg = load_config(None, [*search_overrides, f"model.checkpoint={ckpt}"])
     outs[0].mkdir()
     dense, _ = load_dense(cfg, ckpt)
     measure_risk(cfg, outs[0], dense, kinds, ckpt, load_data(cfg.data, cfg.seed))
@@ -122,7 +122,7 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_pa
     # runs ~600 stage-A trials/s: a target of 600 once let one worker write them all)
     target = 6000
     procs = [
-        spawn(
+        spawn_dse(
             "search",
             "--checkpoint",
             str(ckpt),
@@ -141,7 +141,7 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_pa
             "--json",
             "--set",
             "search.persist_every_s=0.2",
-            *CLI_SETTINGS,
+            *search_cli_settings,
             log=tmp_path / f"w{i}.log",
         )
         for i, out in enumerate(outs)
@@ -152,7 +152,7 @@ def test_two_workers_share_one_study_without_losing_or_duplicating_trials(tmp_pa
             time.sleep(0.5)
     finally:
         for p in procs:
-            kill(p)
+            kill_process(p)
     errors = [(tmp_path / f"w{i}.log.err").read_text() for i in range(2)]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-1500:] for x in errors)
     summaries = [json.loads((tmp_path / f"w{i}.log").read_text()) for i in range(2)]

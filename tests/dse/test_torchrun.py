@@ -1,5 +1,5 @@
-"""Data-parallel training with two CPU processes (gloo) under torchrun (~30 s each on an idle 2-core
-machine: each test starts the launcher and two Python processes)."""
+"""Data-parallel training with two CPU processes (gloo) under torchrun (slow: each test starts the launcher
+and two Python processes)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from dse.finetune import load_finetuned
 from dse.pretrain import architecture, build_dense
 from dse.train import evaluate
 from models.ops import kernel_ops
-from tests.dse.test_finetune import cli_args, costs_for, tiny_cfg, write_cost_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +72,8 @@ def test_ddp_ranks_stay_identical_and_share_metrics(tmp_path):
     assert list(metrics["epoch"]) == [1, 2] and metrics["train_loss"].iloc[1] < metrics["train_loss"].iloc[0]
 
 
-def test_torchrun_finetune_two_processes_then_load_single_process(tmp_path):
+def test_torchrun_finetune_two_processes_then_load_single_process(tmp_path, tiny_cfg, costs_for, write_cost_table,
+                                                                 finetune_cli_args):
     cfg = tiny_cfg()
     torch.manual_seed(0)
     dense = build_dense(cfg)
@@ -81,7 +81,7 @@ def test_torchrun_finetune_two_processes_then_load_single_process(tmp_path):
     torch.save({"model": dense.state_dict(), "meta": {"architecture": architecture(cfg)}}, ckpt)
     costs_json = write_cost_table(tmp_path / "costs.json", costs_for(dense))
     out = tmp_path / "ft"
-    res = torchrun("-m", "dse", *cli_args(out, ckpt, costs_json, "finetune.epochs=1"), "--json")
+    res = torchrun("-m", "dse", *finetune_cli_args(out, ckpt, costs_json, "finetune.epochs=1"), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)  # rank 0 alone prints: exactly one JSON document
     assert summary["processes"] == 2 and summary["epochs"] == 1

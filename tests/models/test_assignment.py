@@ -6,10 +6,9 @@ import yaml
 
 from models.assignment import Assignment
 from models.errors import AssignmentError, ModelError
-from tests.models.helpers import vit_digits
 
 
-def test_vit_layer_names_and_choices():
+def test_vit_layer_names_and_choices(vit_digits):
     layers = Assignment.layers(vit_digits())
     expected = []
     for i in range(4):
@@ -34,7 +33,7 @@ def test_unsupported_model_is_a_clear_error():
         Assignment.layers(timm.create_model("resnet18", pretrained=False, num_classes=2))
 
 
-def test_uniform_covers_every_layer():
+def test_uniform_covers_every_layer(vit_digits):
     model = vit_digits(depth=2)
     a = Assignment.uniform(model, attention="hamming", linear="moe")
     assert set(a.attention) == {"blocks.0.attn", "blocks.1.attn"}
@@ -43,7 +42,7 @@ def test_uniform_covers_every_layer():
     a.validate(model)
 
 
-def test_invalid_choices_and_unknown_layers_list_the_valid_ones():
+def test_invalid_choices_and_unknown_layers_list_the_valid_ones(vit_digits):
     with pytest.raises(AssignmentError, match="valid choices: mult, shift, moe"):
         Assignment(linear={"blocks.0.mlp.fc1": "int8"})
     with pytest.raises(AssignmentError, match="valid choices: msa, hamming"):
@@ -63,7 +62,7 @@ def test_capacity_must_name_moe_layers_with_a_share():
         Assignment(linear={"a": "moe"}, capacity={"a": 1.5})
 
 
-def test_yaml_round_trip_is_atomic(tmp_path):
+def test_yaml_round_trip_is_atomic(tmp_path, vit_digits):
     model = vit_digits(depth=2)
     a = Assignment.uniform(model, attention="hamming", linear="shift")
     a.linear["blocks.1.mlp.fc2"] = "moe"

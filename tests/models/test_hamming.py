@@ -9,7 +9,6 @@ from timm.models.pvt_v2 import Attention as PvtAttention
 from models import ops
 from models.errors import ModelError
 from models.hamming import HammingAttention, PvtHammingAttention, fit_hamming
-from tests.models.helpers import op_registered, vit_digits
 
 
 def dense_reference(x, qkv_w, qkv_b, proj_w, proj_b, projection, key_center, alpha, beta, heads):
@@ -53,7 +52,7 @@ def test_codes_are_binary_and_hashing_state_is_buffers():
 
 
 @pytest.mark.parametrize("nbits", [8, 16, 40])
-def test_matches_dense_reference_train_and_eval(nbits):
+def test_matches_dense_reference_train_and_eval(nbits, op_registered):
     _, ham = make(nbits=nbits)
     x = torch.randn(2, 11, 48)
     ham.fit_hashing(x)  # non-trivial key centre, projection, alpha and beta
@@ -72,8 +71,9 @@ def test_matches_dense_reference_train_and_eval(nbits):
 
 
 @pytest.mark.slow  # compiles two TVM kernels
-@pytest.mark.skipif(not op_registered("matadd"), reason="kernels.torch_ops has no matadd op")
-def test_eval_through_tvm_matadd_matches_reference():
+def test_eval_through_tvm_matadd_matches_reference(op_registered):
+    if not op_registered("matadd"):
+        pytest.skip("kernels.torch_ops has no matadd op")
     from kernels.torch_ops import use_tvm
 
     _, ham = make(dim=16, heads=1, nbits=8)
@@ -130,7 +130,7 @@ def test_fit_projection_is_orthonormal_and_mixing_is_least_squares():
         assert torch.all(error(alpha0 + da, beta0 + db) >= best)
 
 
-def test_fit_hamming_fits_every_layer_of_a_model():
+def test_fit_hamming_fits_every_layer_of_a_model(vit_digits):
     from models.assignment import Assignment
     from models.reparam import reparameterize
 

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from models.errors import ModelError
-from models.moe import MoELinear, moe_balance_loss, moe_layers, reset_routing_stats, routing_shares
+from models.moe import (
+    MoELinear,
+    equilibrium_share,
+    moe_balance_loss,
+    moe_layers,
+    reset_routing_stats,
+    routing_shares,
+)
 from models.shift import ShiftLinear
 
 
@@ -79,6 +86,13 @@ def test_balance_loss_alone_splits_tokens_in_inverse_cost_ratio(costs, share):
     assert layer.share_to_mult() == pytest.approx(share, abs=0.05)
     layer.eval()(torch.randn(2048, 16))  # unseen tokens of the same distribution
     assert layer.share_to_mult(cumulative=False) == pytest.approx(share, abs=0.07)
+
+
+def test_equilibrium_share_balances_cost_weighted_load():
+    for mult, shift in [(1.0, 3.0), (4.0, 1.0), (2.0, 2.0)]:
+        share = equilibrium_share({"mult": mult, "shift": shift})
+        # the balance loss's cv^2 of c * counts is zero iff c_mult * n_mult == c_shift * n_shift
+        assert mult * share == pytest.approx(shift * (1 - share))
 
 
 def test_balance_loss_needs_costs_and_statistics():

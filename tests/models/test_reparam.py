@@ -13,7 +13,6 @@ from models.hamming import HammingAttention, PvtHammingAttention, fit_hamming
 from models.moe import MoELinear, moe_balance_loss, moe_layers, routing_shares
 from models.reparam import apply_costs, reparameterize
 from models.shift import ShiftLinear
-from tests.models.helpers import vit_digits
 
 
 def deit_tiny():
@@ -24,7 +23,13 @@ def pvt_b0():
     return timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10)
 
 
-MODELS = {"vit_digits": (vit_digits, 32), "deit_tiny": (deit_tiny, 32), "pvt_v2_b0": (pvt_b0, 64)}
+MODELS = {"vit_digits": 32, "deit_tiny": 32, "pvt_v2_b0": 64}  # name -> input size
+
+
+@pytest.fixture
+def builders(vit_digits):
+    """name -> function building that dense model."""
+    return {"vit_digits": vit_digits, "deit_tiny": deit_tiny, "pvt_v2_b0": pvt_b0}
 
 
 def mixed(model):
@@ -56,8 +61,8 @@ class ConstantCosts:
 
 @pytest.mark.parametrize("assignment_name", list(ASSIGNMENTS))
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_forward_and_backward_after_reparameterisation(model_name, assignment_name):
-    build, size = MODELS[model_name]
+def test_forward_and_backward_after_reparameterisation(model_name, assignment_name, builders):
+    build, size = builders[model_name], MODELS[model_name]
     dense = build()
     assignment = ASSIGNMENTS[assignment_name](dense)
     costs = ConstantCosts()
@@ -85,7 +90,7 @@ def test_forward_and_backward_after_reparameterisation(model_name, assignment_na
         assert torch.isfinite(model.eval()(x)).all()
 
 
-def test_dense_model_is_left_untouched_and_all_dense_assignment_is_identity():
+def test_dense_model_is_left_untouched_and_all_dense_assignment_is_identity(vit_digits):
     dense = vit_digits(depth=2)
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     model = reparameterize(dense, Assignment.uniform(dense, attention="hamming", linear="moe"))
@@ -98,8 +103,8 @@ def test_dense_model_is_left_untouched_and_all_dense_assignment_is_identity():
 
 
 @pytest.mark.parametrize("model_name", ["vit_digits", "pvt_v2_b0"])
-def test_state_dict_reloads_into_a_fresh_reparameterisation(model_name, tmp_path):
-    build, size = MODELS[model_name]
+def test_state_dict_reloads_into_a_fresh_reparameterisation(model_name, tmp_path, builders):
+    build, size = builders[model_name], MODELS[model_name]
     dense = build()
     assignment = Assignment.uniform(dense, attention="hamming", linear="moe")
     model = reparameterize(dense, assignment, costs=ConstantCosts())
@@ -134,7 +139,7 @@ def test_pvt_hamming_keeps_spatial_reduction():
     assert set(dense.state_dict()) <= set(model.state_dict())  # dense keys keep their names
 
 
-def test_costs_sources_and_errors():
+def test_costs_sources_and_errors(vit_digits):
     dense = vit_digits(depth=1)
     a = Assignment(linear={"blocks.0.mlp.fc1": "moe", "blocks.0.mlp.fc2": "moe"})
     mapping = {"blocks.0.mlp.fc1": {"mult": 2.0, "shift": 1.0}, "blocks.0.mlp.fc2": {"mult": 5, "shift": 4}}
@@ -154,7 +159,7 @@ def test_costs_sources_and_errors():
     assert moe_balance_loss(inference_only).item() >= 0
 
 
-def test_capacity_from_the_assignment_and_hash_seeds_are_reproducible():
+def test_capacity_from_the_assignment_and_hash_seeds_are_reproducible(vit_digits):
     dense = vit_digits(depth=1)
     a = Assignment(attention={"blocks.0.attn": "hamming"}, linear={"blocks.0.mlp.fc1": "moe"},
                    capacity={"blocks.0.mlp.fc1": 0.25})
@@ -164,7 +169,7 @@ def test_capacity_from_the_assignment_and_hash_seeds_are_reproducible():
     assert not torch.equal(m1.blocks[0].attn.projection, reparameterize(dense, a, seed=1).blocks[0].attn.projection)
 
 
-def test_reparameterising_a_converted_model():
+def test_reparameterising_a_converted_model(vit_digits):
     dense = vit_digits(depth=1)
     a = Assignment.uniform(dense, attention="hamming", linear="shift")
     model = reparameterize(dense, a)
@@ -178,7 +183,7 @@ def test_reparameterising_a_converted_model():
         reparameterize(dense, {"attention": {}})
 
 
-def test_checkpoint_bytes_are_loadable_with_weights_only():
+def test_checkpoint_bytes_are_loadable_with_weights_only(vit_digits):
     dense = vit_digits(depth=1)
     model = reparameterize(dense, Assignment.uniform(dense, attention="hamming", linear="moe"))
     buf = io.BytesIO()

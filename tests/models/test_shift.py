@@ -6,7 +6,6 @@ from torch import nn
 from models import ops
 from models.errors import ModelError
 from models.shift import ShiftLinear, min_exponent
-from tests.models.helpers import op_registered
 
 
 def numpy_shift_linear(x, w, b, e_min=-14, frac_bits=16):
@@ -106,8 +105,9 @@ def test_fixed_point_rounding_is_fp32_under_autocast():
     np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif(not op_registered("shift_linear"), reason="kernels.torch_ops has no shift_linear op")
-def test_eval_op_path_equals_training_reference():
+def test_eval_op_path_equals_training_reference(op_registered):
+    if not op_registered("shift_linear"):
+        pytest.skip("kernels.torch_ops has no shift_linear op")
     layer = make_layer(in_f=48, out_f=12)
     x = torch.randn(2, 9, 48) * 3
     train_out = layer.train()(x).detach()
@@ -122,8 +122,9 @@ def test_eval_op_path_equals_training_reference():
     torch.testing.assert_close(flat, eval_out.reshape(-1, 12))
 
 
-@pytest.mark.skipif(not op_registered("shift_linear"), reason="kernels.torch_ops has no shift_linear op")
-def test_eval_through_tvm_kernel_matches_reference():
+def test_eval_through_tvm_kernel_matches_reference(op_registered):
+    if not op_registered("shift_linear"):
+        pytest.skip("kernels.torch_ops has no shift_linear op")
     from kernels.torch_ops import use_tvm
 
     layer = make_layer(in_f=8, out_f=4).eval()

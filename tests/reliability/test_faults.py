@@ -29,11 +29,8 @@ from dse.profile import plan
 from dse.search import stored_trials
 from dse.search_space import SearchSpace
 from dse.store import KEY, load_profile, row_key
-from tests.conftest import ROOT
-from tests.dse.search_helpers import CLI_SETTINGS, expected_objectives, kill, run_cli, spawn, tiny_checkpoint
-from tests.dse.test_finetune import cli_args, costs_for, tiny_cfg, write_cost_table
-from tests.dse.test_profile import TINY, TINY_SET
 
+ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("SHIFTADD_FAULT_SEED") or time.time_ns() % 1_000_000)
 ENV = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -47,20 +44,30 @@ def dse(*args: str) -> list[str]:
     return [sys.executable, "-m", "dse", *args]
 
 
-def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 300, poll: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"seed {SEED}: the process ended (rc {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            kill(proc)
-            pytest.fail(f"seed {SEED}: timed out waiting for {what}")
-        time.sleep(poll)
+@pytest.fixture
+def wait_until(kill_process):
+    """``wait_until(proc, ready, what)``: poll ``ready()``; fail (killing ``proc`` on a timeout) if ``proc``
+    ends first or ``timeout`` passes."""
+
+    def wait(proc: subprocess.Popen, ready, what: str, timeout: float = 300, poll: float = 0.02) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"seed {SEED}: the process ended (rc {proc.returncode}) before {what}")
+            if time.monotonic() > deadline:
+                kill_process(proc)
+                pytest.fail(f"seed {SEED}: timed out waiting for {what}")
+            time.sleep(poll)
+
+    return wait
 
 
 # ---- profile -----------------------------------------------------------------------------------------
 
-PROFILE_ARGS = [*TINY_SET, "--set", "profile.nonprim=false", "--set", "profile.torch_threads=1"]
+
+@pytest.fixture
+def profile_args(tiny_profile_set) -> list[str]:
+    return [*tiny_profile_set, "--set", "profile.nonprim=false", "--set", "profile.torch_threads=1"]
 
 
 def _rows(out: Path) -> dict[tuple, dict]:
@@ -70,18 +77,20 @@ def _rows(out: Path) -> dict[tuple, dict]:
     return {row_key(r): r for r in load_profile(csvs[0]).frame.to_dict("records")}
 
 
-def test_sigkill_profile_keeps_measured_rows_and_rerun_completes(tmp_path, rng):
+def test_sigkill_profile_keeps_measured_rows_and_rerun_completes(tmp_path, rng, tiny_profile_model, profile_args,
+                                                                wait_until, kill_process):
     out = tmp_path / "profiles"
-    specs = plan(build_inventory(models.create("vit_digits", **TINY), batch=2, name="tiny"), include_nonprim=False)
+    specs = plan(build_inventory(models.create("vit_digits", **tiny_profile_model), batch=2, name="tiny"),
+                 include_nonprim=False)
     kill_after = rng.randint(1, len(specs) - 1)  # rows on disk when the kill lands
     # every row times for >= 2 x 100 ms, so the kill (< 70 ms after the row count is seen) lands before the
     # last row is written even on a quiet machine, where tiny rows at 1 ms each finished before the kill
-    args = ["profile", "--out", str(out), *PROFILE_ARGS, "--set", "profile.min_repeat_ms=100"]
+    args = ["profile", "--out", str(out), *profile_args, "--set", "profile.min_repeat_ms=100"]
     proc = subprocess.Popen(dse(*args), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_until(proc, lambda: len(_rows(out)) >= kill_after, f"{kill_after} rows were written")
     time.sleep(rng.uniform(0.0, 0.05))  # land anywhere in the next measurement or write
-    kill(proc)
+    kill_process(proc)
     assert proc.returncode == -signal.SIGKILL, f"seed {SEED}: {proc.stderr.read()[-2000:]}"
     before = _rows(out)  # the file is valid: load_profile checks every column and row
     assert kill_after <= len(before) < len(specs), f"seed {SEED}: the profile finished before the kill"
@@ -100,13 +109,14 @@ def test_sigkill_profile_keeps_measured_rows_and_rerun_completes(tmp_path, rng):
     assert not [p for p in csv.parent.iterdir() if p.name.endswith(".tmp")], "a temporary file was left behind"
 
 
-def test_two_concurrent_profiles_write_every_row_once(tmp_path):
+def test_two_concurrent_profiles_write_every_row_once(tmp_path, profile_args, tiny_profile_model):
     out = tmp_path / "profiles"
-    cmd = dse("profile", "--out", str(out), *PROFILE_ARGS, "--json")
+    cmd = dse("profile", "--out", str(out), *profile_args, "--json")
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
              for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
-    specs = plan(build_inventory(models.create("vit_digits", **TINY), batch=2, name="tiny"), include_nonprim=False)
+    specs = plan(build_inventory(models.create("vit_digits", **tiny_profile_model), batch=2, name="tiny"),
+                 include_nonprim=False)
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-2000:]
         summary = json.loads(stdout)
@@ -120,11 +130,13 @@ def test_two_concurrent_profiles_write_every_row_once(tmp_path):
 # ---- search ------------------------------------------------------------------------------------------
 
 
-def test_sigkill_search_keeps_stored_trials_and_rerun_continues(tmp_path, rng):
+def test_sigkill_search_keeps_stored_trials_and_rerun_continues(tmp_path, rng, tiny_checkpoint, search_cli_settings,
+                                                                spawn_dse, run_cli, wait_until, kill_process,
+                                                                expected_objectives):
     ckpt, costs_json, kinds = tiny_checkpoint(tmp_path)
     out = tmp_path / "run"
     args = ["search", "--checkpoint", str(ckpt), "--profile", str(costs_json), "--stage", "a", "--trials", "5000",
-            "--out", str(out), "--set", "search.persist_every_s=0.2", *CLI_SETTINGS]
+            "--out", str(out), "--set", "search.persist_every_s=0.2", *search_cli_settings]
     url = f"sqlite:///{out / 'study.db'}"
     threshold = rng.randint(20, 400)
 
@@ -136,11 +148,11 @@ def test_sigkill_search_keeps_stored_trials_and_rerun_continues(tmp_path, rng):
         except Exception:  # noqa: BLE001 - the study is created by the first batch
             return 0
 
-    proc = spawn(*args, log=tmp_path / "first.log")
+    proc = spawn_dse(*args, log=tmp_path / "first.log")
     try:
         wait_until(proc, lambda: stored() >= threshold, f"{threshold} trials were stored", poll=0.3)
     finally:
-        kill(proc)
+        kill_process(proc)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log.err").read_text()[-2000:]
     before = stored_trials(url, "shiftadd")
     assert threshold <= len(before) < 5000, SEED
@@ -170,7 +182,7 @@ def test_sigkill_search_keeps_stored_trials_and_rerun_continues(tmp_path, rng):
 
 
 @pytest.fixture(scope="module")
-def dense_ckpt(tmp_path_factory) -> Path:
+def dense_ckpt(tmp_path_factory, tiny_cfg) -> Path:
     from dse.pretrain import architecture, build_dense
 
     cfg = tiny_cfg()
@@ -181,12 +193,14 @@ def dense_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def test_sigkill_finetune_keeps_finished_epochs_and_resume_completes(tmp_path, rng, dense_ckpt):
+def test_sigkill_finetune_keeps_finished_epochs_and_resume_completes(tmp_path, rng, dense_ckpt, costs_for,
+                                                                    write_cost_table, finetune_cli_args,
+                                                                    wait_until, kill_process):
     epochs = 4
     costs_json = write_cost_table(tmp_path / "costs.json", costs_for(models.create("vit_digits", **{
         "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2})))
     out = tmp_path / "ft"
-    argv = cli_args(out, dense_ckpt, costs_json, f"finetune.epochs={epochs}")
+    argv = finetune_cli_args(out, dense_ckpt, costs_json, f"finetune.epochs={epochs}")
     # epochs finished on disk when the kill lands; two or more are left, so that the kill (< 0.2 s later) lands
     # before the end on a quiet machine too, where a tiny epoch takes ~0.3 s
     done_before_kill = rng.randint(0, epochs - 2)
@@ -202,7 +216,7 @@ def test_sigkill_finetune_keeps_finished_epochs_and_resume_completes(tmp_path, r
     started = (lambda: finished() >= done_before_kill) if done_before_kill else (lambda: out.exists())
     wait_until(proc, started, f"{done_before_kill} epochs were saved")
     time.sleep(rng.uniform(0.0, 0.15))
-    kill(proc)
+    kill_process(proc)
     assert proc.returncode == -signal.SIGKILL, f"seed {SEED}: {proc.stderr.read()[-2000:]}"
     assert not (out / "weights.pt").exists(), f"seed {SEED}: the run finished before the kill"
     kept = pd.read_csv(out / "metrics.csv") if finished() else None
