@@ -9,8 +9,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+
+import numpy as np
+
+import models
+from dse.config import ProfileConfig
+from dse.cost.model import CostModel, default_profile_path, read_profile
+from dse.cost.sources import synthetic_costs
+from dse.profiling.inventory import build_inventory
+from dse.profiling.profiler import plan
+from dse.profiling.store import Profile
+from dse.search.driver import (
+    OBJECTIVES_A,
+    Objective,
+    open_study,
+    quiet_optuna,
+    run_stage_a,
+    stored_trials,
+)
+from dse.search.space import SearchSpace
+from dse.search.trial_store import TrialStore
+from models.assignment import Assignment, layer_kinds
 
 SectionFn = Callable[[], list[str]]
 SECTIONS: dict[str, SectionFn] = {}
@@ -50,9 +72,6 @@ def median_seconds(fn: Callable[[], object], *, repeat: int = 7, min_time_s: flo
 def _synthetic_profile(inventory) -> object:
     """Rows for every shape of ``inventory`` on both backends (latency from a roofline-like law), for
     timing the cost model where no profile of this machine is stored."""
-    from dse.profile import plan
-    from dse.store import Profile
-
     rows = []
     for spec in plan(inventory):
         work = spec.b * spec.m * spec.k * spec.n
@@ -66,14 +85,6 @@ def _synthetic_profile(inventory) -> object:
 @section("cost")
 def cost_section(model_name: str = "deit_tiny_patch16_224", batch: int = 8) -> list[str]:
     """Precompute and per-assignment prediction time of the cost model for a 12-block ViT."""
-    import numpy as np
-
-    import models
-    from dse.config import ProfileConfig
-    from dse.cost import CostModel, default_profile_path, read_profile
-    from dse.inventory import build_inventory
-    from models.assignment import Assignment
-
     model = models.create(model_name, num_classes=10)
     inventory = build_inventory(model, batch=batch, name=model_name)
     path = default_profile_path(ProfileConfig())
@@ -107,11 +118,43 @@ def cost_section(model_name: str = "deit_tiny_patch16_224", batch: int = 8) -> l
 
 
 @section("search")
-def search_section() -> list[str]:
-    """Stage-A trials/s of ``dse search`` on the embedded model's space (owned by dse.search)."""
-    from dse.search import bench_lines
-
-    return bench_lines()
+def search_section(trials: int = 2000, model: str = "vit_digits", population: int = 100) -> list[str]:
+    """Stage-A trials/s of ``dse search``: throughput on the embedded model's space (synthetic costs and sensitivities, SQLite in a
+    temporary folder), and the batch writer against Optuna's add_trials on the same 50 trials."""
+    kinds = layer_kinds(models.create(model))
+    space = SearchSpace.build(kinds)
+    costs = synthetic_costs(kinds)
+    rng = np.random.default_rng(1)
+    table = {
+        n: (
+            {"msa": 0.0, "hamming": float(rng.uniform(0, 0.2))}
+            if k == "attention"
+            else {"mult": 0.0, "shift": (d := float(rng.uniform(0, 0.3))), "moe": 0.6 * d}
+        )
+        for n, k in kinds.items()
+    }
+    objective = Objective(space, costs, table)
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/study.db"
+        res = run_stage_a(space, objective, url, "bench", trials=trials, population=population)
+        lines.append(
+            f"stage A ({model}, {len(space)} parameters, NSGA-II population {population}, SQLite): "
+            f"{res.evaluated} trials in {res.seconds:.1f} s = {res.rate:.0f} trials/s"
+        )
+        sample = stored_trials(url, "bench")[:50]
+        with quiet_optuna():
+            for label in ("bulk", "add_trials"):
+                name = f"copy-{label}"
+                storage, study = open_study(url, name, ["minimize"] * 3, OBJECTIVES_A, space)
+                t0 = time.perf_counter()
+                if label == "bulk":
+                    TrialStore(storage, name).write(sample)
+                else:
+                    study.add_trials(sample)
+                dt = time.perf_counter() - t0
+                lines.append(f"persist 50 trials with {label:10s}: {dt:.2f} s = {50 / dt:.0f} trials/s")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The ``dse`` command line: a registry of subcommands sharing one set of common options.
+"""The ``dse`` command line: the subcommands of :mod:`dse.commands.registry`, sharing one set of common options.
 
 Only this module (and the command adapters in ``dse.commands``) print. Errors from the project's
 hierarchy become one line ``error: <message>`` and the class's exit status (2 usage/config, 1 other);
@@ -11,33 +11,11 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from dse.commands.registry import COMMANDS
 from dse.errors import ShiftAddError, UsageError
-from dse.threads import use_all_cores
-
-
-@dataclass
-class Command:
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], Any]  # returns a result (dict) or None
-
-
-_COMMANDS: dict[str, Command] = {}
-
-
-def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Register ``fn(args) -> result`` as subcommand ``name``."""
-
-    def wrap(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
-        _COMMANDS[name] = Command(name, help, add_arguments or (lambda p: None), fn)
-        return fn
-
-    return wrap
+from dse.hardware.threads import use_all_cores
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,13 +37,15 @@ def _common() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: the command modules import every stage (torch, TVM, optuna), which
+    # only a parser needs; importing dse.cli for its helpers stays cheap.
     from dse import commands  # noqa: F401  (registers every subcommand)
 
     parser = _Parser(prog="dse", description="ShiftAddDSE: measure, search, fine-tune and export "
                      "multiplication-reduced ViTs for your hardware.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = _common()
-    for cmd in _COMMANDS.values():
+    for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=[common])
         cmd.add_arguments(p)
     return parser
@@ -95,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # exported model runs on (TVM's own default is half the cores); TVM_NUM_THREADS still wins.
     use_all_cores()
     try:
-        result = _COMMANDS[args.command].run(args)
+        result = COMMANDS[args.command].run(args)
     except ShiftAddError as exc:
         if args.debug:
             raise
@@ -119,4 +99,4 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-__all__ = ["Command", "UsageError", "command", "main"]
+__all__ = ["UsageError", "build_parser", "main"]

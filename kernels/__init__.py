@@ -14,6 +14,7 @@ Public API::
 
 from __future__ import annotations
 
+from kernels.compiled import CompiledKernel, Timing
 from kernels.errors import (
     ConfigError,
     KernelError,
@@ -39,9 +40,7 @@ from kernels.tuning import tune, tuning_root
 # Imported last on purpose: the function ``build`` must shadow the submodule ``kernels.build``
 # (the import system binds the submodule to this name when it first loads it).
 from kernels.build import (  # noqa: E402  isort: skip
-    CompiledKernel,
     PrepackedKernel,
-    Timing,
     build,
     clear_cache,
     scheduled_primfunc,

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from kernels import primitives
+from kernels import primitives, schedules, targets, tuning
+from kernels.build import build
+from kernels.compiled import CompiledKernel, aligned_empty, compile_primfunc
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,6 @@ def _torch_dense(shape: BenchShape) -> Callable[[], Any]:
 
 
 def _tvm_call(kernel: Any, arrays: Sequence[np.ndarray]) -> Callable[[], Any]:
-    from kernels.build import aligned_empty
 
     args = kernel.check_args(tuple(arrays))
     out = aligned_empty(kernel.out_shape, kernel.out_dtype)
@@ -140,8 +141,6 @@ def bench_one(
 ) -> dict[str, Any]:
     import torch
 
-    from kernels import tuning
-    from kernels.build import build
 
     kernel = build(
         shape.primitive,
@@ -195,8 +194,6 @@ def bench_one(
 
 def build_default(shape: BenchShape, target: str) -> Any:
     """The default-schedule kernel even where a tuned record won (for the side-by-side column)."""
-    from kernels import schedules, targets
-    from kernels.build import CompiledKernel, compile_primfunc
 
     tgt = targets.resolve_target(target)
     dtype = primitives.get(shape.primitive).default_dtype

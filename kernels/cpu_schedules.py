@@ -35,12 +35,24 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kernels.schedules import register_cpu_schedule
-from kernels.targets import vector_lanes
+from kernels.primitives import decode_pow2
+from kernels.targets import host_l2_caches, vector_lanes
 
 if TYPE_CHECKING:
     import tvm
     from tvm import te
+
+
+CpuScheduleFn = Callable[[int, int, int, int, str, "tvm.target.Target"], "tvm.tirx.PrimFunc"]
+CPU_SCHEDULES: dict[str, CpuScheduleFn] = {}  # primitive -> its hand schedule, filled below
+
+
+def register_cpu_schedule(name: str) -> Callable[[CpuScheduleFn], CpuScheduleFn]:
+    def deco(fn: CpuScheduleFn) -> CpuScheduleFn:
+        CPU_SCHEDULES[name] = fn
+        return fn
+
+    return deco
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -123,7 +135,6 @@ _ROW_BLOCK_BYTES = 256 << 10  # a row block's slice of x (MC x k), kept in L2 ne
 
 def _l2_per_core() -> int:
     """The smallest L2 of this machine's cores (sysfs), 1 MiB where it cannot be read."""
-    from kernels.targets import host_l2_caches
 
     return min(host_l2_caches(), default=1 << 20)
 
@@ -193,7 +204,6 @@ def _weight_pack(name: str, n: int, k: int, nb: int, dtype: str) -> tuple[list[t
     fp32 packing ``wp[n/NB, k, NB]`` (:func:`_pack_weights`); matshift_decode decodes ``sign·2^-shift`` there."""
     from tvm import te
 
-    from kernels.primitives import decode_pow2
 
     if name == "matmul":
         w = te.placeholder((n, k), dtype, name="w")
@@ -409,7 +419,7 @@ def tiled_shape(name: str, b: int, m: int, k: int, n: int, lanes: int) -> tuple[
 
     Every kernel here reduces over whole register tiles (rows and columns padded up to the tile), so its
     time follows the padded work, not ``b·m·k·n``: e.g. 24x49x58x24 ``bmm`` pads n=24 to 32 and does a
-    third more work than it returns. The cost model's regression uses this (``dse.cost_regression``).
+    third more work than it returns. The cost model's regression uses this (``dse.cost.regression``).
     """
     return _tiling(name, b, m, k, n, lanes)[:4]
 
@@ -430,14 +440,12 @@ def tile_padding(target: tvm.target.Target) -> TileFn | None:
     """``(name, b, m, k, n) -> (b, m_pad, k, n_pad, steps)`` for the kernels compiled for CPU ``target``
     (:func:`tiled_shape`, :func:`tile_steps`; other names pass through with 0 steps); None for other
     targets (their schedules are tuned)."""
-    from kernels.schedules import _CPU_SCHEDULES
-
     if target.kind.name != "llvm":
         return None
     lanes = vector_lanes(target, 4)
 
     def pad(name: str, b: int, m: int, k: int, n: int) -> tuple[int, int, int, int, int]:
-        return _tiling(name, b, m, k, n, lanes) if name in _CPU_SCHEDULES else (b, m, k, n, 0)
+        return _tiling(name, b, m, k, n, lanes) if name in CPU_SCHEDULES else (b, m, k, n, 0)
 
     return pad
 

@@ -1,7 +1,7 @@
 """Default (untuned) schedules: hand-written CPU schedules and dlight rules for CUDA.
 
 ``default_primfunc(name, b, m, k, n, dtype, target)`` returns a scheduled PrimFunc ready for
-``tvm.compile``. On CPU (llvm) each primitive may register a hand schedule in ``_CPU_SCHEDULES``
+``tvm.compile``. On CPU (llvm) each primitive may register a hand schedule in ``kernels.cpu_schedules.CPU_SCHEDULES``
 (``kernels.cpu_schedules``), which can use its own equivalent compute formulation (packed weight
 layouts, see that module); anything without one gets :func:`generic_cpu_schedule`. On CUDA the
 canonical compute goes through ``s_tir.dlight``'s GPU rules.
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kernels import primitives
+from kernels.cpu_schedules import CPU_SCHEDULES
 from kernels.errors import KernelError
 from kernels.targets import is_cuda, vector_lanes
 
@@ -26,18 +26,6 @@ log = logging.getLogger(__name__)
 # Bump when a default schedule changes: tuned-vs-default choices recorded against an older
 # default are measured again.
 VERSION = "2"
-
-CpuScheduleFn = Callable[[int, int, int, int, str, "tvm.target.Target"], "tvm.tirx.PrimFunc"]
-_CPU_SCHEDULES: dict[str, CpuScheduleFn] = {}
-
-
-def register_cpu_schedule(name: str) -> Callable[[CpuScheduleFn], CpuScheduleFn]:
-    def deco(fn: CpuScheduleFn) -> CpuScheduleFn:
-        _CPU_SCHEDULES[name] = fn
-        return fn
-
-    return deco
-
 
 def canonical_primfunc(
     name: str, b: int, m: int, k: int, n: int, dtype: str | None = None
@@ -99,13 +87,11 @@ def default_primfunc(
     name: str, b: int, m: int, k: int, n: int, dtype: str | None, target: tvm.target.Target
 ) -> tvm.tirx.PrimFunc:
     """The default-scheduled PrimFunc of primitive ``name`` at ``(b, m, k, n)`` for ``target``."""
-    from kernels import cpu_schedules  # noqa: F401  (registers the hand schedules)
-
     prim = primitives.get(name)
     dtype = prim.check_dtype(dtype)
     if is_cuda(target):
         return cuda_schedule(canonical_primfunc(name, b, m, k, n, dtype), target)
-    hand = _CPU_SCHEDULES.get(name)
+    hand = CPU_SCHEDULES.get(name)
     if hand is not None:
         return hand(b, m, k, n, dtype, target)
     return generic_cpu_schedule(canonical_primfunc(name, b, m, k, n, dtype), target)

@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kernels.errors import ConfigError, TargetUnavailableError
+from kernels.errors import ConfigError, TargetUnavailableError, UnknownNameError, UsageError
 
 if TYPE_CHECKING:
     import tvm
@@ -244,3 +245,21 @@ def device_for(target: tvm.target.Target) -> Any:
 
     require_runnable(target)
     return tvm.cuda(0) if is_cuda(target) else tvm.cpu(0)
+
+
+_KIND_ALIASES = {"cuda": "cuda", "gpu": "cuda", "nvptx": "cuda", "cpu": "cpu", "llvm": "cpu"}
+
+
+def target_kind_of(target: str | Mapping[str, Any]) -> str:
+    """``"cuda"`` or ``"cpu"`` for a target: a kind (``"cpu"``, ``"cuda:sm_90"``) or a TVM target dict
+    (``{"kind": "llvm", ...}``, also as a JSON string)."""
+    if isinstance(target, str) and target.lstrip().startswith("{"):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"target {target!r} is not valid JSON ({exc.msg})") from exc
+    kind = target.get("kind") if isinstance(target, Mapping) else target
+    normal = _KIND_ALIASES.get(str(kind).lower().split(":")[0].strip())
+    if normal is None:
+        raise UnknownNameError(f"unknown target kind {kind!r}; known: {', '.join(_KIND_ALIASES)}")
+    return normal

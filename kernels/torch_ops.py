@@ -29,6 +29,8 @@ from collections.abc import Iterator
 import torch
 
 from kernels import primitives
+from kernels.build import build
+from kernels.compiled import ALIGNMENT
 from kernels.errors import UsageError
 
 _ENV = "SHIFTADD_TORCH_REFERENCE"
@@ -60,7 +62,6 @@ def _tvm_ok(*tensors: torch.Tensor) -> bool:
 
 def _kernel_arg(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 64-byte aligned (TVM emits aligned vector loads), copying only if needed."""
-    from kernels.build import ALIGNMENT
 
     t = t.detach().contiguous()
     if t.data_ptr() % ALIGNMENT:
@@ -71,7 +72,6 @@ def _kernel_arg(t: torch.Tensor) -> torch.Tensor:
 def _run_tvm(
     name: str, out_dtype: torch.dtype, b: int, m: int, k: int, n: int, *args: torch.Tensor
 ) -> torch.Tensor:
-    from kernels.build import build
 
     kernel = build(name, b=b, m=m, k=k, n=n, target="cpu")
     out = torch.empty((b, m, n), dtype=out_dtype)

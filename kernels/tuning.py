@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernels import primitives, schedules, targets
+from kernels.compiled import CompiledKernel, compile_primfunc
 from kernels.errors import KernelError, UsageError
 
 if TYPE_CHECKING:
     import tvm
-
-    from kernels.build import CompiledKernel
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +281,6 @@ def _race(default: CompiledKernel, tuned: CompiledKernel, rounds: int = 3) -> tu
 
 def tuned_kernel(default: CompiledKernel, tuning_dir: str | Path | None = None) -> CompiledKernel | None:
     """The kernel built from the best tuning record for ``default``'s kernel, or None if there is none."""
-    from kernels.build import CompiledKernel, compile_primfunc
 
     name, (b, m, k, n), dtype, tgt = default.name, default.shape, default.dtype, default.target
     folder = target_dir(tgt, tuning_dir)

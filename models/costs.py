@@ -31,10 +31,10 @@ class ExpertCostModel(Protocol):
         ...
 
 
-CostSource = Mapping[str, Mapping[str, float]] | ExpertCostModel
+ExpertCosts = Mapping[str, Mapping[str, float]] | ExpertCostModel
 
 
-def expert_costs(costs: CostSource, layer_name: str) -> dict[str, float]:
+def expert_costs(costs: ExpertCosts, layer_name: str) -> dict[str, float]:
     """Validated ``{"mult": c, "shift": c}`` for one layer from either kind of cost source."""
     if isinstance(costs, ExpertCostModel):
         entry = costs.moe_expert_costs(layer_name)

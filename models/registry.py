@@ -38,7 +38,7 @@ def names() -> list[str]:
 def vit_digits(**kwargs: Any) -> nn.Module:
     """The embedded default: a small timm ViT for 32x32 digit images (4x4 patches -> 64 tokens + cls).
 
-    Width 96, depth 4, 3 heads: a model for the small digits data set (:mod:`dse.data`).
+    Width 96, depth 4, 3 heads: a model for the small digits data set (:mod:`dse.training.data`).
     """
     from timm.models.vision_transformer import VisionTransformer
 

@@ -22,7 +22,7 @@ import zlib
 from torch import nn
 
 from models.assignment import Assignment, layer_kinds
-from models.costs import CostSource, expert_costs
+from models.costs import ExpertCosts, expert_costs
 from models.errors import ModelError
 from models.hamming import HammingAttention, PvtHammingAttention
 from models.moe import MoELinear, moe_layers
@@ -71,7 +71,7 @@ def _convert_attention(module: nn.Module, name: str, choice: str, *, nbits: int,
     raise ModelError(f"layer '{name}' ({type(module).__name__}) is not a timm ViT or PVTv2 attention")
 
 
-def apply_costs(model: nn.Module, costs: CostSource) -> int:
+def apply_costs(model: nn.Module, costs: ExpertCosts) -> int:
     """Give every MoE layer its expert costs (e.g. after loading a checkpoint); returns the layer count."""
     count = 0
     for name, layer in moe_layers(model):
@@ -80,7 +80,7 @@ def apply_costs(model: nn.Module, costs: CostSource) -> int:
     return count
 
 
-def reparameterize(model: nn.Module, assignment: Assignment, costs: CostSource | None = None, *,
+def reparameterize(model: nn.Module, assignment: Assignment, costs: ExpertCosts | None = None, *,
                    nbits: int = 16, weight_bits: int = 5, frac_bits: int = 16, gate: str = "prob",
                    seed: int = 0) -> nn.Module:
     """A reparameterised deep copy of ``model`` (``model`` itself is not modified)."""

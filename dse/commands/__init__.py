@@ -1,12 +1,12 @@
-"""Command adapters: each module here registers its subcommand with ``dse.cli.command``.
+"""Command adapters: one module per ``dse`` subcommand, each registering itself with
+:func:`dse.commands.registry.command`.
 
-Every module in this package is imported (so adding a command is adding a file); modules must keep
-heavy imports (torch, TVM, optuna) inside their run functions so ``dse --help`` stays fast.
+Every module in this package is imported (so adding a command is adding a file).
 """
 
 import importlib
 import pkgutil
 
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "common":
+    if _info.name not in ("common", "registry"):
         importlib.import_module(f"{__name__}.{_info.name}")

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import argparse
 
-from dse.cli import command
 from dse.commands.common import config_from_args, table
+from dse.commands.registry import command
+from dse.deploy.bench import bench
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -19,8 +20,6 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("bench", "the exported model vs the dense model in PyTorch (eager, torch.compile), same inputs, one run",
          _args)
 def run(args: argparse.Namespace):
-    from dse.bench import bench
-
     cfg = config_from_args(args, *([f"bench.threads={args.threads}"] if args.threads is not None else []))
     result = bench(cfg, args.artifact, torch_compile=False if args.no_compile else None, dense=args.dense,
                    profile=args.profile)
@@ -28,7 +27,7 @@ def run(args: argparse.Namespace):
 
 
 def render(result: dict) -> str:
-    """The text table of a :func:`dse.bench.bench` result."""
+    """The text table of a :func:`dse.deploy.bench.bench` result."""
     rows = [{"model": r["model"], "median ms": r["median_ms"], "p90 ms": r["p90_ms"],
              "x eager": r["speedup_vs_eager"], "energy mJ": r["energy_mj"],
              "predicted ms": r["predicted_ms"],

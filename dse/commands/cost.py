@@ -10,9 +10,29 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dse.cli import command
+from dse.checkpoints import build_dense
 from dse.commands.common import config_from_args, out_dir, table
+from dse.commands.registry import command
+from dse.cost.model import (
+    CostModel,
+    check_profile,
+    check_profile_target,
+    default_profile_path,
+    profile_identity,
+    read_profile,
+)
+from dse.cost.validate import (
+    calibrate,
+    format_figure,
+    summarize_shapes,
+    validate_dense_model,
+    validate_shapes,
+)
 from dse.errors import UsageError
+from dse.fileio import atomic_write_text
+from dse.profiling.inventory import build_inventory
+from dse.profiling.profiler import Settings, check_target_runnable
+from models.assignment import Assignment
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -53,8 +73,6 @@ def _load(cfg, profile_arg: str | None, *, here: bool, target_given: bool):
     """The profile to price with. ``here``: the command measures on this machine, so the profile must be this
     device's for ``profile.target``; otherwise any device's profile prices the model for that device (its
     target must match ``--target`` when one was given)."""
-    from dse.cost import check_profile, check_profile_target, default_profile_path, read_profile
-
     path = Path(profile_arg) if profile_arg else default_profile_path(cfg.profile)
     profile = read_profile(path)
     if here:
@@ -80,11 +98,6 @@ def run(args: argparse.Namespace):
 
 
 def _price(cfg, args: argparse.Namespace) -> dict[str, Any]:
-    from dse.cost import CostModel, profile_identity
-    from dse.inventory import build_inventory
-    from dse.pretrain import build_dense
-    from models.assignment import Assignment
-
     model = build_dense(cfg)
     assignment = Assignment.from_yaml(args.assignment) if args.assignment else Assignment.uniform(model)
     assignment.validate(model)
@@ -179,11 +192,6 @@ def _price_text(r: dict) -> str:
 
 
 def _calibrate(cfg, args: argparse.Namespace) -> dict[str, Any]:
-    from dse.cost_validate import calibrate
-    from dse.inventory import build_inventory
-    from dse.pretrain import build_dense
-    from dse.profile import Settings
-
     if args.profile:
         raise UsageError("--calibrate extends the stored profile under profile.dir; drop --profile")
     model = build_dense(cfg)
@@ -207,12 +215,6 @@ def _csv_text(rows: list[dict]) -> str:
 
 
 def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
-    from dse.cost_validate import format_figure, summarize_shapes, validate_dense_model, validate_shapes
-    from dse.fileio import atomic_write_text
-    from dse.inventory import build_inventory
-    from dse.pretrain import build_dense
-    from dse.profile import Settings, check_target_runnable
-
     check_target_runnable(cfg.profile.target)
     profile = _load(cfg, (args.profile or [None])[0], here=True, target_given=True)
     out = out_dir(cfg)

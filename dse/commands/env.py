@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import argparse
 
-from dse.cli import command
+from dse.commands.registry import command
+from dse.hardware.envinfo import environment, render
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -11,7 +12,5 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 @command("env", "versions, devices, usable TVM targets and energy sources on this machine", _args)
 def run(args: argparse.Namespace):
-    from dse.envinfo import environment, render
-
     env = environment(check_targets=not args.no_compile)
     return {"text": render(env), "json": env}

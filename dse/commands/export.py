@@ -3,8 +3,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dse.cli import command
 from dse.commands.common import config_from_args
+from dse.commands.registry import command
+from dse.deploy.export import export
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -32,8 +33,6 @@ def _config(args: argparse.Namespace):
 @command("export", "compile the ShiftAddViT for a target into an artifact folder (model.so, weights.npz, "
          "assignment.yaml, manifest.yaml)", _args)
 def run(args: argparse.Namespace):
-    from dse.export import export
-
     cfg = _config(args)
     out = Path(args.out) if args.out else Path(cfg.out) / "export"
     summary = export(cfg, args.checkpoint, out, target=args.target, assignment=args.assignment,

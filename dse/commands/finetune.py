@@ -3,8 +3,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from dse.cli import command
 from dse.commands.common import config_from_args, out_dir
+from dse.commands.registry import command
+from dse.training.distributed import process_group, rank, world_size
+from dse.training.finetune import finetune
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -24,9 +26,6 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("finetune", "fine-tune the ShiftAddViT for an assignment from the dense model "
          "(checkpoint.pt, weights.pt, metrics.csv)", _args)
 def run(args: argparse.Namespace):
-    from dse.distributed import process_group, rank, world_size
-    from dse.finetune import finetune
-
     extra = []
     if args.model:
         extra.append(f"model.name={args.model}")

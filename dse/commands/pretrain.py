@@ -3,8 +3,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from dse.cli import command
 from dse.commands.common import config_from_args, out_dir
+from dse.commands.registry import command
+from dse.training.pretrain import pretrain
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -14,8 +15,6 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 @command("pretrain", "train the dense baseline ViT (checkpoint.pt, weights.pt, metrics.csv)", _args)
 def run(args: argparse.Namespace):
-    from dse.pretrain import pretrain
-
     extra = [f"pretrain.epochs={args.epochs}"] if args.epochs is not None else []
     cfg = config_from_args(args, *extra)
     out = out_dir(cfg)

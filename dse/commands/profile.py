@@ -1,11 +1,23 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from collections import defaultdict
 from typing import Any
 
-from dse.cli import command
 from dse.commands.common import config_from_args, table
+from dse.commands.registry import command
+from dse.errors import StageError
+from dse.profiling.inventory import compact_names, inventory_for_config
+from dse.profiling.profiler import (
+    Settings,
+    check_target_runnable,
+    compile_model,
+    profile_model,
+    summary_rows,
+)
+from dse.profiling.store import list_profiles, passes_of
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +68,6 @@ def _shape_text(inv) -> str:
     nonprim_groups: dict[tuple, list[str]] = defaultdict(list)
     for it in inv.nonprim():
         nonprim_groups[(it.op, it.choice or "always", *it.shape)].append(it.name)
-    from dse.inventory import compact_names
 
     krows = [{"kind": k[0], "choice": k[1], "primitives": k[2], "b": k[3], "m": k[4], "k": k[5], "n": k[6],
               "layers": compact_names(names)} for k, names in kernel_groups.items()]
@@ -66,13 +77,10 @@ def _shape_text(inv) -> str:
     head = (f"{inv.model}: {c}x{h}x{w} input, batch {inv.batch}, {len(inv.linears())} Linears, "
             f"{len(inv.attention)} attentions, Hamming codes of {inv.nbits} bits")
     return "\n".join([head, "", "kernel shapes (b, m, k, n), unique per primitive set:", table(krows), "",
-                      "non-primitive work (dse.nonprim op shapes):", table(nrows)])
+                      "non-primitive work (dse.profiling.nonprim op shapes):", table(nrows)])
 
 
 def _summary_text(run, rows: list[dict[str, Any]]) -> str:
-    from dse.profile import summary_rows
-    from dse.store import passes_of
-
     srows = summary_rows(run)
     lines = []
     if run.measured == 0 and not run.failed:
@@ -111,17 +119,8 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
 
 @command("profile", "measure latency and energy of every primitive x layer shape of a model on a target", _args)
 def run(args: argparse.Namespace):
-    import json
-    import os
-
-    from dse.errors import StageError
-    from dse.inventory import inventory_for_config
-    from dse.profile import Settings, check_target_runnable, compile_model, profile_model, summary_rows
-
     cfg = _config(args)
     if args.list:
-        from dse.store import list_profiles
-
         root = args.out or cfg.profile.dir
         entries = list_profiles(root)
         return {"text": _list_text(entries, root), "json": entries}

@@ -2,14 +2,13 @@ from __future__ import annotations
 
 import argparse
 
-from dse.cli import command
 from dse.commands.common import config_from_args, table
+from dse.commands.registry import command
+from dse.pipeline.run import run_pipeline
 
 
 @command("run", "the whole pipeline: pretrain, profile, search, finetune, export, bench, report")
 def run(args: argparse.Namespace):
-    from dse.pipeline import run_pipeline
-
     cfg = config_from_args(args)
     result = run_pipeline(cfg)
     rows = [{"stage": s["name"],

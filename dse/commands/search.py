@@ -4,8 +4,9 @@ import argparse
 import logging
 import sys
 
-from dse.cli import command
 from dse.commands.common import config_from_args, out_dir, table
+from dse.commands.registry import command
+from dse.search.driver import run_search
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -44,8 +45,6 @@ def _args(p: argparse.ArgumentParser) -> None:
     "search", "Optuna search over per-layer assignments (study, pareto.csv/png, best_assignment.yaml)", _args
 )
 def run(args: argparse.Namespace):
-    from dse.search import run_search
-
     extra = []
     for flag, key in (
         ("model", "model.name"),
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace):
         cfg.search.profile = args.profile if len(args.profile) > 1 else args.profile[0]
     out = out_dir(cfg)
     chatty = not args.json and sys.stderr.isatty()
-    log = logging.getLogger("dse.search")
+    log = logging.getLogger("dse.search.driver")
 
     def progress(line: str) -> None:
         if chatty:

@@ -91,7 +91,7 @@ SEARCH_OVERRIDES = [
 
 def _tiny_checkpoint(folder: Path) -> tuple[Path, Path, dict[str, str]]:
     """(dense checkpoint, cost-table JSON, layer kinds) for a 2-block vit_digits with random weights."""
-    from dse.search import synthetic_costs
+    from dse.cost.sources import synthetic_costs
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -180,7 +180,7 @@ def _costs_for(model) -> dict[str, dict[str, float]]:
 
 
 def _write_cost_table(path: Path, costs: dict) -> Path:
-    """A cost-table JSON (dse.search.CostTableFile) holding only the MoE expert costs: a profile stand-in."""
+    """A cost-table JSON (dse.cost.sources.CostTableFile) holding only the MoE expert costs: a profile stand-in."""
     path.write_text(json.dumps({"fixed": [0.0, 0.0], "layers": {}, "moe_expert_costs": costs}))
     return path
 
@@ -274,10 +274,11 @@ def shiftadd_spec() -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def shiftadd_checkpoint(tmp_path_factory) -> Path:
     """A ``dse finetune``-format weights.pt (and resolved config) of the mixed ShiftAddViT."""
+    from dse.checkpoints import architecture, build_dense
     from dse.config import save_config
-    from dse.data import load_data
-    from dse.finetune import fit_batch, reparam_options
-    from dse.pretrain import architecture, build_dense, pretrain
+    from dse.training.data import load_data
+    from dse.training.finetune import fit_batch, reparam_options
+    from dse.training.pretrain import pretrain
     from models.assignment import Assignment
     from models.hamming import fit_hamming
     from models.moe import moe_layers

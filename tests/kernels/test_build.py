@@ -230,7 +230,7 @@ def test_cuda_kernel_matches_reference(name: str) -> None:  # pragma: no cover -
 def test_canonical_definition_on_cpu(name: str) -> None:
     """The canonical TE (what te_compute exports and MetaSchedule tunes) under the generic schedule."""
     from kernels import schedules
-    from kernels.build import compile_primfunc
+    from kernels.compiled import compile_primfunc
 
     b, m, k, n = 2, 9, 21, 35
     tgt = kernels.resolve_target("cpu")
@@ -278,7 +278,7 @@ def test_kernels_embed_in_a_relax_graph() -> None:
 def test_cold_weight_timing_takes_single_call_samples() -> None:
     """``cold_weights``: one call per sample, each after the private caches were flushed to L3 (the input
     read back in); the eviction buffer is twice the machine's L2 as sysfs reports it."""
-    from kernels.build import evict_private_caches, l2_total_bytes
+    from kernels.compiled import evict_private_caches, l2_total_bytes
 
     assert l2_total_bytes() >= 1 << 16
     x = np.ones((4, 8), np.float32)

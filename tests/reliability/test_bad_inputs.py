@@ -52,9 +52,10 @@ def workspace(tmp_path):
 
 def _available(command: str) -> bool:
     from dse import cli
+    from dse.commands.registry import COMMANDS
 
     cli.build_parser()
-    return command in cli._COMMANDS
+    return command in COMMANDS
 
 
 CONFIG_CASES = [
@@ -200,7 +201,7 @@ def test_unknown_target_and_primitive(workspace, capsys):
 
 def test_tampered_artifact_is_refused(tmp_path, capsys):
     """A checksum mismatch is refused before the library is loaded (loading runs its code)."""
-    from dse import artifact
+    from dse.deploy import artifact
 
     folder = tmp_path / "art"
     folder.mkdir()
@@ -222,21 +223,20 @@ def test_subprocess_errors_are_one_line(tmp_path):
     assert "search.trials" in one_line(res.stderr)
 
 
-def test_nvml_failing_mid_window_keeps_existing_rows(tmp_path, monkeypatch, capsys):
+def test_nvml_failing_mid_window_keeps_existing_rows(tmp_path, monkeypatch, capsys, tiny_profile_set):
     """NVML present but the GPU drops off the bus in the middle of a measurement window: `dse profile`
     exits 1 with one line naming the NVML failure, and the rows measured before are untouched.
 
-    The fake ``pynvml`` is injected where the project imports it (``dse.nvml``); as no GPU exists here the
+    The fake ``pynvml`` is injected where the project imports it (``dse.hardware.nvml``); as no GPU exists here the
     kernels run on the CPU and only the energy source is the NVML meter — the part under test."""
     import threading
 
-    import dse.energy
-    from dse.energy import NvmlMeter
-    from tests.dse.test_energy import FakeGpu
-    from tests.dse.test_profile import TINY_SET
+    import dse.hardware.energy
+    from dse.hardware.energy import NvmlMeter
+    from tests.conftest import FakeGpu
 
     out = tmp_path / "profiles"
-    argv = ["profile", "--out", str(out), *TINY_SET, "--set", "profile.nonprim=false",
+    argv = ["profile", "--out", str(out), *tiny_profile_set, "--set", "profile.nonprim=false",
             "--set", "profile.torch_threads=1"]
     assert main([*argv, "--batch", "1"]) == 0  # a healthy run first: these rows must survive
     capsys.readouterr()
@@ -245,7 +245,7 @@ def test_nvml_failing_mid_window_keeps_existing_rows(tmp_path, monkeypatch, caps
 
     fake = FakeGpu()
     monkeypatch.setitem(__import__("sys").modules, "pynvml", fake.module())
-    monkeypatch.setattr(dse.energy, "select_source",
+    monkeypatch.setattr(dse.hardware.energy, "select_source",
                         lambda *a, **k: NvmlMeter(0, counter_poll_s=0.01, power_poll_s=0.01))
     lose = threading.Timer(0.3, lambda: setattr(fake, "lost", True))  # lands inside the first 0.5 s window
     lose.start()
@@ -260,6 +260,6 @@ def test_nvml_failing_mid_window_keeps_existing_rows(tmp_path, monkeypatch, caps
 
 
 def store_rows(csv: Path) -> list[dict]:
-    from dse.store import load_profile
+    from dse.profiling.store import load_profile
 
     return load_profile(csv).frame.to_dict("records")

@@ -24,11 +24,11 @@ import pytest
 import torch
 
 import models
-from dse.inventory import build_inventory
-from dse.profile import plan
-from dse.search import stored_trials
-from dse.search_space import SearchSpace
-from dse.store import KEY, load_profile, row_key
+from dse.profiling.inventory import build_inventory
+from dse.profiling.profiler import plan
+from dse.profiling.store import KEY, load_profile, row_key
+from dse.search.driver import stored_trials
+from dse.search.space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("SHIFTADD_FAULT_SEED") or time.time_ns() % 1_000_000)
@@ -183,7 +183,7 @@ def test_sigkill_search_keeps_stored_trials_and_rerun_continues(tmp_path, rng, t
 
 @pytest.fixture(scope="module")
 def dense_ckpt(tmp_path_factory, tiny_cfg) -> Path:
-    from dse.pretrain import architecture, build_dense
+    from dse.checkpoints import architecture, build_dense
 
     cfg = tiny_cfg()
     torch.manual_seed(0)

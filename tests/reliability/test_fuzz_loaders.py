@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import models
 from dse.config import Config, config_to_dict, load_config, parse_override
-from dse.store import COLUMNS, load_profile
+from dse.profiling.store import COLUMNS, load_profile
 from kernels.errors import ShiftAddError
 from models.assignment import Assignment, layer_kinds
 

@@ -1,0 +1,51 @@
+"""Stage 0: the dense baseline every later stage starts from (no weights can be downloaded here,
+so the tool makes its own; a user with a real checkpoint sets ``model.checkpoint`` instead).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import models
+from dse.checkpoints import architecture, build_dense
+from dse.config import Config, save_config
+from dse.fileio import atomic_write_bytes
+from dse.hardware.threads import set_torch_threads
+from dse.training.data import DataBundle, load_data
+from dse.training.train import TrainSpec, evaluate, set_seed, train
+
+log = logging.getLogger(__name__)
+
+
+def train_spec(cfg: Config) -> TrainSpec:
+    t = cfg.pretrain
+    return TrainSpec(epochs=t.epochs, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                     warmup_epochs=t.warmup_epochs, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip,
+                     batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, seed=cfg.seed,
+                     workers=cfg.data.workers, meta={"architecture": architecture(cfg), "stage": "pretrain"})
+
+
+def pretrain(cfg: Config, out: Path, *, resume: bool = False, progress: bool = True,
+             data: DataBundle | None = None) -> dict[str, Any]:
+    """Train (or, with ``model.checkpoint`` set, just evaluate) the dense baseline."""
+    set_torch_threads(cfg.pretrain.threads)
+    data = data or load_data(cfg.data, cfg.seed)
+    set_seed(cfg.seed)  # the initial weights too: the same seed gives the same dense model (it did not)
+    model = build_dense(cfg)
+    if cfg.model.checkpoint:
+        models.load_weights(model, cfg.model.checkpoint)
+    save_config(cfg, out)  # only once the inputs are known to be usable: a failed start changes nothing
+    if cfg.model.checkpoint:
+        metrics = evaluate(model, data.val, cfg.data.eval_batch_size, cfg.device)
+        log.info("using the given checkpoint %s: val_acc %.2f%%", cfg.model.checkpoint, metrics["acc"])
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "meta": {"architecture": architecture(cfg)}}, buf)
+        atomic_write_bytes(out / "weights.pt", buf.getvalue())
+        return {"val_acc": metrics["acc"], "epochs": 0, "checkpoint": str(out / "weights.pt")}
+    row = train(model, data, train_spec(cfg), out, resume=resume, device=cfg.device, progress=progress)
+    return {"val_acc": row.get("val_acc"), "epochs": cfg.pretrain.epochs, "checkpoint": str(out / "weights.pt")}

@@ -1,0 +1,93 @@
+"""`dse run` end to end on a tiny config: every stage writes its folder, the report's figures are the ones
+in the files the stages wrote, and a rerun reuses every stage."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+TINY = [
+    "model.kwargs={depth: 2, embed_dim: 48, num_heads: 2}", "data.img_size=16", "data.augment=false",
+    "pretrain.epochs=2", "pretrain.warmup_epochs=0", "profile.repeat=2", "profile.min_repeat_ms=1",
+    "profile.torch_threads=1", "search.trials=60", "search.population=20", "search.stage_b_candidates=1",
+    "search.stage_b_epochs=1", "search.sensitivity_samples=64", "finetune.epochs=1", "finetune.warmup_epochs=0",
+    "export.val_images=32", "export.repeat=3", "export.cuda_arch=null", "bench.repeat=3", "bench.warmup=1",
+    "bench.torch_compile=false",
+]
+STAGES = ["pretrain", "profile", "search", "finetune", "export", "bench"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, run_cli):
+    root = tmp_path_factory.mktemp("pipeline")
+    args = ["run", "--out", str(root / "run"), *[a for s in [*TINY, f"profile.dir={root / 'profiles'}"]
+                                                  for a in ("--set", s)]]
+    first = run_cli(*args, timeout=1500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return root / "run", args, first
+
+
+def test_every_stage_ran_and_wrote_its_folder(run):
+    out, _, _ = run
+    summary = json.loads((out / "run.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == STAGES
+    assert all(not s["reused"] for s in summary["stages"])
+    for stage in summary["stages"]:
+        assert (out / stage["folder"].split("/")[-1] / "resolved_config.yaml").is_file() or stage["name"] == "profile"
+    assert (out / "export" / "artifact" / "manifest.yaml").is_file() and (out / "search" / "pareto.csv").is_file()
+
+
+def test_report_figures_come_from_the_stage_files(run):
+    out, _, _ = run
+    report = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html  # self-contained
+    for png in (out / "plots").glob("*.png"):
+        assert png.stat().st_size > 1000
+    from dse.pipeline.report import _fmt  # the report's own number format
+
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows.setdefault(cells[0], cells[1:])
+    dense = pd.read_csv(out / "dense" / "metrics.csv")["val_acc"].iloc[-1]
+    chosen = pd.read_csv(out / "finetune" / "metrics.csv")["val_acc"].iloc[-1]
+    assert rows["dense"][0] == _fmt(float(dense)) and rows["chosen"][0] == _fmt(float(chosen))
+    pareto = pd.read_csv(out / "search" / "pareto.csv")
+    for name in ("recipe", "all-shift"):  # stage B fine-tuned both baselines; their accuracy is reported
+        acc = pareto[(pareto["baseline"] == name) & pareto["accuracy"].notna()]["accuracy"]
+        assert len(acc) == 1 and rows[name][0] == _fmt(float(acc.iloc[0])), name
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    for row in bench["rows"]:
+        assert rows[row["model"]][0] == _fmt(float(row["median_ms"])), row["model"]
+    assert yaml.safe_load((out / "resolved_config.yaml").read_text())["search"]["trials"] == 60
+
+
+def test_rerun_reuses_every_stage(run, run_cli):
+    out, args, _ = run
+    again = run_cli(*args, "--json", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "run.json").read_text())
+    assert [s["name"] for s in summary["stages"] if s["reused"]] == STAGES
+    assert all(s["ran_seconds"] > 0 for s in summary["stages"])  # the report still says what each took
+
+
+def test_report_profile_table_is_this_models_rows(run):
+    """The device's profile may hold other models' and calibration rows; the report shows the plan's."""
+    from dse.config import load_config
+    from dse.profiling.inventory import inventory_for_config
+    from dse.profiling.profiler import plan
+    from dse.profiling.store import load_profile, row_key
+
+    out, _, _ = run
+    summary = json.loads((out / "run.json").read_text())
+    mine = pd.read_csv(summary["model_rows_csv"])
+    whole = load_profile(summary["profile_csv"]).frame
+    keys = {row_key(r) for r in mine.to_dict("records")}
+    assert len(keys) == len(mine) and keys <= {row_key(r) for r in whole.to_dict("records")}
+    inv = inventory_for_config(load_config(out / "resolved_config.yaml"))
+    assert keys == {s.key for s in plan(inv)}
+    assert f"the {len(mine)} rows that price this model" in (out / "report.md").read_text()
