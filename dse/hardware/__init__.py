@@ -1,0 +1,1 @@
+"""The machine: devices, NVML, energy sources, the environment report and thread counts."""

@@ -1,0 +1,1 @@
+"""The whole pipeline: stage order and resumption, stage bookkeeping and the report."""
