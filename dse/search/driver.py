@@ -790,11 +790,7 @@ def run_search(
     devices = [("", costs)] if costs is not None else load_device_costs(cfg, dense, s.profile)
     labels = [label for label, _ in devices] if len(devices) > 1 else []
     costs, others = devices[0][1], [c for _, c in devices[1:]]
-    choices = priced_choices(costs, kinds)
-    for other in others:  # a choice is searched only where every device can price it
-        theirs = priced_choices(other, kinds)
-        choices = {layer: tuple(c for c in ok if c in theirs[layer]) for layer, ok in choices.items()}
-    space = SearchSpace.build(kinds, s.freeze, s.tie, choices)
+    space = SearchSpace.build(kinds, s.freeze, s.tie, _searchable_choices(kinds, [costs, *others]))
     data = load_data(cfg.data, cfg.seed)
     summary: dict[str, Any] = {
         "storage": storage_url,
@@ -818,28 +814,7 @@ def run_search(
         objective = Objective(
             space, costs, risk_table(sens, kinds, lambda layer: _shift_share(costs, kinds, layer)), others
         )
-        res = run_stage_a(
-            space,
-            objective,
-            storage_url,
-            s.study_name,
-            trials=s.trials,
-            sampler=s.sampler,
-            population=s.population,
-            seed=cfg.seed,
-            persist_every_s=s.persist_every_s,
-            progress=progress,
-            objectives=objective_names(labels),
-        )
-        summary["stage_a"] = {
-            "stored": res.stored,
-            "evaluated": res.evaluated,
-            "written": res.written,
-            "seconds": round(res.seconds, 2),
-            "trials_per_s": round(res.rate, 1),
-            "worker": res.worker,
-            "repeats_dropped": res.repeats,
-        }
+        summary["stage_a"] = _stage_a_summary(cfg, space, objective, storage_url, labels, progress)
     trials = stored_trials(storage_url, s.study_name)
     if not trials:
         raise StageError(
@@ -847,53 +822,16 @@ def run_search(
         )
     _check_space(space, trials, s.study_name)
     front, baselines, values = front_table(space, trials, labels)
-    summary["trials"] = len(trials)
-    summary["distinct_designs"] = len({space.key(t.params) for t in trials})
-    summary["front_size"] = len(front)
-    summary["baselines"] = {
-        b["baseline"]: {
-            "trial": b["trial"],
-            "on_front": b["on_front"],
-            "dominated_by": b["dominated_by"],
-            "latency_ms": b["latency_ms"],
-            "energy_mj": b["energy_mj"],
-            "risk": b["risk"],
-        }
-        for b in baselines
-    }
+    summary |= _trials_summary(space, trials, front, baselines)
     measured: list[dict[str, Any]] = []
     if s.stage in ("b", "both"):
         cands = stage_b_candidates(
             space, front, baselines, s.stage_b_candidates, s.latency_budget_ms, s.energy_budget_mj
         )
-        measured = run_stage_b(
-            cfg,
-            out,
-            space,
-            cands,
-            costs,
-            storage_url,
-            s.study_name,
-            checkpoint=checkpoint,
-            data=data,
-            progress=train_progress,
-        )
-        summary["stage_b"] = [
-            {
-                k: r[k]
-                for k in (
-                    "trial",
-                    "baseline",
-                    "latency_ms",
-                    "energy_mj",
-                    "risk",
-                    "accuracy",
-                    "dense_accuracy",
-                    "feasible",
-                )
-            }
-            for r in measured
-        ]
+        measured = run_stage_b(cfg, out, space, cands, costs, storage_url, s.study_name, checkpoint=checkpoint,
+                               data=data, progress=train_progress)
+        keys = ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy", "dense_accuracy", "feasible")
+        summary["stage_b"] = [{k: r[k] for k in keys} for r in measured]
     chosen, rule = choose(
         front,
         baselines,
@@ -902,6 +840,64 @@ def run_search(
         latency_budget=s.latency_budget_ms,
         energy_budget=s.energy_budget_mj,
     )
+    _write_outputs(cfg, out, space, trials, values, front, baselines, measured, chosen)
+    if chosen is not None:
+        summary["chosen"] = _chosen_summary(chosen)
+    if labels:
+        rule += (f"; 'fastest' over {len(labels)} devices: the least mean of each device's predicted latency "
+                 "relative to the dense (all-mult) design there")
+    summary["rule"] = rule
+    summary["front"] = [_front_row_summary(r) for r in front]
+    summary["outputs"] = {
+        n: str(out / n)
+        for n in ("pareto.csv", "pareto.png", "best_assignment.yaml", "sensitivity.json", "resolved_config.yaml")
+    }
+    atomic_write_text(out / "search.json", json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _searchable_choices(kinds: Mapping[str, str], sources: Sequence[CostSource]) -> dict[str, tuple[str, ...]]:
+    """{layer: choices} every cost source can price: a choice is searched only where every device prices it."""
+    choices = priced_choices(sources[0], kinds)
+    for other in sources[1:]:
+        theirs = priced_choices(other, kinds)
+        choices = {layer: tuple(c for c in ok if c in theirs[layer]) for layer, ok in choices.items()}
+    return choices
+
+
+def _stage_a_summary(cfg: Config, space: SearchSpace, objective: Objective, storage_url: str,
+                     labels: Sequence[str], progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """Run stage A (:func:`run_stage_a`) with the config's settings; its part of the summary."""
+    s = cfg.search
+    res = run_stage_a(
+        space,
+        objective,
+        storage_url,
+        s.study_name,
+        trials=s.trials,
+        sampler=s.sampler,
+        population=s.population,
+        seed=cfg.seed,
+        persist_every_s=s.persist_every_s,
+        progress=progress,
+        objectives=objective_names(labels),
+    )
+    return {
+        "stored": res.stored,
+        "evaluated": res.evaluated,
+        "written": res.written,
+        "seconds": round(res.seconds, 2),
+        "trials_per_s": round(res.rate, 1),
+        "worker": res.worker,
+        "repeats_dropped": res.repeats,
+    }
+
+
+def _write_outputs(cfg: Config, out: Path, space: SearchSpace, trials: Sequence[Any], values: np.ndarray,
+                   front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
+                   measured: Sequence[dict[str, Any]], chosen: dict[str, Any] | None) -> None:
+    """``pareto.csv``, ``pareto.png`` and (when a design was chosen) ``best_assignment.yaml``."""
+    s = cfg.search
     write_pareto_csv(
         out / "pareto.csv", space, front, baselines, measured, chosen, s.latency_budget_ms, s.energy_budget_mj
     )
@@ -918,32 +914,35 @@ def run_search(
     )
     if chosen is not None:
         space.assignment(chosen["params"]).to_yaml(out / "best_assignment.yaml")
-        summary["chosen"] = {
-            k: chosen.get(k) for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy")
-        } | {k: v for k, v in chosen.items() if k.startswith("latency_ms@") or k == "latency_rel"}
-        summary["chosen"]["counts"] = {k[2:]: v for k, v in chosen.items() if k.startswith("n_")}
-    if labels:
-        rule += (f"; 'fastest' over {len(labels)} devices: the least mean of each device's predicted latency "
-                 "relative to the dense (all-mult) design there")
-    summary["rule"] = rule
-    summary["front"] = [
-        {k: r[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk")}
-        | {k: v for k, v in r.items() if k.startswith("latency_ms@")}
-        | {"counts": {k[2:]: v for k, v in r.items() if k.startswith("n_")}}
-        for r in front
-    ]
-    summary["outputs"] = {
-        n: str(out / n)
-        for n in (
-            "pareto.csv",
-            "pareto.png",
-            "best_assignment.yaml",
-            "sensitivity.json",
-            "resolved_config.yaml",
-        )
+
+
+def _trials_summary(space: SearchSpace, trials: Sequence[Any], front: Sequence[dict[str, Any]],
+                    baselines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The stored trials' part of the summary: counts and where each baseline stands."""
+    return {
+        "trials": len(trials),
+        "distinct_designs": len({space.key(t.params) for t in trials}),
+        "front_size": len(front),
+        "baselines": {
+            b["baseline"]: {k: b[k] for k in ("trial", "on_front", "dominated_by", "latency_ms", "energy_mj", "risk")}
+            for b in baselines
+        },
     }
-    atomic_write_text(out / "search.json", json.dumps(summary, indent=1, default=str))
-    return summary
+
+
+def _front_row_summary(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One front design in the summary: objectives, per-device latencies and choice counts."""
+    return ({k: row[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk")}
+            | {k: v for k, v in row.items() if k.startswith("latency_ms@")}
+            | {"counts": {k[2:]: v for k, v in row.items() if k.startswith("n_")}})
+
+
+def _chosen_summary(chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """The chosen design's part of the summary: objectives, per-device latencies and choice counts."""
+    row = {k: chosen.get(k) for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy")}
+    row |= {k: v for k, v in chosen.items() if k.startswith("latency_ms@") or k == "latency_rel"}
+    row["counts"] = {k[2:]: v for k, v in chosen.items() if k.startswith("n_")}
+    return row
 
 
 __all__ = [
