@@ -86,8 +86,8 @@ def _text(s: dict, stage: str) -> str:
         lines.append(
             f"stage A: {a['evaluated']} trials evaluated here in {a['seconds']:.1f} s "
             f"({a['trials_per_s']:.0f} trials/s, worker {a['worker']}); study holds {a['stored']}"
-            + (f"; {a['repeats_dropped']} offspring repeated known designs and were dropped"
-               if a.get("repeats_dropped") else "")
+            + (f"; {a['repeats_replaced']} offspring repeated known designs and were replaced by unseen neighbours"
+               if a.get("repeats_replaced") else "")
         )
     lines.append(
         f"{s['parameters']} parameters over {s['layers']} layers; front: {s['front_size']} designs of "

@@ -46,6 +46,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import signal
 import time
 import warnings
@@ -251,7 +252,7 @@ class StageAResult:
     written: int  # of which written (a baseline another worker stored first is not)
     seconds: float
     worker: int
-    repeats: int = 0  # offspring that repeated a design already in the study: dropped, not stored
+    repeats: int = 0  # offspring that repeated a design already in the study: replaced, not stored again
 
     @property
     def rate(self) -> float:
@@ -272,10 +273,12 @@ def run_stage_a(
     progress: Callable[[str], None] | None = None,
     objectives: Sequence[str] = OBJECTIVES_A,
 ) -> StageAResult:
-    """Run stage A until the persistent study holds ``trials`` completed trials, each a distinct design
-    (module docstring): NSGA-II offspring that repeat a design already evaluated are dropped (their values are
-    known) so the budget buys new designs; a space with fewer designs than ``trials`` ends when it is
-    exhausted, or when offspring have repeated known designs ``20 x population`` times in a row."""
+    """Run stage A until the persistent study holds ``trials`` completed trials, each a distinct design:
+    an NSGA-II offspring that repeats a design already evaluated is not stored again (its values are known)
+    but replaced by the nearest unseen design (:func:`_unseen_neighbour`), so the budget buys new designs
+    and a converged population keeps exploring around its front. A space with fewer designs than
+    ``trials`` ends when it is exhausted, or when no unseen design was found ``20 x population`` times in
+    a row."""
     t0 = time.perf_counter()
     with quiet_optuna():
         directions = ["minimize"] * len(objectives)
@@ -292,6 +295,7 @@ def run_stage_a(
         stored_count = store.count()
         trials = min(trials, space.size())
         repeats = in_a_row = 0
+        rng = random.Random(seed + 7919 * worker)
         for name, params in space.baselines().items():
             mem.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
         log.info("stage A: worker %d, %d stored trials, target %d", worker, stored_count, trials)
@@ -323,8 +327,8 @@ def run_stage_a(
             try:
                 while stored_count + len(pending) < trials:
                     trial = mem.ask()
-                    if "baseline" in trial.user_attrs:
-                        # Every parameter of an enqueued baseline is fixed, so it would never consult the
+                    if {"baseline", "replaces_repeat"} & set(trial.user_attrs):
+                        # Every parameter of an enqueued design is fixed, so it would never consult the
                         # sampler; asking for the relative sample places it in a GA generation (parents).
                         _ = trial.relative_params
                     params = space.suggest(trial)
@@ -332,6 +336,10 @@ def run_stage_a(
                     if key in seen and "baseline" not in trial.user_attrs:
                         mem.tell(trial, state=optuna.trial.TrialState.FAIL)  # known: not a new design
                         repeats += 1
+                        neighbour = _unseen_neighbour(space, params, seen, rng)
+                        if neighbour is not None:  # evaluated next, in this offspring's place
+                            mem.enqueue_trial(neighbour, user_attrs={"replaces_repeat": True})
+                            continue
                         in_a_row += 1
                         if in_a_row >= 20 * population:
                             log.warning("stage A: the last %d offspring all repeated known designs; stopping at "
@@ -359,8 +367,24 @@ def run_stage_a(
                 if interrupted:
                     log.warning("stage A: %d trials stored; rerun the same command to continue", stored_count)
     if repeats:
-        log.info("stage A: %d offspring repeated known designs and were not stored", repeats)
+        log.info("stage A: %d offspring repeated known designs; replaced by unseen neighbours where the space had any", repeats)
     return StageAResult(stored_count, evaluated, written, time.perf_counter() - t0, worker, repeats)
+
+
+def _unseen_neighbour(space: SearchSpace, params: Mapping[str, str], seen: set[tuple[str, ...]],
+                      rng: random.Random, tries: int = 64) -> dict[str, str] | None:
+    """A design not in ``seen`` that differs from ``params`` in as few parameters as possible: ``tries``
+    random draws at each Hamming distance 1, 2, ... (a repeat is a converged offspring; its neighbours are
+    the mutations NSGA-II would try next). None when every draw was already seen."""
+    mutable = [p for p in space.params if len(p.choices) > 1]
+    for distance in range(1, len(mutable) + 1):
+        for _ in range(tries):
+            out = dict(params)
+            for p in rng.sample(mutable, distance):
+                out[p.name] = rng.choice([c for c in p.choices if c != params[p.name]])
+            if space.key(out) not in seen:
+                return out
+    return None
 
 
 def _check_space(space: SearchSpace, trials: Sequence[Any], study_name: str) -> None:
@@ -889,7 +913,7 @@ def _stage_a_summary(cfg: Config, space: SearchSpace, objective: Objective, stor
         "seconds": round(res.seconds, 2),
         "trials_per_s": round(res.rate, 1),
         "worker": res.worker,
-        "repeats_dropped": res.repeats,
+        "repeats_replaced": res.repeats,
     }
 
 

@@ -3,9 +3,11 @@ the CLI killed and rerun."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from dse.cost.sources import CostTableFile, synthetic_costs
 from dse.errors import ConfigError, ProfileError, StageError
 from dse.search.driver import (
     Objective,
+    _unseen_neighbour,
     choose,
     front_table,
     pareto,
@@ -282,8 +285,20 @@ def test_stage_a_stores_distinct_designs_and_ends_when_the_space_is_exhausted(tm
     trials = stored_trials(url, "s")
     keys = [frozen.key(t.params) for t in trials]
     assert res.stored == len(trials) == len(set(keys))  # nothing stored twice
-    assert res.repeats > 0  # NSGA-II offered known designs, which were dropped
+    assert res.repeats > 0  # NSGA-II offered known designs: replaced by unseen ones, not stored again
+    assert any(t.user_attrs.get("replaces_repeat") for t in trials)
     assert 0.9 * size <= len(trials) <= size  # (almost) the whole space, then it stopped
+
+
+def test_a_repeated_design_is_replaced_by_its_nearest_unseen_neighbour():
+    space = SearchSpace.build(KINDS, freeze=[], tie=["attn", "attn.qkv", "attn.proj", "fc1", "fc2"])
+    start = space.params_for("msa", "mult")
+    rng = random.Random(0)
+    near = _unseen_neighbour(space, start, {space.key(start)}, rng)
+    assert sum(near[k] != start[k] for k in start) == 1  # one parameter changed
+    every = {space.key(dict(zip(start, combo))) for combo in itertools.product(*(p.choices for p in space.params))}
+    assert len(every) == space.size()
+    assert _unseen_neighbour(space, start, every, rng) is None  # nothing left to explore
 
 
 def test_stage_a_persists_in_batches_and_a_rerun_continues(tmp_path):
