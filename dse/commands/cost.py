@@ -14,13 +14,13 @@ from dse.checkpoints import build_dense
 from dse.commands.common import config_from_args, out_dir, table
 from dse.commands.registry import command
 from dse.cost.model import (
-    CostModel,
     check_profile,
     check_profile_target,
     default_profile_path,
     profile_identity,
     read_profile,
 )
+from dse.cost.sources import model_cost
 from dse.cost.validate import (
     calibrate,
     format_figure,
@@ -105,7 +105,7 @@ def _price(cfg, args: argparse.Namespace) -> dict[str, Any]:
     inventory = build_inventory(model, batch=cfg.profile.batch, nbits=cfg.finetune.nbits, name=cfg.model.name)
     results = []
     for profile in profiles:
-        mc = CostModel.from_config(profile, cfg.cost, args.backend).for_model(inventory)
+        mc = model_cost(profile, cfg.cost, inventory, args.backend)
         rows = mc.per_layer(assignment)
         total = mc.predict(assignment)
         device, target = profile_identity(profile)

@@ -37,6 +37,7 @@ class Cost(NamedTuple):
 @runtime_checkable
 class CostSource(Protocol):
     """What the search needs from a cost model (``dse.cost.model.ModelCost`` satisfies it)."""
+
     def predict(self, assignment: Any) -> Any:
         """Whole-model cost of a :class:`models.Assignment`: an object with ``latency_ms``, ``energy_mj``."""
         ...

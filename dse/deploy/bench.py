@@ -34,7 +34,8 @@ from torch import nn
 import models
 from dse.checkpoints import build_from_architecture
 from dse.config import Config, config_from_dict
-from dse.cost.model import CostModel, check_profile, read_profile
+from dse.cost.model import check_profile, read_profile
+from dse.cost.sources import model_cost
 from dse.deploy import artifact as art
 from dse.deploy.export import profile_table, val_tensors
 from dse.errors import CheckpointError, ShiftAddError
@@ -230,9 +231,8 @@ def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profil
     out["profile"] = reason
     if table is not None:
         try:
-            cm = CostModel(table, backend="torch", metric=cfg.cost.metric, mix_alpha=cfg.cost.mix_alpha)
-            out["eager"] = float(cm.for_model(build_inventory(dense, batch=int(manifest["input"]["batch"])))
-                                 .predict(Assignment()).latency_ms)
+            inventory = build_inventory(dense, batch=int(manifest["input"]["batch"]))
+            out["eager"] = float(model_cost(table, cfg.cost, inventory, "torch").predict(Assignment()).latency_ms)
         except ShiftAddError as exc:
             log.info("no torch-backend prediction: %s", exc)
     return out

@@ -46,6 +46,7 @@ import models
 from dse.checkpoints import architecture, build_from_architecture, load_finetuned
 from dse.config import Config, config_to_dict
 from dse.cost import model as cost
+from dse.cost.sources import model_cost
 from dse.deploy import artifact as art
 from dse.deploy import graph
 from dse.errors import CheckpointError, ConfigError, ShiftAddError
@@ -287,9 +288,7 @@ def predict_cost(cfg: Config, model: nn.Module, plan: Assignment, batch: int, ta
     if table is None:
         return {"available": False, "reason": "no matching profile"}
     try:
-        cm = cost.CostModel(table, backend="tvm", metric=cfg.cost.metric, mix_alpha=cfg.cost.mix_alpha)
-        inv = build_inventory(model, batch=batch)
-        pred = cm.for_model(inv).predict(plan)
+        pred = model_cost(table, cfg.cost, build_inventory(model, batch=batch)).predict(plan)
         return {"available": True, "latency_ms": float(pred.latency_ms), "energy_mj": float(pred.energy_mj)}
     except ShiftAddError as exc:
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}

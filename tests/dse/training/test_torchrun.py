@@ -43,7 +43,10 @@ with process_group("cpu") as device:
 
 
 def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
+    # The worker script lives in tmp_path, so this checkout goes on the path explicitly (an installed copy of
+    # the package elsewhere must not answer for it).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true", "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
