@@ -4,14 +4,14 @@ Contestants, all on the same images (the first ``batch`` validation images of th
 exported with) and the same batch:
 
 * the artifact, through the torch-free loader (:mod:`dse.artifact`, checksums verified);
-* the dense model compiled by TVM (skipped with ``--no-dense-tvm`` / ``bench.dense_tvm: false``): the dense
-  checkpoint exported by :func:`dse.export.export` with the all-mult assignment for the artifact's target,
-  batch and data, built once into ``<artifact>-dense-tvm/`` (a stage folder as ``dse run`` keeps them:
-  ``stage.json`` records a fingerprint of the checkpoint, target, TVM version and export settings, and a
-  change rebuilds it). The ShiftAddViT's speed-up over it is the reparameterisation's own gain; its
-  speed-up over PyTorch also holds the compiler's;
 * the dense model in PyTorch eager mode (``torch.inference_mode``);
-* the dense model under ``torch.compile`` (skipped with ``--no-compile``; its compile time is reported).
+* the dense model under ``torch.compile`` (skipped with ``--no-compile``; its compile time is reported);
+* the dense model compiled by TVM (skipped with ``--no-dense-tvm`` / ``bench.dense_tvm: false``): the dense
+  checkpoint exported as ``dse export`` does, with the all-mult assignment, for the artifact's target,
+  batch and data, built once into ``<artifact>-dense-tvm/`` and reused while the fingerprint in its
+  ``dense_tvm.json`` holds (checkpoint, target, TVM version, batch, data, profile: the same kind of key as
+  ``dse run``'s stages; a change rebuilds it). The ShiftAddViT's speed-up over it is the
+  reparameterisation's own gain; its speed-up over PyTorch also holds the compiler's.
 
 Timing is interleaved: ``rounds`` rounds, each running every contestant for a block of calls, so slow
 drifts of a shared machine (other jobs starting or stopping) hit all of them alike; per-call wall times
@@ -29,6 +29,7 @@ measured median.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -43,16 +44,15 @@ from torch import nn
 import models
 from dse import artifact as art
 from dse import energy as en
-from dse.config import Config, config_from_dict, config_to_dict
+from dse.config import Config, config_from_dict, config_to_dict, save_config
 from dse.cost import CostModel, check_profile, read_profile
 from dse.device import describe_device, versions
 from dse.errors import CheckpointError, ShiftAddError
 from dse.export import export, profile_table, val_tensors
-from dse.fileio import sha256_file
+from dse.fileio import atomic_write_text, fingerprint, sha256_file
 from dse.finetune import build_from_architecture
 from dse.inventory import build_inventory
 from dse.profile import load_1m
-from dse.stages import fingerprint, run_stage, section
 from dse.threads import set_threads, torch_threads, tvm_threads
 from models.assignment import Assignment
 
@@ -95,10 +95,12 @@ def dense_model(manifest: dict[str, Any], cfg: Config, dense: str | Path | None 
 # The dense model compiled by TVM
 
 DENSE_TVM_SUFFIX = "-dense-tvm"
+DENSE_TVM_MARKER = "dense_tvm.json"  # {"key", "summary"}: written after a build succeeds
 
 
 def dense_tvm_folder(artifact_dir: str | Path) -> Path:
-    """``<artifact>-dense-tvm/``: the stage folder of the dense TVM baseline (its artifact in ``artifact/``)."""
+    """``<artifact>-dense-tvm/``: the dense TVM baseline's folder (its artifact in ``artifact/``, its key in
+    ``dense_tvm.json``, the config it was exported with in ``resolved_config.yaml``)."""
     path = Path(artifact_dir).resolve()
     return path.with_name(path.name + DENSE_TVM_SUFFIX)
 
@@ -118,29 +120,37 @@ def _dense_export_config(cfg: Config, manifest: dict[str, Any]) -> Config:
 def dense_tvm_artifact(cfg: Config, manifest: dict[str, Any], artifact_dir: str | Path, dense: nn.Module,
                        dense_path: str | Path, profile: str | Path | None) -> tuple[Path, bool]:
     """(the dense TVM artifact's folder, whether it was built now): the dense checkpoint through
-    :func:`dse.export.export` with the all-mult assignment, reused while its fingerprint holds (module
+    ``export`` with the all-mult assignment, reused while its fingerprint holds (module
     docstring). ``profile``: a profile CSV for the prediction (none: the store's, as export looks it up)."""
     folder = dense_tvm_folder(artifact_dir)
     dcfg = _dense_export_config(cfg, manifest)
     prof = str(profile) if profile is not None and os.path.isfile(profile) else None
     export_keys = {k: getattr(dcfg.export, k) for k in ("batch", "val_images", "tune_trials")}
     key = fingerprint("dense-tvm", sha256_file(dense_path), manifest["target"], versions().get("tvm"),
-                      section(dcfg, "seed", "data"), export_keys, sha256_file(prof) if prof else None)
-
-    def build(out: Path) -> dict[str, Any]:
-        plan = out / "all_mult.yaml"
-        log.info("exporting the dense model (all-mult) for %s into %s", manifest.get("target_slug"), out)
-        try:
-            Assignment.uniform(dense).to_yaml(plan)
-            with torch_threads(0):  # export sets its own PyTorch threads; the bench's come back after it
-                return export(dcfg, dense_path, out / "artifact", target=manifest["target"], assignment=plan,
-                              profile=prof, cuda_arch=False)
-        except ShiftAddError as exc:
-            raise type(exc)(f"building the dense TVM baseline in {out} failed: {exc}; fix that and rerun, or "
-                            "bench without it (--no-dense-tvm, or bench.dense_tvm=false)") from exc
-
-    stage = run_stage("dense-tvm", folder, key, ["artifact/manifest.yaml"], dcfg, build)
-    return folder / "artifact", not stage.reused
+                      dcfg.seed, config_to_dict(dcfg.data), export_keys, sha256_file(prof) if prof else None)
+    marker, out = folder / DENSE_TVM_MARKER, folder / "artifact"
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        done = {}
+    if isinstance(done, dict) and done.get("key") == key and (out / art.MANIFEST).is_file():
+        log.info("dense TVM baseline: inputs unchanged, reusing %s", out)
+        return out, False
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    plan = folder / "all_mult.yaml"
+    log.info("exporting the dense model (all-mult) for %s into %s", manifest.get("target_slug"), out)
+    try:
+        Assignment.uniform(dense).to_yaml(plan)
+        with torch_threads(0):  # export sets its own PyTorch threads; the bench's come back after it
+            summary = export(dcfg, dense_path, out, target=manifest["target"], assignment=plan, profile=prof,
+                             cuda_arch=False)
+    except ShiftAddError as exc:
+        raise type(exc)(f"building the dense TVM baseline in {folder} failed: {exc}; fix that and rerun, or "
+                        "bench without it (--no-dense-tvm, or bench.dense_tvm=false)") from exc
+    save_config(dcfg, folder)
+    atomic_write_text(marker, json.dumps({"key": key, "summary": summary}, indent=2, default=str))
+    return out, True
 
 
 # ---------------------------------------------------------------------------------------------------

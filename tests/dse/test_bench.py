@@ -114,14 +114,14 @@ def test_bench_cli_reports_all_contestants(benched, artifact):
 def test_second_bench_reuses_the_dense_tvm_artifact(benched, artifact, run_cli):
     folder = artifact.with_name(artifact.name + "-dense-tvm")
     before = {p.name: p.stat().st_mtime_ns for p in (folder / "artifact").iterdir()}
-    stage = (folder / "stage.json").read_text()
+    stage = (folder / "dense_tvm.json").read_text()
     res = run_cli("bench", "--artifact", str(artifact), "--no-compile", "--set", "bench.repeat=3",
                   "--set", "bench.warmup=1", "--json", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert out["dense_tvm"]["built"] is False and "dense_tvm" in _contestants(out)
     assert {p.name: p.stat().st_mtime_ns for p in (folder / "artifact").iterdir()} == before
-    assert (folder / "stage.json").read_text() == stage
+    assert (folder / "dense_tvm.json").read_text() == stage
 
 
 def test_no_dense_tvm_omits_the_contestant(benched, artifact, run_cli):
@@ -176,7 +176,7 @@ def dense_tvm_inputs(tmp_path):
 
 
 def test_dense_tvm_artifact_is_rebuilt_only_when_its_inputs_change(dense_tvm_inputs, monkeypatch):
-    """Export stood in for by a fake that records its calls: the cache is the stage fingerprint's."""
+    """Export stood in for by a fake that records its calls: reused while the fingerprint holds."""
     import dse.bench
 
     cfg, manifest, art_dir, model, ckpt = dense_tvm_inputs
@@ -215,4 +215,4 @@ def test_dense_tvm_build_failure_says_what_to_do(dense_tvm_inputs, monkeypatch):
     with pytest.raises(KernelError, match=r"dense TVM baseline .* no schedule; .*--no-dense-tvm") as err:
         dse.bench.dense_tvm_artifact(cfg, manifest, art_dir, model, ckpt, None)
     assert "\n" not in str(err.value)
-    assert not (art_dir.resolve().with_name("art-dense-tvm") / "stage.json").exists()  # nothing cached
+    assert not (art_dir.resolve().with_name("art-dense-tvm") / "dense_tvm.json").exists()  # nothing cached
