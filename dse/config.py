@@ -160,6 +160,9 @@ class BenchConfig:
     repeat: int = 200
     warmup: int = 5
     torch_compile: bool = True
+    # also time the dense checkpoint compiled by TVM (all-mult, built once next to the artifact): the
+    # ShiftAddViT's speed-up over it is the reparameterisation's own gain, not the compiler's
+    dense_tvm: bool = True
     threads: int = 0  # threads for both PyTorch and TVM; 0 = each runtime's default (all cores)
 
 
