@@ -10,6 +10,8 @@ from dse.deploy.bench import bench
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", required=True, metavar="DIR", help="artifact folder written by `dse export`")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contestant (it compiles for ~40 s)")
+    p.add_argument("--no-dense-tvm", action="store_true", help="skip the dense model compiled by TVM (built once "
+                   "into <artifact>-dense-tvm/; default: config bench.dense_tvm)")
     p.add_argument("--dense", metavar="FILE", help="dense weights.pt (default: the manifest's dense_checkpoint)")
     p.add_argument("--threads", type=int, metavar="N", help="threads for both PyTorch and TVM (default: config "
                    "bench.threads, 0 = all cores)")
@@ -17,12 +19,12 @@ def _args(p: argparse.ArgumentParser) -> None:
                    "(default: the one the artifact was exported with, else the stored one)")
 
 
-@command("bench", "the exported model vs the dense model in PyTorch (eager, torch.compile), same inputs, one run",
-         _args)
+@command("bench", "the exported model vs the dense model compiled by TVM and in PyTorch (eager, torch.compile), "
+         "same inputs, one run", _args)
 def run(args: argparse.Namespace):
     cfg = config_from_args(args, *([f"bench.threads={args.threads}"] if args.threads is not None else []))
     result = bench(cfg, args.artifact, torch_compile=False if args.no_compile else None, dense=args.dense,
-                   profile=args.profile)
+                   profile=args.profile, dense_tvm=False if args.no_dense_tvm else None)
     return {"text": render(result), "json": result}
 
 
@@ -33,9 +35,19 @@ def render(result: dict) -> str:
              "predicted ms": r["predicted_ms"],
              "pred. error %": r["prediction_error_pct"]} for r in result["rows"]]
     sources = sorted({r["energy_source"] for r in result["rows"]})
+    gains = [f"{result[key]:.2f}x vs {name}" for key, name in (
+        ("speedup_vs_dense_tvm", "dense (TVM): the reparameterisation's own gain"),
+        ("speedup_vs_eager", "dense (PyTorch eager)"), ("speedup_vs_compiled", "dense (torch.compile)"))
+        if result.get(key) is not None]
+    dense_tvm = result.get("dense_tvm")
+    device = result.get("device") or {}
     text = "\n".join([
         table(rows, floatfmt="{:.3f}"),
         "",
+        f"ShiftAddViT speed-up: {'; '.join(gains)}",
+        f"device: {device.get('name')} ({device.get('slug')})",
+        *([f"dense (TVM): the dense checkpoint exported with every layer mult/msa, {dense_tvm['artifact']} "
+           f"({'built now' if dense_tvm['built'] else 'reused'})"] if dense_tvm else []),
         f"batch {result['batch']} ({result['inputs']}), {result['repeat']} calls each, interleaved; threads: torch "
         f"{result['threads']['torch']}, TVM {result['threads']['tvm']}; load average {result['load_1m']}",
         f"energy source: {'; '.join(sources)}",

@@ -1,16 +1,24 @@
-"""``dse bench``: the exported ShiftAddViT against the dense model in PyTorch, side by side, one run.
+"""``dse bench``: the exported ShiftAddViT against the dense model, side by side, one run.
 
 Contestants, all on the same images (the first ``batch`` validation images of the data the artifact was
 exported with) and the same batch:
 
 * the artifact, through the torch-free loader (:mod:`dse.deploy.artifact`, checksums verified);
 * the dense model in PyTorch eager mode (``torch.inference_mode``);
-* the dense model under ``torch.compile`` (skipped with ``--no-compile``; its compile time is reported).
+* the dense model under ``torch.compile`` (skipped with ``--no-compile``; its compile time is reported);
+* the dense model compiled by TVM (skipped with ``--no-dense-tvm`` / ``bench.dense_tvm: false``): the dense
+  checkpoint exported as ``dse export`` does, with the all-mult assignment, for the artifact's target,
+  batch and data, built once into ``<artifact>-dense-tvm/`` and reused while the fingerprint in its
+  ``dense_tvm.json`` holds (checkpoint, target, TVM version, batch, data, profile: the same kind of key as
+  ``dse run``'s stages; a change rebuilds it). The ShiftAddViT's speed-up over it is the
+  reparameterisation's own gain; its speed-up over PyTorch also holds the compiler's.
 
 Timing is interleaved: ``rounds`` rounds, each running every contestant for a block of calls, so slow
 drifts of a shared machine (other jobs starting or stopping) hit all of them alike; per-call wall times
 are pooled per contestant into a median and a p90. Blocks rather than strict alternation, so that one
-runtime's spinning worker threads are idle again before the other runtime runs.
+runtime's spinning worker threads are idle again before the other runtime runs. Each block starts with
+``lead_in_ms`` of untimed calls, so the first calls after a switch (caches and thread pools cold from the
+other runtime) are timed for no contestant.
 
 Energy: a measured source (``nvml`` for CUDA, ``rapl`` for CPU) when one works here; otherwise the
 analytical model (``dse.hardware.energy``, 45 nm per-operation energies) over the kernels each model runs —
@@ -21,7 +29,9 @@ measured median.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,14 +43,16 @@ from torch import nn
 
 import models
 from dse.checkpoints import build_from_architecture
-from dse.config import Config, config_from_dict
+from dse.config import Config, config_from_dict, config_to_dict, save_config
 from dse.cost.model import check_profile, read_profile
 from dse.cost.sources import model_cost
 from dse.deploy import artifact as art
-from dse.deploy.export import profile_table, val_tensors
+from dse.deploy.export import export, profile_table, val_tensors
 from dse.errors import CheckpointError, ShiftAddError
+from dse.fileio import atomic_write_text, fingerprint, sha256_file
 from dse.hardware import energy as en
-from dse.hardware.threads import set_threads, tvm_threads
+from dse.hardware.device import describe_device, versions
+from dse.hardware.threads import set_threads, torch_threads, tvm_threads
 from dse.profiling.inventory import build_inventory
 from dse.profiling.profiler import load_1m
 from models.assignment import Assignment
@@ -80,6 +92,72 @@ def dense_model(manifest: dict[str, Any], cfg: Config, dense: str | Path | None 
     return model.eval(), str(path)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The dense model compiled by TVM
+
+DENSE_TVM_SUFFIX = "-dense-tvm"
+DENSE_TVM_MARKER = "dense_tvm.json"  # {"key", "summary"}: written after a build succeeds
+
+
+def dense_tvm_folder(artifact_dir: str | Path) -> Path:
+    """``<artifact>-dense-tvm/``: the dense TVM baseline's folder (its artifact in ``artifact/``, its key in
+    ``dense_tvm.json``, the config it was exported with in ``resolved_config.yaml``)."""
+    path = Path(artifact_dir).resolve()
+    return path.with_name(path.name + DENSE_TVM_SUFFIX)
+
+
+def _dense_export_config(cfg: Config, manifest: dict[str, Any]) -> Config:
+    """``cfg`` with the artifact's data, seed, batch and validation images: the dense model is exported for
+    the same inputs (and checked on the same images) as the artifact it is compared with."""
+    data = config_to_dict(cfg)
+    if manifest.get("data"):
+        data["data"] = dict(manifest["data"])
+    data["seed"] = int(manifest.get("seed", cfg.seed))
+    data["export"].update(batch=int(manifest["input"]["batch"]), cuda_arch=None,
+                          val_images=(manifest.get("accuracy") or {}).get("val_images"))
+    return config_from_dict(data)
+
+
+def dense_tvm_artifact(cfg: Config, manifest: dict[str, Any], artifact_dir: str | Path, dense: nn.Module,
+                       dense_path: str | Path, profile: str | Path | None) -> tuple[Path, bool]:
+    """(the dense TVM artifact's folder, whether it was built now): the dense checkpoint through
+    ``export`` with the all-mult assignment, reused while its fingerprint holds (module
+    docstring). ``profile``: a profile CSV for the prediction (none: the store's, as export looks it up)."""
+    folder = dense_tvm_folder(artifact_dir)
+    dcfg = _dense_export_config(cfg, manifest)
+    prof = str(profile) if profile is not None and os.path.isfile(profile) else None
+    export_keys = {k: getattr(dcfg.export, k) for k in ("batch", "val_images", "tune_trials")}
+    key = fingerprint("dense-tvm", sha256_file(dense_path), manifest["target"], versions().get("tvm"),
+                      dcfg.seed, config_to_dict(dcfg.data), export_keys, sha256_file(prof) if prof else None)
+    marker, out = folder / DENSE_TVM_MARKER, folder / "artifact"
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        done = {}
+    if isinstance(done, dict) and done.get("key") == key and (out / art.MANIFEST).is_file():
+        log.info("dense TVM baseline: inputs unchanged, reusing %s", out)
+        return out, False
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    plan = folder / "all_mult.yaml"
+    log.info("exporting the dense model (all-mult) for %s into %s", manifest.get("target_slug"), out)
+    try:
+        Assignment.uniform(dense).to_yaml(plan)
+        with torch_threads(0):  # export sets its own PyTorch threads; the bench's come back after it
+            summary = export(dcfg, dense_path, out, target=manifest["target"], assignment=plan, profile=prof,
+                             cuda_arch=False)
+    except ShiftAddError as exc:
+        raise type(exc)(f"building the dense TVM baseline in {folder} failed: {exc}; fix that and rerun, or "
+                        "bench without it (--no-dense-tvm, or bench.dense_tvm=false)") from exc
+    save_config(dcfg, folder)
+    atomic_write_text(marker, json.dumps({"key": key, "summary": summary}, indent=2, default=str))
+    return out, True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+
+
 def _timed_block(fn: Callable[[], Any], calls: int) -> list[float]:
     samples = []
     for _ in range(calls):
@@ -89,9 +167,20 @@ def _timed_block(fn: Callable[[], Any], calls: int) -> list[float]:
     return samples
 
 
-def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3
-                ) -> dict[str, art.LatencyStats]:
-    """Per-call wall times of each contestant, ``rounds`` blocks each (module docstring)."""
+def _lead_in(fn: Callable[[], Any], ms: float) -> None:
+    """Untimed calls of ``fn`` for ``ms`` milliseconds (at least one call when ``ms`` > 0)."""
+    if ms <= 0:
+        return
+    end = time.perf_counter() + ms / 1e3
+    fn()
+    while time.perf_counter() < end:
+        fn()
+
+
+def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
+                lead_in_ms: float = 20.0) -> dict[str, art.LatencyStats]:
+    """Per-call wall times of each contestant, ``rounds`` blocks each, every block after ``lead_in_ms`` of
+    untimed calls (module docstring)."""
     for fn in contestants.values():
         for _ in range(warmup):
             fn()
@@ -99,6 +188,7 @@ def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmu
     samples: dict[str, list[float]] = {name: [] for name in contestants}
     for _ in range(rounds):
         for name, fn in contestants.items():
+            _lead_in(fn, lead_in_ms)
             samples[name] += _timed_block(fn, per_round)
     return {name: art.LatencyStats.from_ms(values) for name, values in samples.items()}
 
@@ -132,9 +222,15 @@ def _dense_kernel_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, in
     return calls
 
 
-def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dict[str, Callable[[], Any]]
-           ) -> dict[str, dict[str, Any]]:
-    """{contestant: {"energy_mj", "energy_source"}} (module docstring)."""
+def _manifest_calls(manifest: dict[str, Any]) -> list[tuple[str, int, int, int, int, int]]:
+    """(primitive, b, m, k, n, calls) of every kernel an artifact's graph runs."""
+    return [(k["primitive"], k["b"], k["m"], k["k"], k["n"], k["calls"]) for k in manifest["kernels"]]
+
+
+def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dict[str, Callable[[], Any]],
+           dense_manifest: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """{contestant: {"energy_mj", "energy_source"}} (module docstring); ``dense_manifest``: the dense TVM
+    artifact's, whose kernels the analytical model prices for the ``dense_tvm`` contestant."""
     kind = "cuda" if (manifest.get("target") or {}).get("kind") == "cuda" else "cpu"
     try:
         source = en.select_source(kind, ["nvml", "rapl", "model"])
@@ -147,13 +243,13 @@ def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dic
             out[name] = {"energy_mj": reading.energy_mj_per_call, "energy_source": source.name}
         source.close()
         return out
-    tvm_calls = [(k["primitive"], k["b"], k["m"], k["k"], k["n"], k["calls"]) for k in manifest["kernels"]]
-    dense_calls = [(*c, 1) for c in _dense_kernel_calls(dense, x)]
-    totals = {}
-    for label, calls in (("tvm", tvm_calls), ("dense", dense_calls)):
-        totals[label] = float(sum(source.estimate(p, b, m, k, n).energy_mj * count for p, b, m, k, n, count in calls))
+    calls = {"tvm": _manifest_calls(manifest), "dense": [(*c, 1) for c in _dense_kernel_calls(dense, x)]}
+    if dense_manifest is not None:
+        calls["dense_tvm"] = _manifest_calls(dense_manifest)
+    totals = {label: float(sum(source.estimate(p, b, m, k, n).energy_mj * count for p, b, m, k, n, count in c))
+              for label, c in calls.items()}
     label = "model (analytical, GEMM-like kernels only)"
-    return {name: {"energy_mj": totals["tvm" if name == "tvm" else "dense"], "energy_source": label} for name in fns}
+    return {name: {"energy_mj": totals.get(name, totals["dense"]), "energy_source": label} for name in fns}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,10 +257,11 @@ def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dic
 
 
 def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None = None, dense: str | Path | None = None,
-          profile: str | Path | None = None) -> dict[str, Any]:
+          profile: str | Path | None = None, dense_tvm: bool | None = None) -> dict[str, Any]:
     b = cfg.bench
     set_threads(b.threads)
     torch_compile = b.torch_compile if torch_compile is None else torch_compile
+    dense_tvm = b.dense_tvm if dense_tvm is None else dense_tvm
     loaded = art.Artifact.load(artifact_dir)
     manifest = loaded.manifest
     if profile is not None:  # the bench measures here: another device's profile cannot be checked against it
@@ -177,11 +274,24 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     def run_tvm() -> Any:
         return loaded._call(inp).numpy()
 
+    fns: dict[str, Callable[[], Any]] = {"tvm": run_tvm}
+    dense_art, dense_built = None, False
+    if dense_tvm:
+        folder, dense_built = dense_tvm_artifact(cfg, manifest, artifact_dir, model, dense_path,
+                                                 profile or (manifest.get("prediction") or {}).get("profile"))
+        dense_art = art.Artifact.load(folder)
+        dense_inp = dense_art.device_input(images)
+
+        def run_dense_tvm() -> Any:
+            return dense_art._call(dense_inp).numpy()
+
+        fns["dense_tvm"] = run_dense_tvm
+
     @torch.inference_mode()  # PyTorch's fastest eager inference (no autograd bookkeeping), as the profile's rows
     def run_eager() -> Any:
         return model(x)
 
-    fns: dict[str, Callable[[], Any]] = {"tvm": run_tvm, "eager": run_eager}
+    fns["eager"] = run_eager
     compile_s = None
     if torch_compile:
         compiled = torch.compile(model)
@@ -198,34 +308,60 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     with torch.no_grad():
         agree = float((loaded.run(images).argmax(1) == model(x).numpy().argmax(1)).mean())
     stats = interleaved(fns, repeat=b.repeat, warmup=b.warmup)
-    energies = energy(manifest, model, x, fns)
+    energies = energy(manifest, model, x, fns, dense_art.manifest if dense_art is not None else None)
     predictions = _predictions(cfg, manifest, model, profile)
-    labels = {"tvm": f"ShiftAddViT (TVM, {manifest['target_slug']})", "eager": "dense (PyTorch eager)",
-              "compiled": "dense (torch.compile)"}
-    eager_ms = stats["eager"].median_ms
+    if dense_art is not None:
+        predictions["dense_tvm"] = _artifact_prediction(dense_art.manifest)
+    labels = {"tvm": f"ShiftAddViT (TVM, {manifest['target_slug']})", "dense_tvm": "dense (TVM)",
+              "eager": "dense (PyTorch eager)", "compiled": "dense (torch.compile)"}
+    median = {name: stats[name].median_ms for name in fns}
     rows = []
     for name in fns:
         s, pred = stats[name], predictions.get(name)
         rows.append({
             "model": labels[name], "median_ms": s.median_ms, "p90_ms": s.p90_ms,
-            "speedup_vs_eager": eager_ms / s.median_ms, **energies[name],
+            "speedup_vs_eager": median["eager"] / s.median_ms, **energies[name],
             "predicted_ms": pred, "prediction_error_pct": None if pred is None else
-            100.0 * (pred - s.median_ms) / s.median_ms,
+            100.0 * (pred - s.median_ms) / s.median_ms, "contestant": name,
         })
+
+    def speedup(baseline: str) -> float | None:  # the ShiftAddViT's: baseline median / its median
+        return median[baseline] / median["tvm"] if baseline in median else None
+
     return {
         "rows": rows, "batch": loaded.batch, "inputs": source, "repeat": b.repeat, "warmup": b.warmup,
+        "device": _device(manifest),
+        "speedup_vs_eager": speedup("eager"), "speedup_vs_compiled": speedup("compiled"),
+        "speedup_vs_dense_tvm": speedup("dense_tvm"),
+        "dense_tvm": None if dense_art is None else {
+            "median_ms": median["dense_tvm"], "p90_ms": stats["dense_tvm"].p90_ms,
+            "predicted_ms": predictions["dense_tvm"], "artifact": str(dense_art.folder), "built": dense_built,
+            "compiled_val_acc": (dense_art.manifest.get("accuracy") or {}).get("compiled_val_acc")},
         "threads": {"torch": torch.get_num_threads(), "tvm": tvm_threads()},
         "load_1m": load_1m(), "torch_compile_s": compile_s, "artifact": str(artifact_dir), "dense_checkpoint": dense_path,
         "top1_agreement_with_dense": agree, "prediction_profile": predictions.get("profile"),
     }
 
 
+def _device(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The device the bench runs on, named as its profile is (``describe_device``: name and slug)."""
+    kind = "cuda" if (manifest.get("target") or {}).get("kind") == "cuda" else "cpu"
+    try:
+        info = describe_device(kind)
+    except ShiftAddError as exc:
+        return {"kind": kind, "name": kind, "slug": None, "note": str(exc)}
+    return {"kind": info.kind, "name": info.name, "slug": info.slug}
+
+
+def _artifact_prediction(manifest: dict[str, Any]) -> float | None:
+    """The cost model's latency for an artifact, as its export predicted it (None: no prediction)."""
+    pred = manifest.get("prediction") or {}
+    return float(pred["latency_ms"]) if pred.get("available") and pred.get("latency_ms") is not None else None
+
+
 def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profile: str | Path | None
                  ) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    pred = manifest.get("prediction") or {}
-    if pred.get("available"):
-        out["tvm"] = pred.get("latency_ms")
+    out: dict[str, Any] = {"tvm": _artifact_prediction(manifest)}
     table, reason = profile_table(cfg, manifest["target"], profile or manifest.get("prediction", {}).get("profile"),
                                    here=profile is not None)
     out["profile"] = reason
@@ -238,4 +374,4 @@ def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profil
     return out
 
 
-__all__ = ["bench", "dense_model", "interleaved"]
+__all__ = ["bench", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved"]

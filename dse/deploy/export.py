@@ -60,7 +60,7 @@ from dse.training.data import load_data
 from dse.training.finetune import reparam_options
 from kernels.relax_pipeline import compile_relax
 from kernels.torch_ops import use_tvm
-from models.assignment import Assignment, layer_kinds
+from models.assignment import DENSE, Assignment, layer_kinds
 from models.hamming import fit_hamming
 from models.moe import moe_layers, reset_routing_stats, routing_shares, set_moe_capacity
 from models.ops import kernel_ops
@@ -108,8 +108,9 @@ def load_model(cfg: Config, checkpoint: str | Path, assignment: str | Path | Non
         return dense.eval(), Assignment(), meta
     plan = Assignment.from_yaml(assignment)
     plan.validate(dense)
-    log.warning("exporting %s reparameterised for %s without fine-tuning: accuracy will be that of the "
-                "converted dense weights", path, assignment)
+    if set(plan.counts()) - set(DENSE.values()):  # an all-mult plan (the dense baseline) converts nothing
+        log.warning("exporting %s reparameterised for %s without fine-tuning: accuracy will be that of the "
+                    "converted dense weights", path, assignment)
     torch.manual_seed(cfg.seed)  # router initialisation: the same model for the same seed
     model = reparameterize(dense, plan, costs=None, **reparam_options(cfg)).eval()
     if fit_images is not None:

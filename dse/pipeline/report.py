@@ -3,6 +3,12 @@
 The report is a list of sections (text, tables, PNG plots). The same structure renders to Markdown
 (plots as relative links) and to one self-contained HTML page (plots inlined as base64), so the two
 never disagree. A stage that did not run (or whose file is missing) says so instead of guessing.
+
+It opens with a verdict of at most five lines: does reparameterisation pay on this device? The measured
+speed-up that answers it is the exported design's over the dense model compiled by the same TVM pipeline
+(``bench.json``: ``speedup_vs_dense_tvm``), not over PyTorch (which also holds the compiler's gain). When
+the search chose the dense design, its predictions (``pareto.csv``) say by how much the fastest ShiftAdd
+design loses.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 
 CHOICE_COLOURS = {"mult": "#4C72B0", "shift": "#DD8452", "moe": "#55A868", "msa": "#8172B3",
                   "hamming": "#C44E52", "dense": "#999999"}
+DENSE_CHOICES = ("msa", "mult")
+REPARAM_CHOICES = ("hamming", "shift", "moe")  # the pareto.csv count columns n_<choice> of a ShiftAdd design
 
 
 @dataclass
@@ -61,6 +69,21 @@ def _fmt(v: Any) -> str:
             return ""
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return "" if v is None else str(v)
+
+
+def fmt_ms(v: float) -> str:
+    """A latency in the verdict: three significant digits (at least one decimal below 100 ms)."""
+    return f"{v:.{3 if v < 1 else 2 if v < 10 else 1 if v < 100 else 0}f}"
+
+
+def fmt_x(v: float) -> str:
+    """A speed-up (or slow-down) factor in the verdict."""
+    return f"{v:.2f}×"
+
+
+def fmt_change(v: float, digits: int = 2, unit: str = "") -> str:
+    """A signed change (accuracy points, energy %), with a true minus sign."""
+    return f"{v:+.{digits}f}{unit}".replace("-", "−")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,6 +228,7 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
     return [
+        _verdict_section(root, summary),
         _device_section(root, summary),
         _profile_section(summary, plots),
         _search_section(root),
@@ -213,6 +237,122 @@ def build_sections(root: Path, summary: dict[str, Any]) -> list[Section]:
         _accuracy_section(summary, plots),
         _bench_section(root, plots),
     ]
+
+
+def _counts(assignment: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """{"attention": {choice: layers}, "linear": {...}} of an assignment mapping."""
+    out: dict[str, dict[str, int]] = {}
+    for kind in ("attention", "linear"):
+        for choice in (assignment.get(kind) or {}).values():
+            out.setdefault(kind, {})
+            out[kind][choice] = out[kind].get(choice, 0) + 1
+    return out
+
+
+def _design(assignment: dict[str, Any]) -> tuple[str, bool]:
+    """(the chosen design in words, whether it is the dense all-mult design)."""
+    counts = _counts(assignment)
+    if all(c in DENSE_CHOICES for per_kind in counts.values() for c in per_kind):
+        return "dense (all-mult)", True
+    return "; ".join(f"{kind} " + ", ".join(f"{c} {n}" for c, n in sorted(per_kind.items()))
+                     for kind, per_kind in counts.items()), False
+
+
+def _predicted(pareto: pd.DataFrame | None) -> dict[str, Any]:
+    """From the search's ``pareto.csv``: the dense design's row and the fastest ShiftAdd design's (a row that
+    reparameterises at least one layer), each as a dict, and the chosen row."""
+    out: dict[str, Any] = {"dense": None, "shiftadd": None, "chosen": None}
+    if pareto is None or pareto.empty or "latency_ms" not in pareto:
+        return out
+    cols = [f"n_{c}" for c in REPARAM_CHOICES if f"n_{c}" in pareto]
+    changed = pareto[cols].fillna(0).sum(axis=1) if cols else pd.Series(0, index=pareto.index)
+    for name, rows in (("dense", pareto[changed == 0]), ("shiftadd", pareto[changed > 0])):
+        rows = rows[rows["latency_ms"].notna()]
+        if len(rows):
+            out[name] = rows.loc[rows["latency_ms"].idxmin()].to_dict()
+    if "chosen" in pareto:
+        chosen = pareto[pareto["chosen"].astype(str).str.lower() == "true"]
+        out["chosen"] = chosen.iloc[0].to_dict() if len(chosen) else None
+    return out
+
+
+def _profile_energy_source(summary: dict[str, Any]) -> str:
+    stage = next((st for st in summary.get("stages", []) if st.get("name") == "profile"), {})
+    return str((stage.get("summary") or {}).get("energy_source") or "unknown")
+
+
+def _energy_line(bench: dict[str, Any], predicted: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Energy of the exported design vs the dense model: measured by the bench against dense (TVM) when it
+    has both, else the search's prediction (chosen vs dense design) from the profile."""
+    rows = {r.get("contestant"): r for r in bench.get("rows", [])}
+    mine, dense = rows.get("tvm") or {}, rows.get("dense_tvm") or {}
+    if mine.get("energy_mj") and dense.get("energy_mj"):
+        change = 100.0 * (mine["energy_mj"] / dense["energy_mj"] - 1.0)
+        return (f"Energy vs dense (TVM): {fmt_change(change, 1, '%')} per batch ({mine['energy_mj']:.3g} vs "
+                f"{dense['energy_mj']:.3g} mJ; source: {mine.get('energy_source')}).")
+    chosen, base = predicted["chosen"], predicted["dense"]
+    if chosen is not None and base is not None and base.get("energy_mj"):
+        change = 100.0 * (chosen["energy_mj"] / base["energy_mj"] - 1.0)
+        return (f"Energy vs dense: {fmt_change(change, 1, '%')} per batch, predicted by the search (profile energy "
+                f"source: {_profile_energy_source(summary)}).")
+    return "Energy vs dense: not available (neither the bench nor the search priced both)."
+
+
+def _verdict_section(root: Path, summary: dict[str, Any]) -> Section:
+    """At most five lines (module docstring): the answer, the chosen design, the measured speed-ups, the
+    accuracy change, the energy change."""
+    s = Section("Verdict")
+    bench = _read_json(root / "bench" / "bench.json")
+    bench = bench if isinstance(bench, dict) and bench.get("rows") else {}
+    chosen = _read_yaml(root / "search" / "best_assignment.yaml") or _read_yaml(root / "finetune" / "assignment.yaml")
+    predicted = _predicted(_read_csv(root / "search" / "pareto.csv"))
+    device = (bench.get("device") or {}).get("name") or "this device"
+    medians = {r.get("contestant"): r.get("median_ms") for r in bench.get("rows", [])}
+    acc = summary.get("accuracy") or {}
+    points = (acc["chosen"]["acc"] - acc["dense"]["acc"]) if "chosen" in acc and "dense" in acc else None
+    accuracy = f"accuracy {fmt_change(points)} points" if points is not None else "accuracy change not measured"
+    design, dense_chosen = _design(chosen) if isinstance(chosen, dict) else ("none chosen", False)
+    vs_dense, vs_eager = bench.get("speedup_vs_dense_tvm"), bench.get("speedup_vs_eager")
+
+    if dense_chosen:
+        base, fastest = predicted["dense"], predicted["shiftadd"]
+        line = f"On {device}, reparameterisation does not pay for this model: best is the dense model compiled"
+        if base is not None and fastest is not None:
+            line += (f" ({fmt_ms(base['latency_ms'])} ms); the fastest ShiftAdd design is "
+                     f"{fmt_ms(fastest['latency_ms'])} ms ({fmt_x(fastest['latency_ms'] / base['latency_ms'])} "
+                     "slower; search predictions).")
+        else:
+            line += " (the search's choice; pareto.csv lists no ShiftAdd design to compare)."
+    elif not bench:
+        line = f"On {device}, nothing was measured: the bench stage did not run (or wrote no bench.json)."
+    elif vs_dense is None:
+        line = (f"On {device}, ShiftAddViT runs {fmt_x(vs_eager)} vs PyTorch eager ({fmt_ms(medians['tvm'])} ms vs "
+                f"{fmt_ms(medians['eager'])} ms), but the dense model compiled by TVM was not measured "
+                f"(bench.dense_tvm off), so this includes the compiler's gain; {accuracy}.")
+    elif vs_dense >= 1.0:
+        line = (f"On {device}, ShiftAddViT pays: {fmt_x(vs_dense)} faster than the dense model compiled by TVM "
+                f"({fmt_ms(medians['tvm'])} ms vs {fmt_ms(medians['dense_tvm'])} ms), {fmt_x(vs_eager)} vs PyTorch "
+                f"eager; {accuracy}.")
+    else:
+        line = (f"On {device}, ShiftAddViT does not pay as measured: {fmt_x(1.0 / vs_dense)} slower than the dense "
+                f"model compiled by TVM ({fmt_ms(medians['tvm'])} ms vs {fmt_ms(medians['dense_tvm'])} ms; the "
+                f"search chose it on predictions), {fmt_x(vs_eager)} vs PyTorch eager; {accuracy}.")
+    s.text.append(line)
+    s.text.append(f"Chosen design: {design}.")
+    if bench:
+        gains = [f"{fmt_x(bench[key])} vs {name} at {fmt_ms(medians[contestant])} ms{note}"
+                 for key, name, contestant, note in (
+                     ("speedup_vs_dense_tvm", "dense (TVM)", "dense_tvm", " (the reparameterisation's own gain)"),
+                     ("speedup_vs_eager", "PyTorch eager", "eager", ""),
+                     ("speedup_vs_compiled", "torch.compile", "compiled", ""))
+                 if bench.get(key) is not None]
+        s.text.append(f"Measured speed-up of the exported design ({fmt_ms(medians['tvm'])} ms, batch "
+                      f"{bench.get('batch')}): " + "; ".join(gains) + ".")
+    if points is not None:
+        s.text.append(f"Accuracy vs dense: {fmt_change(points)} points (chosen {acc['chosen']['acc']:.2f}% vs dense "
+                      f"{acc['dense']['acc']:.2f}%).")
+    s.text.append(_energy_line(bench, predicted, summary))
+    return s
 
 
 def _device_section(root: Path, summary: dict[str, Any]) -> Section:
@@ -335,6 +475,10 @@ def _bench_section(root: Path, plots: Path) -> Section:
     s = Section("Bench: exported model vs dense PyTorch")
     bench = _read_json(root / "bench" / "bench.json")
     if isinstance(bench, dict) and bench.get("rows"):
+        if bench.get("dense_tvm"):
+            s.text.append("dense (TVM) is the dense checkpoint exported by the same TVM pipeline with every layer "
+                          "mult/msa: the exported design's speed-up over it is the reparameterisation's own gain, "
+                          "its speed-up over PyTorch also holds the compiler's.")
         s.tables.append(("Latency (same inputs, same batch, one run)", bench["rows"]))
         lat = {r["model"]: r.get("median_ms") for r in bench["rows"]}
         pred = {r["model"]: r.get("predicted_ms") for r in bench["rows"]}

@@ -5,7 +5,6 @@ the fingerprint matches and its outputs exist.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -15,14 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from dse.config import Config, config_to_dict, save_config
-from dse.fileio import atomic_write_text
+from dse.fileio import atomic_write_text, fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def fingerprint(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass
@@ -62,3 +56,6 @@ def run_stage(name: str, folder: Path, key: str, outputs: Iterable[str], cfg: Co
 def section(cfg: Config, *names: str) -> dict[str, Any]:
     data = config_to_dict(cfg)
     return {n: data[n] for n in names}
+
+
+__all__ = ["StageResult", "fingerprint", "run_stage", "section"]

@@ -60,7 +60,7 @@ import torch
 from torch.utils.data import Subset
 
 from dse.checkpoints import load_dense
-from dse.config import Config, config_to_dict, save_config
+from dse.config import Config, config_to_dict, hide_password, save_config
 from dse.cost.sources import CostSource, load_device_costs
 from dse.errors import ConfigError, ProfileError, StageError
 from dse.fileio import atomic_write_text, sha256_file
@@ -817,7 +817,7 @@ def run_search(
     space = SearchSpace.build(kinds, s.freeze, s.tie, _searchable_choices(kinds, [costs, *others]))
     data = load_data(cfg.data, cfg.seed)
     summary: dict[str, Any] = {
-        "storage": storage_url,
+        "storage": hide_password(storage_url),
         "study": s.study_name,
         "parameters": len(space),
         "layers": len(kinds),
@@ -842,7 +842,7 @@ def run_search(
     trials = stored_trials(storage_url, s.study_name)
     if not trials:
         raise StageError(
-            f"study '{s.study_name}' in {storage_url} has no stage-A trials; run --stage a first"
+            f"study '{s.study_name}' in {hide_password(storage_url)} has no stage-A trials; run --stage a first"
         )
     _check_space(space, trials, s.study_name)
     front, baselines, values = front_table(space, trials, labels)

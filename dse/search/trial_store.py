@@ -32,6 +32,7 @@ import optuna
 from optuna.distributions import BaseDistribution, distribution_to_json, json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
 
+from dse.config import hide_password
 from dse.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def open_storage(url: str, retries: int = 5) -> optuna.storages.RDBStorage:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as exc:
             raise ConfigError(
-                f"invalid storage URL {url!r} ({str(exc).splitlines()[0]}); use e.g. "
+                f"invalid storage URL {hide_password(url)!r} ({hide_password(str(exc).splitlines()[0])}); use e.g. "
                 "sqlite:///study.db or postgresql://user@host/db"
             ) from None
         except Exception as exc:  # sqlalchemy raises a variety of errors for a concurrent create_all
@@ -113,7 +114,8 @@ def open_storage(url: str, retries: int = 5) -> optuna.storages.RDBStorage:
             # workers inserting alembic_version): seen when a reader opened a study its worker was creating
             racing = any(s in str(exc).lower() for s in ("already exists", "duplicate", "unique constraint"))
             if attempt == retries - 1 or not racing:
-                raise StageError(f"cannot open Optuna storage {url}: {str(exc).splitlines()[0]}") from None
+                raise StageError(f"cannot open Optuna storage {hide_password(url)}: "
+                                 f"{hide_password(str(exc).splitlines()[0])}") from None
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -132,7 +134,7 @@ class TrialStore:
         with self.engine.connect() as conn:
             study_id = conn.scalar(select(studies.c.study_id).where(studies.c.study_name == study_name))
         if study_id is None:
-            raise StageError(f"study '{study_name}' does not exist in {storage.url}; create it first")
+            raise StageError(f"study '{study_name}' does not exist in {hide_password(str(storage.url))}; create it first")
         self.study_id: int = study_id
         self._seen_max_id = -1  # trials with ids up to here have been read (or were written by us)
         self._own_ids: set[int] = set()

@@ -39,6 +39,8 @@ def test_int_accepted_for_float():
     ("profile.trials=-1", "profile.trials"),
     ("profile.energy=model", "profile.energy"),
     ("pretrain.epochs=true", "pretrain.epochs"),
+    ("bench.dense_tvm=3", "bench.dense_tvm"),
+    ("bench.dense_tvm=[true]", "bench.dense_tvm"),
 ])
 def test_bad_values_name_the_dotted_key(override, fragment):
     with pytest.raises(ConfigError) as err:

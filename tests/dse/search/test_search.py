@@ -638,3 +638,37 @@ def test_cli_search_with_two_devices_profiles_writes_a_column_per_device(tmp_pat
     frame = pd.read_csv(out / "pareto.csv")
     assert {f"latency_ms@{this_device}", f"latency_ms@{GPU_DEVICE['slug']}"} <= set(frame.columns)
     assert (frame[f"latency_ms@{GPU_DEVICE['slug']}"] < frame[f"latency_ms@{this_device}"]).all()
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:s3cretPW@127.0.0.1:5432/db", "mysql+pymysql://root:p%40ss@db/x",
+                                 "sqlite:///study.db", "postgresql://u@host/db"])
+def test_hide_password_agrees_with_sqlalchemy(url):
+    from sqlalchemy.engine import make_url
+
+    from dse.config import hide_password
+
+    assert hide_password(url) == make_url(url).render_as_string(hide_password=True)
+    assert hide_password(f"error: cannot open {url}: refused") == (
+        f"error: cannot open {make_url(url).render_as_string(hide_password=True)}: refused")
+
+
+@pytest.mark.parametrize("via", ["flag", "env"])
+def test_a_storage_password_is_never_printed_or_written(tmp_path, capsys, monkeypatch, via, tiny_checkpoint,
+                                                         search_overrides):
+    from dse.cli import main
+
+    ckpt, costs, _ = tiny_checkpoint(tmp_path)
+    url = "postgresql://u:s3cretPW@127.0.0.1:1/db"  # nothing listens on port 1: the search fails to connect
+    storage = ["--storage", url] if via == "flag" else []
+    if via == "env":
+        monkeypatch.setenv("DSE_STORAGE", url)
+    out = tmp_path / "run"
+    code = main(["search", "--stage", "a", "--checkpoint", str(ckpt), "--profile", str(costs), *storage,
+                 "--trials", "20", "--out", str(out), *[a for o in search_overrides for a in ("--set", o)]])
+    captured = capsys.readouterr()
+    assert code == 1 and "cannot open Optuna storage" in captured.err and "u:***@127.0.0.1" in captured.err
+    assert "s3cretPW" not in captured.out + captured.err
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "resolved_config.yaml" for p in written)
+    for path in written:
+        assert b"s3cretPW" not in path.read_bytes(), path
