@@ -128,6 +128,10 @@ class Assignment:
         """The choice for ``name`` (the dense default when unnamed)."""
         return getattr(self, kind).get(name, DENSE[kind])
 
+    def is_dense(self) -> bool:
+        """True when every listed layer keeps its dense choice: the model as it is, nothing to fine-tune."""
+        return all(self.choice(n, k) == DENSE[k] for k in ("attention", "linear") for n in getattr(self, k))
+
     def counts(self) -> dict[str, int]:
         """How many named layers take each choice."""
         return dict(Counter(self.attention.values()) + Counter(self.linear.values()))

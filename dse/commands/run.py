@@ -5,6 +5,7 @@ import argparse
 from dse.commands.common import config_from_args, table
 from dse.commands.registry import command
 from dse.pipeline.run import run_pipeline
+from dse.pipeline.stages import stage_status
 
 
 @command("run", "the whole pipeline: pretrain, profile, search, finetune, export, bench, report")
@@ -12,7 +13,7 @@ def run(args: argparse.Namespace):
     cfg = config_from_args(args)
     result = run_pipeline(cfg)
     rows = [{"stage": s["name"],
-             "status": f"reused (inputs unchanged; ran in {s['ran_seconds']:.1f} s)" if s["reused"] else "ran",
+             "status": stage_status(s),
              "seconds": s["seconds"], "folder": str(s["folder"])} for s in result["stages"]]
     acc = result["accuracy"]
     lines = [table(rows, floatfmt="{:.1f}"), "", "validation top-1:"]

@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from dse.fileio import atomic_write_text
+from dse.pipeline.stages import stage_status
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def _device_section(root: Path, summary: dict[str, Any]) -> Section:
         s.text.append("env.json missing: the run did not record its environment.")
     stages = summary.get("stages", [])
     if stages:
-        s.tables.append(("Stages", [{"stage": st["name"], "status": "reused" if st["reused"] else "ran",
+        s.tables.append(("Stages", [{"stage": st["name"], "status": stage_status(st),
                                      "seconds": round(st["seconds"], 1),
                                      "seconds when it ran": round(st["ran_seconds"], 1)}
                                     for st in stages]))

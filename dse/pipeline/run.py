@@ -30,6 +30,7 @@ from dse.profiling.profiler import Settings, profile_model, write_model_rows
 from dse.search.driver import run_search
 from dse.training.finetune import finetune
 from dse.training.pretrain import pretrain
+from models.assignment import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +91,26 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     results.append(search)
     chosen = root / "search" / "best_assignment.yaml"
 
-    # 4. fine-tune the chosen assignment
+    # 4. fine-tune the chosen assignment; the dense design needs none (its accuracy is the dense model's)
 
+    dense_chosen = Assignment.from_yaml(chosen).is_dense()
     ft_key = fingerprint("finetune", search_key, sha256_file(chosen), section(cfg, "finetune", "cost"))
-    ft = run_stage("finetune", root / "finetune", ft_key, ["weights.pt", "metrics.csv"], cfg_d,
-                   lambda out: finetune(cfg_d, out, checkpoint=dense_ckpt, assignment=chosen, profile=profile_csv,
-                                        resume=True, progress=progress))
+    if dense_chosen:
+        ft = run_stage("finetune", root / "finetune", ft_key, [], cfg_d, _skip_finetune)
+        weights, plan = dense_ckpt, chosen  # the dense weights, exported as the all-mult design
+    else:
+        ft = run_stage("finetune", root / "finetune", ft_key, ["weights.pt", "metrics.csv"], cfg_d,
+                       lambda out: finetune(cfg_d, out, checkpoint=dense_ckpt, assignment=chosen,
+                                            profile=profile_csv, resume=True, progress=progress))
+        weights, plan = root / "finetune" / "weights.pt", None  # the fine-tuned weights carry their design
     results.append(ft)
 
     # 5. export (and a compile-only CUDA artifact)
 
     ex_key = fingerprint("export", ft_key, profile_digest, section(cfg, "export", "bench"))
     ex = run_stage("export", root / "export", ex_key, ["artifact/manifest.yaml"], cfg_d,
-                   lambda out: export(cfg_d, root / "finetune" / "weights.pt", out / "artifact",
-                                      target=cfg.export.target, profile=profile_csv))
+                   lambda out: export(cfg_d, weights, out / "artifact", target=cfg.export.target,
+                                      assignment=plan, profile=profile_csv))
     results.append(ex)
 
     # 6. bench: exported model vs dense PyTorch (eager and torch.compile), side by side
@@ -125,7 +132,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         "stages": [dataclasses.asdict(r) for r in results],
         "profile_csv": str(profile_csv),
         "model_rows_csv": str(model_rows),
-        "accuracy": accuracy_table(root),
+        "accuracy": accuracy_table(root, dense_chosen=dense_chosen),
     }
 
     summary["report"] = {k: str(v) for k, v in write_report(root, summary).items()}
@@ -133,8 +140,17 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def accuracy_table(root: Path) -> dict[str, dict[str, Any]]:
-    """Validation top-1 of dense / recipe / all-shift / chosen, each from the file its stage wrote."""
+def _skip_finetune(out: Path) -> dict[str, Any]:
+    """The finetune stage when the search chose the dense design: nothing to train, and no earlier run's
+    weights left in the folder to be mistaken for this one's."""
+    for name in ("weights.pt", "checkpoint.pt", "metrics.csv"):
+        (out / name).unlink(missing_ok=True)
+    return {"skipped": "the chosen design is the dense model: no fine-tuning, the export takes the dense weights"}
+
+
+def accuracy_table(root: Path, *, dense_chosen: bool = False) -> dict[str, dict[str, Any]]:
+    """Validation top-1 of dense / recipe / all-shift / chosen, each from the file its stage wrote (the
+    chosen design's is the dense model's when the search chose the dense design)."""
     import pandas as pd
 
     table: dict[str, dict[str, Any]] = {}
@@ -152,7 +168,9 @@ def accuracy_table(root: Path) -> dict[str, dict[str, Any]]:
                 table[name] = {"acc": float(rows["accuracy"].iloc[0]), "epochs": "stage B",
                                "source": "search/pareto.csv"}
     ft = root / "finetune" / "metrics.csv"
-    if ft.exists():
+    if dense_chosen and "dense" in table:
+        table["chosen"] = {**table["dense"], "source": "dense/metrics.csv (the chosen design is the dense model)"}
+    elif ft.exists():
         m = pd.read_csv(ft)
         table["chosen"] = {"acc": float(m["val_acc"].iloc[-1]), "epochs": int(m["epoch"].iloc[-1]),
                            "source": "finetune/metrics.csv"}

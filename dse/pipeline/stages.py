@@ -53,6 +53,15 @@ def run_stage(name: str, folder: Path, key: str, outputs: Iterable[str], cfg: Co
     return StageResult(name, folder, key, False, seconds, summary, seconds)
 
 
+def stage_status(stage: dict[str, Any]) -> str:
+    """One line for a stage of ``run_pipeline``'s summary: ran, reused, or skipped and why."""
+    if "skipped" in stage.get("summary", {}):
+        return f"skipped: {stage['summary']['skipped']}"
+    if stage["reused"]:
+        return f"reused (inputs unchanged; ran in {stage['ran_seconds']:.1f} s)"
+    return "ran"
+
+
 def section(cfg: Config, *names: str) -> dict[str, Any]:
     data = config_to_dict(cfg)
     return {n: data[n] for n in names}

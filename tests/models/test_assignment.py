@@ -87,3 +87,10 @@ def test_bad_files_and_dicts(tmp_path):
     with pytest.raises(AssignmentError, match="mapping"):
         Assignment.from_dict(["blocks.0.attn"])
     assert Assignment.from_dict({}) == Assignment()
+
+
+def test_is_dense_only_when_no_layer_leaves_msa_or_mult(vit_digits):
+    assert Assignment.uniform(vit_digits).is_dense()
+    assert Assignment().is_dense()  # a layer it does not name keeps its dense form
+    assert not Assignment.uniform(vit_digits, linear="moe").is_dense()
+    assert not Assignment(attention={"blocks.0.attn": "hamming"}).is_dense()

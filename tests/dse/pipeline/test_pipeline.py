@@ -9,6 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from dse.pipeline.run import _skip_finetune, accuracy_table
+from models.assignment import Assignment
+
 TINY = [
     "model.kwargs={depth: 2, embed_dim: 48, num_heads: 2}", "data.img_size=16", "data.augment=false",
     "pretrain.epochs=2", "pretrain.warmup_epochs=0", "profile.repeat=2", "profile.min_repeat_ms=1",
@@ -54,7 +57,8 @@ def test_report_figures_come_from_the_stage_files(run):
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows.setdefault(cells[0], cells[1:])
     dense = pd.read_csv(out / "dense" / "metrics.csv")["val_acc"].iloc[-1]
-    chosen = pd.read_csv(out / "finetune" / "metrics.csv")["val_acc"].iloc[-1]
+    dense_chosen = Assignment.from_yaml(out / "search" / "best_assignment.yaml").is_dense()
+    chosen = dense if dense_chosen else pd.read_csv(out / "finetune" / "metrics.csv")["val_acc"].iloc[-1]
     assert rows["dense"][0] == _fmt(float(dense)) and rows["chosen"][0] == _fmt(float(chosen))
     pareto = pd.read_csv(out / "search" / "pareto.csv")
     for name in ("recipe", "all-shift"):  # stage B fine-tuned both baselines; their accuracy is reported
@@ -64,6 +68,32 @@ def test_report_figures_come_from_the_stage_files(run):
     for row in bench["rows"]:
         assert rows[row["model"]][0] == _fmt(float(row["median_ms"])), row["model"]
     assert yaml.safe_load((out / "resolved_config.yaml").read_text())["search"]["trials"] == 60
+
+
+def test_the_exported_design_is_the_chosen_one_and_only_a_shiftadd_design_is_fine_tuned(run):
+    out, _, _ = run
+    chosen = Assignment.from_yaml(out / "search" / "best_assignment.yaml")
+    exported = Assignment.from_yaml(out / "export" / "artifact" / "assignment.yaml")
+    for kind in ("attention", "linear"):
+        names = {*getattr(chosen, kind), *getattr(exported, kind)}
+        assert {n: exported.choice(n, kind) for n in names} == {n: chosen.choice(n, kind) for n in names}
+    finetune = next(s for s in json.loads((out / "run.json").read_text())["stages"] if s["name"] == "finetune")
+    assert ("skipped" in finetune["summary"]) == chosen.is_dense()
+    assert (out / "finetune" / "weights.pt").exists() != chosen.is_dense()
+
+
+def test_a_dense_choice_reports_the_dense_accuracy_and_leaves_no_stale_fine_tune(tmp_path):
+    (tmp_path / "dense").mkdir()
+    pd.DataFrame({"epoch": [1, 2], "val_acc": [90.0, 97.5]}).to_csv(tmp_path / "dense" / "metrics.csv")
+    ft = tmp_path / "finetune"
+    ft.mkdir()
+    pd.DataFrame({"epoch": [1], "val_acc": [99.0]}).to_csv(ft / "metrics.csv")  # an earlier run's
+    (ft / "weights.pt").write_bytes(b"old")
+    assert accuracy_table(tmp_path)["chosen"]["acc"] == 99.0
+    summary = _skip_finetune(ft)
+    assert "dense" in summary["skipped"] and not (ft / "weights.pt").exists() and not (ft / "metrics.csv").exists()
+    table = accuracy_table(tmp_path, dense_chosen=True)
+    assert table["chosen"]["acc"] == table["dense"]["acc"] == 97.5
 
 
 def test_rerun_reuses_every_stage(run, run_cli):
