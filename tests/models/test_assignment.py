@@ -90,6 +90,7 @@ def test_bad_files_and_dicts(tmp_path):
 
 
 def test_is_dense_only_when_no_layer_leaves_msa_or_mult(vit_digits):
+    vit_digits = vit_digits()
     assert Assignment.uniform(vit_digits).is_dense()
     assert Assignment().is_dense()  # a layer it does not name keeps its dense form
     assert not Assignment.uniform(vit_digits, linear="moe").is_dense()
