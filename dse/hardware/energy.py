@@ -268,15 +268,27 @@ class EnergyMeter(ABC):
     """A measured energy source. Subclasses say how to open a window; ``measure`` is shared."""
 
     name: ClassVar[str]
+    _reason: str | None = None
 
     @abstractmethod
+    def _probe(self) -> None:
+        """Open what the meter reads; raise a ShiftAddError saying why (and set ``_reason``) when it cannot."""
+
     def available(self) -> bool:
         """Whether this meter can measure here. Cheap after the first call; never raises."""
+        try:
+            self._probe()
+        except ShiftAddError:
+            return False
+        except Exception as exc:  # noqa: BLE001 - available() never raises
+            self._reason = " ".join(f"{self.name.upper()} probe failed: {type(exc).__name__}: {exc}".split())
+            return False
+        return True
 
     @property
-    @abstractmethod
     def unavailable_reason(self) -> str | None:
         """One line saying why ``available()`` is False (None when it is True)."""
+        return None if self.available() else self._reason
 
     @property
     def method(self) -> str:
@@ -473,19 +485,8 @@ class NvmlMeter(EnergyMeter):
     def __repr__(self) -> str:
         return f"NvmlMeter(device_index={self.device_index})"
 
-    def available(self) -> bool:
-        try:
-            self._ensure()
-        except ShiftAddError:
-            return False
-        except Exception as exc:  # noqa: BLE001 - available() never raises
-            self._reason = " ".join(f"NVML probe failed: {type(exc).__name__}: {exc}".split())
-            return False
-        return True
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        return None if self.available() else self._reason
+    def _probe(self) -> None:
+        self._ensure()
 
     @property
     def method(self) -> str:
@@ -574,19 +575,8 @@ class RaplMeter(EnergyMeter):
             raise TargetUnavailableError(f"no RAPL package zones (intel-rapl:N) under {self.root}; {advice}")
         return zones
 
-    def available(self) -> bool:
-        try:
-            self.zones()
-        except ShiftAddError:
-            return False
-        except Exception as exc:  # noqa: BLE001 - available() never raises
-            self._reason = " ".join(f"RAPL probe failed: {type(exc).__name__}: {exc}".split())
-            return False
-        return True
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        return None if self.available() else self._reason
+    def _probe(self) -> None:
+        self.zones()
 
     def _open_window(self) -> _Window:
         zones = self.zones()
