@@ -66,6 +66,24 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def content_digest(path: str | Path | None) -> str | None:
+    """What a file or folder holds, for a cache key: a file's SHA-256; for a folder (an ImageFolder tree) a
+    hash of every file's relative path, size and modification time (stat only: a dataset is not read).
+    None for no path; "missing" for a path that does not exist (the stage that reads it says why)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        digest.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able ``parts``: the key a cached output is reused under (``dse run``'s
     stages, ``dse bench``'s dense TVM baseline)."""

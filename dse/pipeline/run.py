@@ -21,7 +21,7 @@ from dse.checkpoints import build_dense
 from dse.config import Config, save_config
 from dse.deploy.bench import bench
 from dse.deploy.export import export
-from dse.fileio import atomic_write_text, sha256_file
+from dse.fileio import atomic_write_text, content_digest, sha256_file
 from dse.hardware.envinfo import environment
 from dse.pipeline.report import write_report
 from dse.pipeline.stages import StageResult, fingerprint, run_stage, section
@@ -55,7 +55,9 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     # 1. dense baseline
 
-    dense_key = fingerprint("pretrain", section(cfg, "seed", "model", "data", "pretrain"))
+    # the inputs' content, not only their paths: other weights or images under the same name rerun every stage
+    inputs = {"checkpoint": content_digest(cfg.model.checkpoint), "data": content_digest(cfg.data.path)}
+    dense_key = fingerprint("pretrain", inputs, section(cfg, "seed", "model", "data", "pretrain"))
     dense = run_stage("pretrain", root / "dense", dense_key, ["weights.pt", "metrics.csv"], cfg,
                       lambda out: pretrain(cfg, out, resume=True, progress=progress))
     results.append(dense)

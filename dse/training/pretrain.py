@@ -9,12 +9,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 import models
 from dse.checkpoints import architecture, build_dense
 from dse.config import Config, save_config
-from dse.fileio import atomic_write_bytes
+from dse.fileio import atomic_write_bytes, atomic_write_text
 from dse.hardware.threads import set_torch_threads
 from dse.training.data import DataBundle, load_data
 from dse.training.train import TrainSpec, evaluate, set_seed, train
@@ -46,6 +47,9 @@ def pretrain(cfg: Config, out: Path, *, resume: bool = False, progress: bool = T
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "meta": {"architecture": architecture(cfg)}}, buf)
         atomic_write_bytes(out / "weights.pt", buf.getvalue())
+        # the given checkpoint's accuracy, evaluated once: the report shows it and a rerun reuses it
+        atomic_write_text(out / "metrics.csv", pd.DataFrame([{"epoch": 0, "val_acc": metrics["acc"],
+                                                              "val_loss": metrics["loss"]}]).to_csv(index=False))
         return {"val_acc": metrics["acc"], "epochs": 0, "checkpoint": str(out / "weights.pt")}
     row = train(model, data, train_spec(cfg), out, resume=resume, device=cfg.device, progress=progress)
     return {"val_acc": row.get("val_acc"), "epochs": cfg.pretrain.epochs, "checkpoint": str(out / "weights.pt")}

@@ -121,3 +121,32 @@ def test_report_profile_table_is_this_models_rows(run):
     inv = inventory_for_config(load_config(out / "resolved_config.yaml"))
     assert keys == {s.key for s in plan(inv)}
     assert f"the {len(mine)} rows that price this model" in (out / "report.md").read_text()
+
+
+def test_a_given_checkpoint_is_evaluated_once_and_new_weights_under_its_name_rerun_every_stage(
+        run, run_cli, tmp_path):
+    import torch
+
+    out, args, _ = run
+    ckpt = tmp_path / "user.pt"
+    weights = torch.load(out / "dense" / "weights.pt", weights_only=True)
+    torch.save(weights, ckpt)
+    mine = ["run", "--out", str(tmp_path / "run"), *args[3:], "--set", f"model.checkpoint={ckpt}", "--json"]
+
+    def stages() -> dict[str, bool]:
+        done = run_cli(*mine, timeout=1500)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return {s["name"]: s["reused"] for s in json.loads((tmp_path / "run" / "run.json").read_text())["stages"]}
+
+    assert not any(stages().values())
+    metrics = pd.read_csv(tmp_path / "run" / "dense" / "metrics.csv")
+    assert list(metrics["epoch"]) == [0]  # evaluated, not trained
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "dense/metrics.csv" in report
+    assert all(stages().values())  # nothing changed: the evaluation is not repeated
+    state = weights["model"]
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 0.01  # other weights under the same file name
+    torch.save(weights, ckpt)
+    assert stages() == {"pretrain": False, "profile": True, "search": False, "finetune": False, "export": False,
+                        "bench": False}
