@@ -14,6 +14,7 @@ from dse.profiling.profiler import (
     Settings,
     check_target_runnable,
     compile_model,
+    load_warning,
     profile_model,
     summary_rows,
 )
@@ -103,12 +104,9 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
     energy = {"model": "analytical model (45 nm op/byte energies: an ASIC projection, not a measurement of "
                        "this machine)", "rapl": "RAPL (CPU package, measured)", "nvml": "NVML (GPU, measured)"}
     lines.append(f"energy: {energy.get(run.energy_source, run.energy_source)}")
-    loads = [r["load_1m"] for r in rows if r.get("load_1m") == r.get("load_1m") and r.get("load_1m") is not None]
-    # the profiler's own threads keep up to one per core busy: only more than that means other work
-    if loads and run.cores and max(loads) > 1.25 * run.cores:
-        lines.append(f"warning: the 1-min load average reached {max(loads):.1f} on {run.cores} cores while these rows "
-                     "were measured: other work was running and the timings are noisy; re-measure on a quiet "
-                     "machine (--force)")
+    busy = load_warning(rows, run.cores)
+    if busy:
+        lines.append(f"warning: {busy}")
     if run.failed:
         lines.append(f"{len(run.failed)} row(s) failed (the others are saved): " + "; ".join(run.failed[:3]))
     lines.append("")

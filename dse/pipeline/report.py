@@ -387,6 +387,9 @@ def _profile_section(summary: dict[str, Any], plots: Path) -> Section:
         return s
     of = f" of the {len(whole)} in the device's profile (other models, calibration shapes)" if (
         whole is not None and len(whole) > len(prof)) else ""
+    stage = next((st for st in summary.get("stages", []) if st.get("name") == "profile"), {})
+    if stage.get("summary", {}).get("load_warning"):
+        s.text.append(f"**Warning:** {stage['summary']['load_warning']}.")
     s.text.append(f"From `{rows_path or prof_path}`: the {len(prof)} rows that price this model{of}, taken "
                   f"from `{prof_path}`. Latency is the median of TVM's time evaluator "
                   "(PyTorch rows: median of timed eager calls); energy is labelled with its source.")

@@ -26,7 +26,7 @@ from dse.hardware.envinfo import environment
 from dse.pipeline.report import write_report
 from dse.pipeline.stages import StageResult, fingerprint, run_stage, section
 from dse.profiling.inventory import inventory_for_config
-from dse.profiling.profiler import Settings, profile_model, write_model_rows
+from dse.profiling.profiler import Settings, load_warning, profile_model, write_model_rows
 from dse.search.driver import run_search
 from dse.training.finetune import finetune
 from dse.training.pretrain import pretrain
@@ -70,8 +70,11 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     def do_profile(out: Path) -> dict[str, Any]:
         run = profile_model(inv, Settings.from_config(cfg.profile), cfg.profile.dir, progress=progress)
+        busy = load_warning(run.rows, run.cores)  # rows reused from an earlier, loaded run too
+        if busy:
+            log.warning("profile: %s", busy)
         return {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
-                "seconds": round(run.seconds, 1), "energy_source": run.energy_source}
+                "seconds": round(run.seconds, 1), "energy_source": run.energy_source, "load_warning": busy}
 
     prof_key = fingerprint("profile", section(cfg, "model", "data", "profile"))
     prof = run_stage("profile", root / "profile", prof_key, [], cfg, do_profile)

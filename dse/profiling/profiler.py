@@ -370,6 +370,21 @@ class Measurer:
                           dtype=spec.dtype, trials=0)
 
 
+BUSY_LOAD_PER_CORE = 1.25  # the profiler's own threads keep up to one per core busy: only more means other work
+
+
+def load_warning(rows: list[dict[str, Any]], cores: int | None) -> str | None:
+    """Why ``rows`` should not be trusted when other work ran while they were measured (their stored
+    ``load_1m`` above :data:`BUSY_LOAD_PER_CORE` per core), else None."""
+    loads = [float(r["load_1m"]) for r in rows if r.get("load_1m") is not None and r["load_1m"] == r["load_1m"]]
+    if not loads or not cores or max(loads) <= BUSY_LOAD_PER_CORE * cores:
+        return None
+    busy = sum(x > BUSY_LOAD_PER_CORE * cores for x in loads)
+    return (f"the 1-min load average reached {max(loads):.1f} on {cores} cores while {busy} of these {len(loads)} "
+            "rows were measured: other work was running and their timings are too slow; re-measure on a quiet "
+            "machine (`dse profile --force`)")
+
+
 def load_1m() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)

@@ -151,3 +151,25 @@ def test_verdict_when_the_chosen_design_measures_slower_than_dense_tvm(tmp_path)
                         f"dense model compiled by TVM ({fmt_ms(2.5)} ms vs {fmt_ms(2.0)} ms; the search chose it on "
                         f"predictions), {fmt_x(5.0 / 2.5)} vs PyTorch eager; accuracy −0.50 points.")
     assert lines[1] == "Chosen design: attention msa 2; linear moe 8."
+
+
+def test_a_profile_measured_under_load_is_flagged_in_the_report(tmp_path):
+    from dse.profiling.profiler import load_warning
+
+    rows = [{"primitive": "matmul", "backend": "tvm", "batch": 1, "m": 8, "k": 8, "n": 8, "latency_ms": 0.1,
+             "load_1m": load} for load in (0.4, 3.6, 1.0)]
+    assert load_warning(rows, cores=4) is None  # 3.6 < 1.25 x 4: the profiler's own threads
+    busy = load_warning(rows, cores=2)
+    assert busy.startswith("the 1-min load average reached 3.6 on 2 cores while 1 of these 3 rows")
+    root = _run_folder(tmp_path, bench=_bench_json({"tvm": 1.0, "dense_tvm": 1.2, "eager": 2.0}, {}),
+                       pareto=[_pareto_row(0, 1.2, 1.0, "msa", "mult", baseline="all-mult")],
+                       attention="hamming", linear="shift")
+    (root / "profile").mkdir()
+    rows_csv = root / "profile" / "model_rows.csv"
+    rows_csv.write_text("primitive,backend,batch,m,k,n,latency_ms,load_1m\n"
+                        + "".join(f"matmul,tvm,1,8,8,8,0.1,{r['load_1m']}\n" for r in rows))
+    summary = _summary(98.0, 97.5)
+    summary["stages"][0]["summary"]["load_warning"] = busy
+    summary.update(profile_csv=str(rows_csv), model_rows_csv=str(rows_csv))
+    _, md, _ = _verdict(root, summary)
+    assert f"**Warning:** {busy}." in md
