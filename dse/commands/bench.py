@@ -51,6 +51,7 @@ def render(result: dict) -> str:
         f"batch {result['batch']} ({result['inputs']}), {result['repeat']} calls each, interleaved; threads: torch "
         f"{result['threads']['torch']}, TVM {result['threads']['tvm']}; load average {result['load_1m']}",
         f"energy source: {'; '.join(sources)}",
+        *[f"no prediction for {r['model']}: {r['no_prediction']}" for r in result["rows"] if r.get("no_prediction")],
         f"top-1 agreement with the dense model on this batch: {100 * result['top1_agreement_with_dense']:.1f}%",
     ])
     if result["torch_compile_s"] is not None:

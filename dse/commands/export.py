@@ -47,6 +47,8 @@ def run(args: argparse.Namespace):
     pred = summary.get("prediction") or {}
     if pred.get("available"):
         lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {pred['energy_mj']:.3f} mJ per batch")
+    elif pred:
+        lines.append(f"cost model: no prediction ({pred.get('reason') or pred.get('profile')})")
     moe = summary.get("moe")
     if moe and moe.get("cost"):
         c = moe["cost"]

@@ -309,9 +309,11 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         agree = float((loaded.run(images).argmax(1) == model(x).numpy().argmax(1)).mean())
     stats = interleaved(fns, repeat=b.repeat, warmup=b.warmup)
     energies = energy(manifest, model, x, fns, dense_art.manifest if dense_art is not None else None)
-    predictions = _predictions(cfg, manifest, model, profile)
+    predictions, no_prediction = _predictions(cfg, manifest, model, profile)
     if dense_art is not None:
         predictions["dense_tvm"] = _artifact_prediction(dense_art.manifest)
+        if predictions["dense_tvm"] is None:
+            no_prediction["dense_tvm"] = _no_prediction_reason(dense_art.manifest)
     labels = {"tvm": f"ShiftAddViT (TVM, {manifest['target_slug']})", "dense_tvm": "dense (TVM)",
               "eager": "dense (PyTorch eager)", "compiled": "dense (torch.compile)"}
     median = {name: stats[name].median_ms for name in fns}
@@ -322,7 +324,8 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
             "model": labels[name], "median_ms": s.median_ms, "p90_ms": s.p90_ms,
             "speedup_vs_eager": median["eager"] / s.median_ms, **energies[name],
             "predicted_ms": pred, "prediction_error_pct": None if pred is None else
-            100.0 * (pred - s.median_ms) / s.median_ms, "contestant": name,
+            100.0 * (pred - s.median_ms) / s.median_ms, "no_prediction": None if pred is not None else
+            no_prediction.get(name, "unknown"), "contestant": name,
         })
 
     def speedup(baseline: str) -> float | None:  # the ShiftAddViT's: baseline median / its median
@@ -359,19 +362,32 @@ def _artifact_prediction(manifest: dict[str, Any]) -> float | None:
     return float(pred["latency_ms"]) if pred.get("available") and pred.get("latency_ms") is not None else None
 
 
+def _no_prediction_reason(manifest: dict[str, Any]) -> str:
+    """Why an artifact's export made no prediction, as its manifest says."""
+    pred = manifest.get("prediction") or {}
+    return str(pred.get("reason") or pred.get("profile") or "the manifest records no prediction")
+
+
 def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profile: str | Path | None
-                 ) -> dict[str, Any]:
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """(predicted ms per contestant, why there is none for the others)."""
     out: dict[str, Any] = {"tvm": _artifact_prediction(manifest)}
+    why = {"compiled": "the cost model prices TVM kernels and eager PyTorch, not torch.compile"}
+    if out["tvm"] is None:
+        why["tvm"] = _no_prediction_reason(manifest)
     table, reason = profile_table(cfg, manifest["target"], profile or manifest.get("prediction", {}).get("profile"),
                                    here=profile is not None)
     out["profile"] = reason
-    if table is not None:
-        try:
-            inventory = build_inventory(dense, batch=int(manifest["input"]["batch"]))
-            out["eager"] = float(model_cost(table, cfg.cost, inventory, "torch").predict(Assignment()).latency_ms)
-        except ShiftAddError as exc:
-            log.info("no torch-backend prediction: %s", exc)
-    return out
+    if table is None:
+        why["eager"] = f"no profile to price it ({reason})"
+        return out, why
+    try:
+        inventory = build_inventory(dense, batch=int(manifest["input"]["batch"]))
+        out["eager"] = float(model_cost(table, cfg.cost, inventory, "torch").predict(Assignment()).latency_ms)
+    except ShiftAddError as exc:
+        why["eager"] = f"no torch-backend prediction: {exc}"
+        log.info("%s", why["eager"])
+    return out, why
 
 
 __all__ = ["bench", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved"]

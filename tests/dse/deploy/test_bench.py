@@ -109,6 +109,10 @@ def test_bench_cli_reports_all_contestants(benched, artifact):
     assert "ShiftAddViT (TVM" in text and "dense (TVM)" in text and "dense (PyTorch eager)" in text
     assert "x eager" in text and f"{tvm_row['median_ms']:.3f}" in text and f"{dense_tvm['median_ms']:.3f}" in text
     assert f"{out['speedup_vs_dense_tvm']:.2f}x vs dense (TVM)" in text
+    for row in rows.values():  # a figure, or the reason there is none, on the command line too
+        assert (row["predicted_ms"] is None) == bool(row["no_prediction"])
+        if row["no_prediction"]:
+            assert f"no prediction for {row['model']}: {row['no_prediction']}" in text
 
 
 def test_second_bench_reuses_the_dense_tvm_artifact(benched, artifact, run_cli):
