@@ -80,6 +80,12 @@ class ProfileConfig:
     nonprim: bool = True  # also profile the non-primitive work (norms, GELU, softmax, ...)
     passes: int = 1  # measure every row this many times, a whole run apart; a row keeps their median
 
+    @property
+    def tuning_dir(self) -> Path:
+        """MetaSchedule records live beside the profiles they were measured for, never in the install."""
+        return Path(self.dir) / "tuning"
+
+
 
 @dataclass
 class CostConfig:

@@ -368,7 +368,8 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
     form = graph.export_form(model, lambda name, _layer: choices[name]["primitive"])
 
     t0 = time.perf_counter()
-    g = graph.to_relax(form, x_val[:batch].contiguous(), tgt, tune_trials=ex.tune_trials)
+    g = graph.to_relax(form, x_val[:batch].contiguous(), tgt, tune_trials=ex.tune_trials,
+                       tuning_dir=cfg.profile.tuning_dir)
     log.info("imported the traced model into Relax in %.1f s", time.perf_counter() - t0)
     exe = compile_relax(g.mod, tgt)
     compile_s = time.perf_counter() - t0

@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import types
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -203,9 +204,10 @@ def _shape(expr: Any) -> list[int]:
 class _KernelEmitter:
     """Adds scheduled kernel PrimFuncs to the importer's BlockBuilder (one per primitive and shape)."""
 
-    def __init__(self, target: tvm.target.Target, tune_trials: int = 0):
+    def __init__(self, target: tvm.target.Target, tune_trials: int = 0, tuning_dir: str | Path | None = None):
         self.target = target
         self.tune_trials = tune_trials
+        self.tuning_dir = tuning_dir
         self.calls: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, int, int, int]] = {}
         self._gvars: dict[str, Any] = {}
@@ -219,7 +221,8 @@ class _KernelEmitter:
             return self._prepacked(bb, primitive, shape, args)
         name = f"{KERNEL_PREFIX}{primitive}_b{b}_m{m}_k{k}_n{n}"
         if name not in self._gvars:
-            func = kernels.build(primitive, b=b, m=m, k=k, n=n, target=self.target, trials=self.tune_trials).primfunc
+            func = kernels.build(primitive, b=b, m=m, k=k, n=n, target=self.target, trials=self.tune_trials,
+                                 tuning_dir=self.tuning_dir).primfunc
             self._add(bb, func, name, primitive, shape)
         gv = self._gvars[name]
         out_dtype = kernels.get(primitive).out_dtype(kernels.get(primitive).default_dtype)
@@ -470,7 +473,8 @@ def _param_order(ep: Any, mod: tvm.IRModule) -> list[str]:
     return names
 
 
-def to_relax(model: nn.Module, example: torch.Tensor, target: Any = "cpu", tune_trials: int = 0) -> RelaxGraph:
+def to_relax(model: nn.Module, example: torch.Tensor, target: Any = "cpu", tune_trials: int = 0,
+             tuning_dir: str | Path | None = None) -> RelaxGraph:
     """Trace ``model`` (an :func:`export_form`, eval mode) on ``example`` and import it with the kernels.
 
     The graph is static: batch, token count and every MoE capacity are those of ``example``.
@@ -488,7 +492,7 @@ def to_relax(model: nn.Module, example: torch.Tensor, target: Any = "cpu", tune_
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"torch.export cannot trace the model ({first}); export supports timm "
                              "ViT/PVTv2 ShiftAddViTs with static MoE capacity") from None
-    emitter = _KernelEmitter(tgt, tune_trials)
+    emitter = _KernelEmitter(tgt, tune_trials, tuning_dir)
     mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=_Converters(emitter).convert_map())
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     names = _param_order(ep, mod)

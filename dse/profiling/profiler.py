@@ -119,11 +119,12 @@ class Settings:
     torch_threads: int = 2
     nonprim: bool = True
     passes: int = 1  # times each row is measured, a whole run apart (store.merge_passes)
+    tuning_dir: str | None = None  # MetaSchedule records (None: kernels.tuning's default root)
 
     @classmethod
     def from_config(cls, p: Any) -> Settings:
         return cls(p.target, p.repeat, p.min_repeat_ms, p.trials, tuple(p.energy), p.energy_window_s,
-                   p.torch_threads, p.nonprim, p.passes)
+                   p.torch_threads, p.nonprim, p.passes, str(p.tuning_dir))
 
     def header(self) -> dict[str, Any]:
         """What goes into the profile's .yaml (the last run's settings)."""
@@ -244,7 +245,7 @@ class Measurer:
             timing = packed.time(repeat=self.settings.repeat * COLD_SAMPLES_PER_REPEAT, cold_weights=True)
             return _Runnable(timing, packed.call, lambda: None, "default", 0)
         kernel = kernels.build(spec.primitive, b=spec.b, m=spec.m, k=spec.k, n=spec.n, target=self.target,
-                               dtype=spec.dtype, trials=self.settings.trials)
+                               dtype=spec.dtype, trials=self.settings.trials, tuning_dir=self.settings.tuning_dir)
         arrays = kernels.random_inputs(spec.primitive, spec.b, spec.m, spec.k, spec.n, spec.dtype)
         cold = self._cold_weights(spec)
         timing = kernel.time(*arrays, min_repeat_ms=self.settings.min_repeat_ms, cold_weights=cold,
@@ -367,7 +368,7 @@ class Measurer:
             nonprim.build_op(spec.primitive, spec.shape, self.target)
         else:
             kernels.build(spec.primitive, b=spec.b, m=spec.m, k=spec.k, n=spec.n, target=self.target,
-                          dtype=spec.dtype, trials=0)
+                          dtype=spec.dtype, trials=0, tuning_dir=self.settings.tuning_dir)
 
 
 BUSY_LOAD_PER_CORE = 1.25  # the profiler's own threads keep up to one per core busy: only more means other work

@@ -92,6 +92,32 @@ def test_relax_module_calls_the_kernels(shiftadd_checkpoint, shiftadd_spec):
     assert packs <= set(graph.call_tir_targets(lifted, "main_transform_params"))
 
 
+def test_kernels_are_tuned_beside_the_profiles_not_in_the_install(shiftadd_checkpoint, tmp_path, monkeypatch):
+    """Every kernel the graph builds asks for its records under the configured profile root."""
+    from dse.checkpoints import load_finetuned
+    from dse.config import load_config
+    from dse.deploy import graph
+    from dse.deploy.export import val_tensors
+    from dse.profiling.profiler import Settings
+
+    cfg = load_config(shiftadd_checkpoint / "resolved_config.yaml", [f"profile.dir={tmp_path / 'store'}"])
+    assert cfg.profile.tuning_dir == tmp_path / "store" / "tuning"
+    assert Settings.from_config(cfg.profile).tuning_dir == str(tmp_path / "store" / "tuning")
+    asked = []
+    real = graph.kernels.build
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("tuning_dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(graph.kernels, "build", spy)
+    x, _ = val_tensors(cfg, 8)
+    model, _ = load_finetuned(shiftadd_checkpoint / "weights.pt")
+    form = graph.export_form(model, lambda name, _l: "matshift")
+    graph.to_relax(form, x[:8].contiguous(), "cpu", tuning_dir=cfg.profile.tuning_dir)
+    assert asked and set(asked) == {cfg.profile.tuning_dir}
+
+
 def test_fast_layer_norm_and_gelu_match_pytorch():
     """The pipeline's own LayerNorm kernel and fast-erf GELU against PyTorch."""
     import tvm
