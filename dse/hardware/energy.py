@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -551,7 +552,9 @@ class RaplMeter(EnergyMeter):
         return self._zones
 
     def _discover(self) -> list[RaplZone]:
-        advice = "run as root (or grant read access to energy_uj), or use energy source 'model'"
+        advice = ("the kernel (or, in a VM, the hypervisor) does not expose it to root either; use energy source "
+                  "'model'" if os.geteuid() == 0 else
+                  "run as root (or grant read access to energy_uj), or use energy source 'model'")
         if not self.root.is_dir():
             raise TargetUnavailableError(f"RAPL is not exposed here: {self.root} does not exist; {advice}")
         zones = []

@@ -21,7 +21,9 @@ def _can_compile(target: str) -> tuple[bool, str | None]:
         return False, " ".join(str(exc).split())[:200]
 
 
-def environment(check_targets: bool = True) -> dict[str, Any]:
+def environment(check_targets: bool = True, cuda_arch: str | None = None) -> dict[str, Any]:
+    """Versions, devices, targets and energy sources; the CUDA target is the one ``dse export`` compiles for
+    (``cuda_arch``, from ``export.cuda_arch``), TVM's default arch without it."""
     import torch
 
 
@@ -30,14 +32,15 @@ def environment(check_targets: bool = True) -> dict[str, Any]:
     nvml_reason = nvml.probe()
     nvml_ok = nvml_reason is None
     targets: dict[str, Any] = {}
+    specs = {"cpu": "cpu", "cuda": f"cuda:{cuda_arch}" if cuda_arch else "cuda"}
     for name, runnable in (("cpu", True), ("cuda", kernels.cuda_available())):
         entry: dict[str, Any] = {"runs_here": bool(runnable)}
         try:
-            entry["target"] = str(kernels.resolve_target(name))
+            entry["target"] = str(kernels.resolve_target(specs[name]))
         except Exception as exc:
             entry["target"], entry["error"] = None, " ".join(str(exc).split())[:200]
         if check_targets and entry.get("target"):
-            entry["compiles"], reason = _can_compile(name)
+            entry["compiles"], reason = _can_compile(specs[name])
             if reason:
                 entry["error"] = reason
         targets[name] = entry
@@ -63,7 +66,7 @@ def render(env: dict[str, Any]) -> str:
     nv = env["nvml"]
     lines.append(f"nvml: {'available' if nv['available'] else 'unavailable (' + str(nv['reason']) + ')'}")
     for name, t in env["targets"].items():
-        state = "compiles" if t.get("compiles") else "does not compile"
+        state = {True: "compiles", False: "does not compile"}.get(t.get("compiles"), "not test-compiled (--no-compile)")
         run = "runs here" if t["runs_here"] else "compile-only here"
         lines.append(f"target {name}: {t.get('target')}  [{state}, {run}]"
                      + (f"  ({t['error']})" if t.get("error") else ""))

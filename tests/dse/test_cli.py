@@ -28,6 +28,10 @@ def test_env_json_parses(dse_cli):
     env = json.loads(res.stdout)
     assert env["versions"]["tvm"] and "model" in env["energy_sources"]
     assert env["energy_sources"]["model"] == "usable"
+    # the CUDA target shown is the one dse export compiles its companion artifact for
+    assert '"arch":"sm_90"' in env["targets"]["cuda"]["target"].replace(" ", "")
+    res = dse_cli("env", "--json", "--no-compile", "--set", "export.cuda_arch=sm_86")
+    assert '"arch":"sm_86"' in json.loads(res.stdout)["targets"]["cuda"]["target"].replace(" ", "")
 
 
 def test_unknown_config_key_exits_2_naming_the_key(tmp_path, dse_cli):

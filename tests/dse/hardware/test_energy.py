@@ -323,6 +323,8 @@ def test_rapl_sums_packages_and_survives_wraparound(tmp_path):
 def test_rapl_unavailable_cases(tmp_path):
     missing = RaplMeter(tmp_path / "nope")
     assert not missing.available() and "does not exist" in missing.unavailable_reason
+    # root is told that privileges will not help; anyone else how to get them
+    assert ("run as root" in missing.unavailable_reason) == (os.geteuid() != 0)
 
     only_psys = RaplMeter(make_rapl(tmp_path / "psys", {"intel-rapl:0": ("psys", 1, 10)}))
     assert not only_psys.available() and "no RAPL package zones" in only_psys.unavailable_reason
