@@ -19,7 +19,7 @@ from torch import nn
 
 import models
 from dse.config import Config
-from dse.errors import CheckpointError
+from dse.errors import CheckpointError, ConfigError
 from models.assignment import Assignment
 from models.reparam import reparameterize
 
@@ -39,9 +39,21 @@ def dense_kwargs(name: str, kwargs: Mapping[str, Any], num_classes: int, img_siz
 
 
 def build_dense(cfg: Config) -> nn.Module:
-    """The dense model named by the config, with the data's class count and image size."""
-    return models.create(cfg.model.name, **dense_kwargs(cfg.model.name, cfg.model.kwargs, cfg.model.num_classes,
-                                                        lambda: cfg.data.img_size))
+    """The dense model named by the config, with the data's class count and image size; a model built for
+    another input size than the data's is a :class:`ConfigError` (it would be profiled, compiled and
+    benchmarked at a size it was not made for)."""
+    model = models.create(cfg.model.name, **dense_kwargs(cfg.model.name, cfg.model.kwargs, cfg.model.num_classes,
+                                                         lambda: cfg.data.img_size))
+    return _check_input_size(model, cfg.model.name, cfg.data.img_size)
+
+
+def _check_input_size(model: nn.Module, name: str, img_size: int) -> nn.Module:
+    _, h, w = models.input_size(model)
+    if (h, w) != (img_size, img_size):
+        raise ConfigError(f"{name} is built for {h}x{w} images but data.img_size is {img_size}; set "
+                          f"data.img_size={h} (or model.kwargs.img_size={img_size} for a model that can be built "
+                          "at that size)")
+    return model
 
 
 def architecture(cfg: Config) -> dict[str, Any]:
@@ -54,10 +66,12 @@ def build_from_architecture(arch: Mapping[str, Any]) -> nn.Module:
     """The dense model an ``architecture`` record describes (as :func:`architecture` writes)."""
     try:
         kwargs = dense_kwargs(arch["name"], arch.get("kwargs") or {}, arch["num_classes"], lambda: arch["img_size"])
-        return models.create(arch["name"], **kwargs)
-    except (KeyError, TypeError, AttributeError):
+        model = models.create(arch["name"], **kwargs)
+        size = int(arch["img_size"])
+    except (KeyError, TypeError, AttributeError, ValueError):
         raise CheckpointError(f"checkpoint architecture record {dict(arch)!r} is incomplete; it needs name, "
                               "kwargs, num_classes and img_size") from None
+    return _check_input_size(model, arch["name"], size)
 
 
 def load_dense(cfg: Config, checkpoint: str | Path, model_name: str | None = None

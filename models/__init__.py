@@ -16,6 +16,7 @@ from models.ops import kernel_ops, set_kernel_ops
 from models.registry import (
     check_name,
     create,
+    input_size,
     load_weights,
     names,
     read_checkpoint,
@@ -31,4 +32,5 @@ __all__ = [
     "fit_hamming", "kernel_ops",
     "load_weights", "moe_balance_loss", "moe_layers", "names", "read_checkpoint", "register_model",
     "reparameterize", "routing_shares", "set_kernel_ops", "set_moe_capacity", "state_dict_of",
+    "input_size",
 ]

@@ -69,6 +69,22 @@ def create(name: str, **kwargs: Any) -> nn.Module:
         raise ModelError(f"model '{name}' rejected its arguments {kwargs}: {exc}") from None
 
 
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was built for: timm's ``patch_embed.img_size``, else its pretrained config."""
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    proj = getattr(pe, "proj", None)
+    chans = getattr(proj, "in_channels", None)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(chans or 3), int(h), int(w))
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if "input_size" in cfg:
+        c, h, w = cfg["input_size"]
+        return (int(chans or c), int(h), int(w))
+    raise ModelError(f"cannot tell the input size of a {type(model).__name__}; pass input_size=(C, H, W)")
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint file safely (``weights_only=True``); returns the raw object as a dict."""
     path = Path(path)

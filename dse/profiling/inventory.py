@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import models
 from dse.checkpoints import build_dense
 from dse.errors import ModelError
 from dse.profiling import eager
@@ -184,22 +185,6 @@ class Inventory:
 
 # ---------------------------------------------------------------------------------------------------
 # building
-
-
-def infer_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model was built for: timm's ``patch_embed.img_size``, else its pretrained config."""
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    proj = getattr(pe, "proj", None)
-    chans = getattr(proj, "in_channels", None)
-    if size is not None:
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (int(chans or 3), int(h), int(w))
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if "input_size" in cfg:
-        c, h, w = cfg["input_size"]
-        return (int(chans or c), int(h), int(w))
-    raise ModelError(f"cannot tell the input size of a {type(model).__name__}; pass input_size=(C, H, W)")
 
 
 @dataclasses.dataclass
@@ -447,7 +432,7 @@ def build_inventory(model: nn.Module, *, batch: int, input_size: tuple[int, int,
     if nbits < 1:
         raise ModelError(f"nbits must be >= 1, got {nbits}")
     kinds = layer_kinds(model)
-    input_size = tuple(int(v) for v in (input_size or infer_input_size(model)))
+    input_size = tuple(int(v) for v in (input_size or models.input_size(model)))
     builder = _InventoryBuilder(model, kinds, _trace(model, batch, input_size), nbits)
     builder.add_linears()
     builder.add_attentions()

@@ -131,6 +131,21 @@ def test_no_profile_on_disk_is_one_line(workspace, capsys):
     assert code == 2 and "does not exist" in line and "dse profile" in line
 
 
+def test_a_model_built_for_another_image_size_than_the_data_is_one_line(workspace, tmp_path, capsys):
+    import torch
+
+    import models
+
+    code, err = call(capsys, "cost", "--model", "deit_tiny_patch16_224", "--out", str(workspace))
+    line = one_line(err)
+    assert code == 2 and "built for 224x224 images but data.img_size is 32" in line and "data.img_size=224" in line
+    ckpt = tmp_path / "pvt.pt"  # a user's state dict, no architecture record: the config describes it
+    torch.save(models.create("pvt_v2_b0", num_classes=10).state_dict(), ckpt)
+    out = tmp_path / "artifact"
+    code, err = call(capsys, "export", "--checkpoint", str(ckpt), "--set", "model.name=pvt_v2_b0", "--out", str(out))
+    assert code == 2 and "pvt_v2_b0 is built for 224x224 images" in one_line(err) and not out.exists()
+
+
 def test_foreign_device_profile_prices_there_but_is_refused_for_measuring(workspace, tmp_path, capsys):
     import json
 

@@ -12,7 +12,6 @@ from dse.profiling.inventory import (
     LINEAR_PRIMITIVES,
     build_inventory,
     compact_names,
-    infer_input_size,
 )
 from dse.profiling.nonprim import check_shape
 from models.ops import kernel_ops
@@ -147,6 +146,6 @@ def test_both_attention_choices_listed_and_json_round_trips():
 
 
 def test_infer_input_size_and_compact_names():
-    assert infer_input_size(models.create("vit_digits")) == (3, 32, 32)
+    assert models.input_size(models.create("vit_digits")) == (3, 32, 32)
     assert compact_names(["blocks.0.a", "blocks.1.a", "blocks.2.a", "norm"]) == "norm, blocks.{0-2}.a"
     assert compact_names(["blocks.0.a", "blocks.2.a"]) == "blocks.{0,2}.a"
