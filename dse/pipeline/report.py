@@ -318,10 +318,14 @@ def _verdict_section(root: Path, summary: dict[str, Any]) -> Section:
     if dense_chosen:
         base, fastest = predicted["dense"], predicted["shiftadd"]
         line = f"On {device}, reparameterisation does not pay for this model: best is the dense model compiled"
-        if base is not None and fastest is not None:
+        if base is not None and fastest is not None and fastest["latency_ms"] >= base["latency_ms"]:
             line += (f" ({fmt_ms(base['latency_ms'])} ms); the fastest ShiftAdd design is "
                      f"{fmt_ms(fastest['latency_ms'])} ms ({fmt_x(fastest['latency_ms'] / base['latency_ms'])} "
                      "slower; search predictions).")
+        elif base is not None and fastest is not None:
+            line += (f" ({fmt_ms(base['latency_ms'])} ms); the fastest ShiftAdd design is predicted "
+                     f"{fmt_x(base['latency_ms'] / fastest['latency_ms'])} faster ({fmt_ms(fastest['latency_ms'])} ms) "
+                     "but costs more accuracy (or risk) than search.max_accuracy_drop allows.")
         else:
             line += " (the search's choice; pareto.csv lists no ShiftAdd design to compare)."
     elif not bench:

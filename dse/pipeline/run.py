@@ -89,8 +89,9 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     # 3. search (stage A on the cost model, stage B on short fine-tunes)
 
-    cfg_s = _with(cfg_d, search={"profile": str(profile_csv)})
     search_key = fingerprint("search", dense_key, profile_digest, section(cfg, "search", "cost", "finetune"))
+    # one study per set of inputs: a rerun after a change starts afresh, an interrupted one continues
+    cfg_s = _with(cfg_d, search={"profile": str(profile_csv), "study_name": f"{cfg.search.study_name}-{search_key}"})
     search = run_stage("search", root / "search", search_key, ["best_assignment.yaml", "pareto.csv"], cfg_s,
                        lambda out: run_search(cfg_s, out))
     results.append(search)

@@ -63,7 +63,7 @@ from dse.checkpoints import load_dense
 from dse.config import Config, config_to_dict, hide_password, save_config
 from dse.cost.sources import CostSource, load_device_costs
 from dse.errors import ConfigError, ProfileError, StageError
-from dse.fileio import atomic_write_text, sha256_file
+from dse.fileio import atomic_write_text, fingerprint, sha256_file
 from dse.search import pareto, sensitivity
 from dse.search.sensitivity import risk_table
 from dse.search.space import SearchSpace
@@ -161,9 +161,10 @@ def open_study(
     directions: Sequence[str],
     metric_names: Sequence[str],
     space: SearchSpace | None = None,
+    objective_key: str | None = None,
 ):
-    """(RDB storage, study) — created or loaded; a study of another search space or other objectives is
-    refused rather than mixed."""
+    """(RDB storage, study) — created or loaded; a study of another search space, other objectives or
+    objectives priced otherwise (``objective_key``, :func:`objective_key`) is refused rather than mixed."""
     storage = open_storage(url)
     try:
         study = optuna.create_study(
@@ -185,19 +186,33 @@ def open_study(
             "use another --study name"
         )
     if space is not None:
-        fp = space.fingerprint()
-        stored = study.user_attrs.get("dse:space")
-        if stored is None:
-            with contextlib.suppress(Exception):  # a concurrent worker may set it first; compared below
-                study.set_user_attr("dse:space", fp)
-                study.set_user_attr("dse:params", {p.name: list(p.choices) for p in space.params})
-            stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("dse:space", fp)
-        if stored != fp:
-            raise StageError(
-                f"study '{name}' in {url} was made for another search space (other layers, freeze "
-                "or tie settings); use another --study name or output folder"
-            )
+        with contextlib.suppress(Exception):  # informative only; a concurrent worker may set it first
+            study.set_user_attr("dse:params", {p.name: list(p.choices) for p in space.params})
+        _same_identity(study, storage, name, url, "dse:space", space.fingerprint(),
+                       "was made for another search space (other layers, freeze or tie settings)")
+    if objective_key is not None:
+        _same_identity(study, storage, name, url, "dse:objective", objective_key,
+                       "holds trials priced otherwise (another profile, cost settings or dense checkpoint)")
     return storage, study
+
+
+def _same_identity(study: Any, storage: Any, name: str, url: str, attr: str, value: str, what: str) -> None:
+    """Record ``value`` under the study's user attribute ``attr``, or refuse a study that holds another."""
+    stored = study.user_attrs.get(attr)
+    if stored is None:
+        with contextlib.suppress(Exception):  # a concurrent worker may set it first; compared below
+            study.set_user_attr(attr, value)
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get(attr, value)
+    if stored != value:
+        raise StageError(f"study '{name}' in {hide_password(url)} {what}; use another --study name or output "
+                         "folder")
+
+
+def objective_key(space: SearchSpace, objective: Callable[[Mapping[str, str]], Sequence[float]]) -> str:
+    """What the objective answers for the baseline designs: any change of profile, cost settings or risk
+    table changes it, so a study's stored values are never mixed with values priced another way."""
+    values = [[float(f"{v:.9g}") for v in objective(params)] for params in space.baselines().values()]
+    return fingerprint(values)
 
 
 def _sampler(kind: str, population: int, seed: int):
@@ -282,7 +297,8 @@ def run_stage_a(
     t0 = time.perf_counter()
     with quiet_optuna():
         directions = ["minimize"] * len(objectives)
-        storage, _ = open_study(storage_url, study_name, directions, objectives, space)
+        storage, _ = open_study(storage_url, study_name, directions, objectives, space,
+                                objective_key(space, objective))
         store = TrialStore(storage, study_name)
         worker = store.register_worker()
         mem = optuna.create_study(

@@ -126,6 +126,20 @@ def test_verdict_when_dense_wins(tmp_path):
     assert lines[4] == "Energy vs dense: +0.0% per batch, predicted by the search (profile energy source: model)."
 
 
+def test_verdict_when_a_faster_shiftadd_design_lost_on_accuracy(tmp_path):
+    from dse.pipeline.report import fmt_ms, fmt_x
+
+    bench = _bench_json({"tvm": 2.0, "dense_tvm": 2.0, "eager": 4.0}, {})
+    pareto = [_pareto_row(0, 2.0, 0.5, "msa", "mult", baseline="all-mult", chosen=True),
+              _pareto_row(4, 1.6, 0.45, "msa", "shift", baseline="all-shift")]
+    root = _run_folder(tmp_path / "run", bench=bench, pareto=pareto, attention="msa", linear="mult")
+    lines, _, _ = _verdict(root, _summary(dense_acc=97.0, chosen_acc=97.0, energy_source="model"))
+    assert lines[0] == (f"On Test CPU 9000, reparameterisation does not pay for this model: best is the dense model "
+                        f"compiled ({fmt_ms(2.0)} ms); the fastest ShiftAdd design is predicted {fmt_x(2.0 / 1.6)} "
+                        f"faster ({fmt_ms(1.6)} ms) but costs more accuracy (or risk) than search.max_accuracy_drop "
+                        "allows.")
+
+
 def test_verdict_without_dense_tvm_says_the_gain_includes_the_compiler(tmp_path):
     from dse.pipeline.report import fmt_x
 
