@@ -140,6 +140,21 @@ def test_verdict_when_a_faster_shiftadd_design_lost_on_accuracy(tmp_path):
                         "allows.")
 
 
+def test_verdict_calls_a_gain_inside_the_timing_spread_nothing_measurable(tmp_path):
+    from dse.pipeline.report import fmt_ms, fmt_x
+
+    medians = {"tvm": 1.78, "dense_tvm": 1.80, "eager": 4.71}  # p90 = 1.1 x median: a 10% spread
+    pareto = [_pareto_row(2, 1.80, 0.9, "msa", "shift", chosen=True),
+              _pareto_row(0, 1.85, 1.0, "msa", "mult", baseline="all-mult")]
+    root = _run_folder(tmp_path / "run", bench=_bench_json(medians, {}), pareto=pareto, attention="msa",
+                       linear="shift")
+    lines, _, _ = _verdict(root, _summary(dense_acc=98.06, chosen_acc=98.06))
+    assert lines[0] == (f"On Test CPU 9000, ShiftAddViT and the dense model compiled by TVM measure the same within "
+                        f"the timing spread ({fmt_ms(1.78)} ms vs {fmt_ms(1.80)} ms, {fmt_x(1.80 / 1.78)}; p90 spread "
+                        f"10%): the reparameterisation buys nothing measurable here; {fmt_x(4.71 / 1.78)} vs PyTorch "
+                        "eager; accuracy +0.00 points.")
+
+
 def test_verdict_without_dense_tvm_says_the_gain_includes_the_compiler(tmp_path):
     from dse.pipeline.report import fmt_x
 
