@@ -267,3 +267,22 @@ def test_finetune_on_cuda_with_bf16_autocast(tmp_path, dense_ckpt, costs_for, ti
     summary = finetune(cfg, tmp_path / "gpu", checkpoint=dense_ckpt, costs=costs_for(dense), progress=False)
     metrics = pd.read_csv(tmp_path / "gpu" / "metrics.csv")
     assert np.isfinite(metrics["train_loss"]).all() and summary["epochs"] == 1
+
+
+def test_moe_expert_costs_come_from_any_devices_profile(tmp_path):
+    """Fine-tune here, deploy there: the balance loss is weighted by the profile given, whatever its device."""
+    from dse.config import load_config
+    from dse.cost.sources import cost_model_for
+    from dse.training.finetune import resolve_costs
+    from tests.conftest import GPU_DEVICE, GPU_TARGET, write_profile
+
+    cfg = load_config(None, ["model.kwargs={depth: 1}", "data.img_size=16"])
+    here = write_profile(tmp_path / "profiles", cfg=cfg)
+    gpu = write_profile(tmp_path / "profiles", cfg=cfg, device=GPU_DEVICE, target=GPU_TARGET,
+                        seconds_per_mac=2e-11, overhead_ms=0.01)
+    dense = build_dense(cfg)
+    plan = Assignment.uniform(dense, linear="moe")
+    mine, theirs = (resolve_costs(cfg, dense, plan, profile=p) for p in (here, gpu))
+    assert set(theirs) == set(plan.linear) and theirs != mine
+    priced = cost_model_for(cfg, dense, gpu)
+    assert theirs == {name: priced.moe_expert_costs(name) for name in theirs}
