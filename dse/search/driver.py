@@ -294,97 +294,109 @@ def run_stage_a(
     and a converged population keeps exploring around its front. A space with fewer designs than
     ``trials`` ends when it is exhausted, or when no unseen design was found ``20 x population`` times in
     a row."""
-    t0 = time.perf_counter()
     with quiet_optuna():
-        directions = ["minimize"] * len(objectives)
-        storage, _ = open_study(storage_url, study_name, directions, objectives, space,
-                                objective_key(space, objective))
-        store = TrialStore(storage, study_name)
-        worker = store.register_worker()
-        mem = optuna.create_study(
-            directions=directions, sampler=_sampler(sampler, population, seed + 7919 * worker)
-        )
-        stored = store.read_new()
-        _check_space(space, stored, study_name)
-        mem.add_trials(stored)
-        seen = {space.key(t.params) for t in stored}
-        stored_count = store.count()
-        trials = min(trials, space.size())
-        repeats = in_a_row = 0
-        rng = random.Random(seed + 7919 * worker)
-        for name, params in space.baselines().items():
-            mem.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
-        log.info("stage A: worker %d, %d stored trials, target %d", worker, stored_count, trials)
-        pending: list[optuna.trial.FrozenTrial] = []
-        evaluated = written = seq = 0
-        last_flush = time.monotonic()
-
-        def flush() -> None:
-            nonlocal written, stored_count, last_flush
-            if pending:
-                with _signals_deferred():
-                    written += len(store.write(pending, unique_attr="baseline"))
-                    pending.clear()
-            others = store.read_new()
-            if others:
-                _check_space(space, others, study_name)
-                mem.add_trials(others)
-                seen.update(space.key(t.params) for t in others)
-            stored_count = store.count()
-            last_flush = time.monotonic()
-            if progress is not None:
-                progress(
-                    f"stage A: {stored_count}/{trials} trials stored "
-                    f"({evaluated / max(1e-9, time.perf_counter() - t0):.0f} trials/s here)"
-                )
-
-        interrupted = False
+        run = _StageA(space, objective, storage_url, study_name, trials=trials, sampler=sampler,
+                      population=population, seed=seed, persist_every_s=persist_every_s, progress=progress,
+                      objectives=objectives)
         with _sigterm_as_interrupt():
             try:
-                while stored_count + len(pending) < trials:
-                    trial = mem.ask()
-                    if {"baseline", "replaces_repeat"} & set(trial.user_attrs):
-                        # Every parameter of an enqueued design is fixed, so it would never consult the
-                        # sampler; asking for the relative sample places it in a GA generation (parents).
-                        _ = trial.relative_params
-                    params = space.suggest(trial)
-                    key = space.key(params)
-                    if key in seen and "baseline" not in trial.user_attrs:
-                        mem.tell(trial, state=optuna.trial.TrialState.FAIL)  # known: not a new design
-                        repeats += 1
-                        neighbour = _unseen_neighbour(space, params, seen, rng)
-                        if neighbour is not None:  # evaluated next, in this offspring's place
-                            mem.enqueue_trial(neighbour, user_attrs={"replaces_repeat": True})
-                            continue
-                        in_a_row += 1
-                        if in_a_row >= 20 * population:
-                            log.warning("stage A: the last %d offspring all repeated known designs; stopping at "
-                                        "%d distinct designs", in_a_row, stored_count + len(pending))
-                            break
-                        continue
-                    seen.add(key)
-                    in_a_row = 0
-                    values = objective(params)
-                    trial.set_user_attr("worker", worker)
-                    if "baseline" not in trial.user_attrs:
-                        trial.set_user_attr("seq", seq)
-                        seq += 1
-                    pending.append(mem.tell(trial, list(values)))
-                    evaluated += 1
-                    if time.monotonic() - last_flush >= persist_every_s:
-                        flush()
-                flush()
+                while run.stored + len(run.pending) < run.target and run.step():
+                    pass
+                run.flush()
             except KeyboardInterrupt:
-                interrupted = True
-                log.warning("stage A interrupted: writing %d pending trials before exiting", len(pending))
-                flush()
+                log.warning("stage A interrupted: writing %d pending trials before exiting", len(run.pending))
+                run.flush()
+                log.warning("stage A: %d trials stored; rerun the same command to continue", run.stored)
                 raise
-            finally:
-                if interrupted:
-                    log.warning("stage A: %d trials stored; rerun the same command to continue", stored_count)
-    if repeats:
-        log.info("stage A: %d offspring repeated known designs; replaced by unseen neighbours where the space had any", repeats)
-    return StageAResult(stored_count, evaluated, written, time.perf_counter() - t0, worker, repeats)
+    if run.repeats:
+        log.info("stage A: %d offspring repeated known designs; replaced by unseen neighbours where the space "
+                 "had any", run.repeats)
+    return StageAResult(run.stored, run.evaluated, run.written, time.perf_counter() - run.t0, run.worker,
+                        run.repeats)
+
+
+class _StageA:
+    """One worker's stage A: an in-memory NSGA-II study seeded from the persistent one, asked one design at a
+    time (:meth:`step`), its finished trials written in batches (:meth:`flush`)."""
+
+    def __init__(self, space: SearchSpace, objective: Callable[[Mapping[str, str]], Sequence[float]],
+                 storage_url: str, study_name: str, *, trials: int, sampler: str, population: int, seed: int,
+                 persist_every_s: float, progress: Callable[[str], None] | None, objectives: Sequence[str]):
+        self.t0 = time.perf_counter()
+        self.space, self.objective, self.study_name = space, objective, study_name
+        self.population, self.persist_every_s, self.progress = population, persist_every_s, progress
+        directions = ["minimize"] * len(objectives)
+        storage, _ = open_study(storage_url, study_name, directions, objectives, space, objective_key(space, objective))
+        self.store = TrialStore(storage, study_name)
+        self.worker = self.store.register_worker()
+        self.mem = optuna.create_study(directions=directions,
+                                       sampler=_sampler(sampler, population, seed + 7919 * self.worker))
+        stored = self.store.read_new()
+        _check_space(space, stored, study_name)
+        self.mem.add_trials(stored)
+        self.seen = {space.key(t.params) for t in stored}
+        self.stored = self.store.count()
+        self.target = min(trials, space.size())
+        self.rng = random.Random(seed + 7919 * self.worker)
+        for name, params in space.baselines().items():
+            self.mem.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+        log.info("stage A: worker %d, %d stored trials, target %d", self.worker, self.stored, self.target)
+        self.pending: list[optuna.trial.FrozenTrial] = []
+        self.evaluated = self.written = self.seq = self.repeats = self.in_a_row = 0
+        self.last_flush = time.monotonic()
+
+    def step(self) -> bool:
+        """Ask for one design and evaluate it unless it is known; False once offspring have repeated known
+        designs, with no unseen neighbour left, ``20 x population`` times in a row."""
+        trial = self.mem.ask()
+        if {"baseline", "replaces_repeat"} & set(trial.user_attrs):
+            # Every parameter of an enqueued design is fixed, so it would never consult the sampler; asking
+            # for the relative sample places it in a GA generation (parents).
+            _ = trial.relative_params
+        params = self.space.suggest(trial)
+        key = self.space.key(params)
+        if key in self.seen and "baseline" not in trial.user_attrs:
+            self.mem.tell(trial, state=optuna.trial.TrialState.FAIL)  # known: not a new design
+            self.repeats += 1
+            neighbour = _unseen_neighbour(self.space, params, self.seen, self.rng)
+            if neighbour is not None:  # evaluated next, in this offspring's place
+                self.mem.enqueue_trial(neighbour, user_attrs={"replaces_repeat": True})
+                return True
+            self.in_a_row += 1
+            if self.in_a_row >= 20 * self.population:
+                log.warning("stage A: the last %d offspring all repeated known designs; stopping at %d distinct "
+                            "designs", self.in_a_row, self.stored + len(self.pending))
+                return False
+            return True
+        self.seen.add(key)
+        self.in_a_row = 0
+        values = self.objective(params)
+        trial.set_user_attr("worker", self.worker)
+        if "baseline" not in trial.user_attrs:
+            trial.set_user_attr("seq", self.seq)
+            self.seq += 1
+        self.pending.append(self.mem.tell(trial, list(values)))
+        self.evaluated += 1
+        if time.monotonic() - self.last_flush >= self.persist_every_s:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write the pending trials (signals deferred: a batch is written whole) and take in other workers'."""
+        if self.pending:
+            with _signals_deferred():
+                self.written += len(self.store.write(self.pending, unique_attr="baseline"))
+                self.pending.clear()
+        others = self.store.read_new()
+        if others:
+            _check_space(self.space, others, self.study_name)
+            self.mem.add_trials(others)
+            self.seen.update(self.space.key(t.params) for t in others)
+        self.stored = self.store.count()
+        self.last_flush = time.monotonic()
+        if self.progress is not None:
+            rate = self.evaluated / max(1e-9, time.perf_counter() - self.t0)
+            self.progress(f"stage A: {self.stored}/{self.target} trials stored ({rate:.0f} trials/s here)")
 
 
 def _unseen_neighbour(space: SearchSpace, params: Mapping[str, str], seen: set[tuple[str, ...]],
