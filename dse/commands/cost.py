@@ -114,7 +114,7 @@ def _price(cfg, args: argparse.Namespace) -> dict[str, Any]:
             "device": device, "target": target, "profile": str(profile.path), "metric": cfg.cost.metric,
             "assignment": assignment.to_dict(), "latency_ms": total.latency_ms, "energy_mj": total.energy_mj,
             "fixed_latency_ms": mc.fixed.latency_ms, "fixed_energy_mj": mc.fixed.energy_mj,
-            "energy_source": _energy_sources(profile),
+            "energy_source": profile.energy_sources,
             "layers": [r.as_dict() for r in rows if r.kind != "fixed"],
             "fixed": [r.as_dict() for r in rows if r.kind == "fixed"],
             "moe": {name: {"expert_costs": mc.moe_expert_costs(name), "equilibrium_share": mc.equilibrium_share(name)}
@@ -147,11 +147,6 @@ def _devices_text(results: list[dict]) -> str:
               f"(energy source: {', '.join(r['energy_source']) or 'none'})" for label, r in zip(labels, results)]
     lines += ["", table(rows, floatfmt="{:.4f}")]
     return "\n".join(lines)
-
-
-def _energy_sources(profile) -> list[str]:
-    frame = profile.frame
-    return sorted(set(frame["energy_source"])) if "energy_source" in frame.columns and len(frame) else []
 
 
 def _fmt_err(row: dict) -> str:

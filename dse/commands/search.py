@@ -91,7 +91,8 @@ def _text(s: dict, stage: str) -> str:
         )
     lines.append(
         f"{s['parameters']} parameters over {s['layers']} layers; front: {s['front_size']} designs of "
-        f"{s['trials']} trials ({s['distinct_designs']} distinct designs)"
+        f"{s['trials']} trials ({s['distinct_designs']} distinct designs); energy (mJ) source: "
+        f"{s.get('energy_source', 'unknown')}"
     )
     rows = [
         {

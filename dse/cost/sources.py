@@ -125,6 +125,16 @@ class CostTableFile:
         return {"mult": choices["mult"].latency_ms, "shift": choices["shift"].latency_ms}
 
 
+def energy_label(costs: CostSource) -> str:
+    """Where a cost source's energy comes from: its profile's sources ("model" = analytical, "nvml"/"rapl"
+    measured; several joined by "+"), or "cost table" for a JSON table, "unknown" for other sources."""
+    if isinstance(costs, CostTableFile):
+        return "cost table"
+    profile = getattr(getattr(getattr(costs, "cost_model", None), "table", None), "profile", None)
+    sources = getattr(profile, "energy_sources", None)
+    return "+".join(sources) if sources else "unknown"
+
+
 def load_costs(cfg: Config, model: nn.Module, profile: str | Path | None) -> CostSource:
     """A cost-table JSON, or the cost model of a profile CSV from any device (default: the store's profile
     for this device and ``profile.target``), specialised to ``model``'s layers."""

@@ -112,7 +112,9 @@ def plot_profile(profile: pd.DataFrame, metric: str, path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(table)), 4.2))
     table.plot.bar(ax=ax, width=0.8)
-    ax.set_ylabel({"latency_ms": "latency (ms, median)", "energy_mj": "energy (mJ)"}.get(metric, metric))
+    sources = sorted({str(x) for x in gemm.get("energy_source", []) if isinstance(x, str) and x}) or ["unknown"]
+    energy = f"energy (mJ, source: {'+'.join(sources)})"
+    ax.set_ylabel({"latency_ms": "latency (ms, median)", "energy_mj": energy}.get(metric, metric))
     ax.set_xlabel("kernel shape b x m x k x n")
     ax.set_yscale("log")
     ax.set_title(f"Per-shape {metric.split('_')[0]}: mult vs shift vs add vs PyTorch")

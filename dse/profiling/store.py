@@ -294,6 +294,13 @@ class Profile:
         frame = pd.DataFrame(rows, columns=columns)
         return cls(frame, meta, path)
 
+    @property
+    def energy_sources(self) -> list[str]:
+        """Where the rows' energy figures come from (nvml | rapl measured, model analytical), each once."""
+        if "energy_source" not in self.frame.columns:
+            return []
+        return sorted({str(s) for s in self.frame["energy_source"] if isinstance(s, str) and s})
+
     def __len__(self) -> int:
         return len(self.frame)
 
@@ -368,14 +375,11 @@ def list_profiles(root: str | Path) -> list[dict[str, Any]]:
         meta = profile.meta
         device = meta.get("device") or {}
         models = [m.split(" (")[0] for m in meta.get("models") or [] if re.match(r"^[\w.-]+ \(batch", str(m))]
-        frame = profile.frame
-        sources = sorted({str(s) for s in frame["energy_source"] if isinstance(s, str) and s}) \
-            if "energy_source" in frame.columns else []
         out.append(entry | {
             "device": device.get("slug") or entry["device"], "device_name": device.get("name"),
             "target": meta.get("target_slug") or entry["target"], "rows": len(profile),
             "models": sorted(set(models)), "date": str(meta.get("updated") or meta.get("created") or ""),
-            "energy_source": sources, "tvm": (meta.get("versions") or {}).get("tvm"),
+            "energy_source": profile.energy_sources, "tvm": (meta.get("versions") or {}).get("tvm"),
         })
     return out
 

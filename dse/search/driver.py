@@ -61,7 +61,7 @@ from torch.utils.data import Subset
 
 from dse.checkpoints import load_dense
 from dse.config import Config, config_to_dict, hide_password, save_config
-from dse.cost.sources import CostSource, load_device_costs
+from dse.cost.sources import CostSource, energy_label, load_device_costs
 from dse.errors import ConfigError, ProfileError, StageError
 from dse.fileio import atomic_write_text, fingerprint, sha256_file
 from dse.search import pareto, sensitivity
@@ -709,9 +709,11 @@ def write_pareto_csv(
     chosen: dict[str, Any] | None,
     latency_budget: float | None,
     energy_budget: float | None,
+    energy_source: str = "unknown",
 ) -> Path:
     """One row per front design, then the baselines not on the front, then measured candidates not on
-    the front; stage-B accuracy where measured; one column per search parameter."""
+    the front; stage-B accuracy where measured (energy labelled with its source); one column per search
+    parameter."""
     import pandas as pd
 
     acc = {r["trial"]: r for r in measured}
@@ -733,6 +735,7 @@ def write_pareto_csv(
                 "latency_ms": r["latency_ms"],
                 **{k: v for k, v in r.items() if k.startswith("latency_ms@") or k == "latency_rel"},
                 "energy_mj": r["energy_mj"],
+                "energy_source": energy_source,
                 "risk": r["risk"],
                 "accuracy": m["accuracy"] if m else None,
                 "dense_accuracy": m["dense_accuracy"] if m else None,
@@ -853,6 +856,7 @@ def run_search(
         "sampler": s.sampler,
         "population": s.population,
         "devices": [label for label, _ in devices if label] or None,  # the devices the latencies are for
+        "energy_source": energy_label(costs),  # the (first) profile's: measured or analytical
     }
     if s.stage in ("a", "both"):
         sens, reused = measure_risk(cfg, out, dense, kinds, checkpoint, data, progress)
@@ -892,7 +896,7 @@ def run_search(
         latency_budget=s.latency_budget_ms,
         energy_budget=s.energy_budget_mj,
     )
-    _write_outputs(cfg, out, space, trials, values, front, baselines, measured, chosen)
+    _write_outputs(cfg, out, space, trials, values, front, baselines, measured, chosen, summary["energy_source"])
     if chosen is not None:
         summary["chosen"] = _chosen_summary(chosen)
     if labels:
@@ -947,12 +951,11 @@ def _stage_a_summary(cfg: Config, space: SearchSpace, objective: Objective, stor
 
 def _write_outputs(cfg: Config, out: Path, space: SearchSpace, trials: Sequence[Any], values: np.ndarray,
                    front: Sequence[dict[str, Any]], baselines: Sequence[dict[str, Any]],
-                   measured: Sequence[dict[str, Any]], chosen: dict[str, Any] | None) -> None:
+                   measured: Sequence[dict[str, Any]], chosen: dict[str, Any] | None, energy_source: str) -> None:
     """``pareto.csv``, ``pareto.png`` and (when a design was chosen) ``best_assignment.yaml``."""
     s = cfg.search
-    write_pareto_csv(
-        out / "pareto.csv", space, front, baselines, measured, chosen, s.latency_budget_ms, s.energy_budget_mj
-    )
+    write_pareto_csv(out / "pareto.csv", space, front, baselines, measured, chosen, s.latency_budget_ms,
+                     s.energy_budget_mj, energy_source)
     acc = {r["trial"]: r["accuracy"] for r in measured}
     pareto.plot_front(
         out / "pareto.png",
@@ -963,6 +966,7 @@ def _write_outputs(cfg: Config, out: Path, space: SearchSpace, trials: Sequence[
         latency_budget=s.latency_budget_ms,
         energy_budget=s.energy_budget_mj,
         title=f"{cfg.model.name}: {len(trials)} trials, {len(front)} on the front",
+        energy_source=energy_source,
     )
     if chosen is not None:
         space.assignment(chosen["params"]).to_yaml(out / "best_assignment.yaml")

@@ -74,6 +74,7 @@ def plot_front(
     latency_budget: float | None = None,
     energy_budget: float | None = None,
     title: str = "",
+    energy_source: str = "unknown",
 ) -> Path:
     """Two panels — latency vs accuracy-risk proxy and latency vs energy — with every evaluated trial in
     grey, the front in colour (by energy), baselines marked and named, stage-B accuracies written next to
@@ -90,7 +91,7 @@ def plot_front(
     f_risk = np.array([r["risk"] for r in front_rows], dtype=float)
     panels = (
         (axes[0], 2, f_risk, "accuracy-risk proxy (sum of per-layer loss increase)"),
-        (axes[1], 1, f_en, "predicted energy (mJ)"),
+        (axes[1], 1, f_en, f"predicted energy (mJ, source: {energy_source})"),
     )
     for ax, col, fy, ylabel in panels:
         if len(pts):
@@ -98,7 +99,7 @@ def plot_front(
         sc = ax.scatter(
             f_lat, fy, s=18, c=f_en if col == 2 else f_risk, cmap="viridis", label="Pareto front", zorder=3
         )
-        fig.colorbar(sc, ax=ax, label="energy (mJ)" if col == 2 else "risk")
+        fig.colorbar(sc, ax=ax, label=f"energy (mJ, {energy_source})" if col == 2 else "risk")
         for b in baselines:
             y = b["risk"] if col == 2 else b["energy_mj"]
             ax.scatter([b["latency_ms"]], [y], s=90, marker="D", facecolors="none", edgecolors="C3", zorder=4)

@@ -18,6 +18,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from dse.checkpoints import build_dense
 from dse.cost.sources import CostTableFile, synthetic_costs
 from dse.errors import ConfigError, ProfileError, StageError
 from dse.search.driver import (
@@ -299,6 +300,17 @@ def test_a_repeated_design_is_replaced_by_its_nearest_unseen_neighbour():
     every = {space.key(dict(zip(start, combo))) for combo in itertools.product(*(p.choices for p in space.params))}
     assert len(every) == space.size()
     assert _unseen_neighbour(space, start, every, rng) is None  # nothing left to explore
+
+
+def test_energy_label_names_where_the_energy_comes_from(tmp_path):
+    from dse.config import load_config
+    from dse.cost.sources import cost_model_for, energy_label
+    from tests.conftest import write_profile
+
+    assert energy_label(synthetic_costs(KINDS)) == "cost table"
+    cfg = load_config(None, ["model.kwargs={depth: 1}", "data.img_size=16"])
+    profile = write_profile(tmp_path / "profiles", cfg=cfg)
+    assert energy_label(cost_model_for(cfg, build_dense(cfg), profile)) == "model"
 
 
 def test_a_study_priced_with_another_profile_is_refused_not_mixed(tmp_path):
@@ -650,6 +662,8 @@ def test_cli_search_with_two_devices_profiles_writes_a_column_per_device(tmp_pat
     frame = pd.read_csv(out / "pareto.csv")
     assert {f"latency_ms@{this_device}", f"latency_ms@{GPU_DEVICE['slug']}"} <= set(frame.columns)
     assert (frame[f"latency_ms@{GPU_DEVICE['slug']}"] < frame[f"latency_ms@{this_device}"]).all()
+    # energy is the first profile's, labelled with its rows' source (write_profile: analytical "model")
+    assert set(frame["energy_source"]) == {"model"} and "energy (mJ) source: model" in captured.out
 
 
 @pytest.mark.parametrize("url", ["postgresql://u:s3cretPW@127.0.0.1:5432/db", "mysql+pymysql://root:p%40ss@db/x",
