@@ -31,7 +31,7 @@ from tests.conftest import run_dse
 # 4 patches + cls; mlp_ratio 1 makes fc1, fc2 and proj one shape: two Linear shapes in all
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 1.0}
 TINY_SET = ["--set", "model.kwargs={img_size: 16, patch_size: 8, embed_dim: 16, depth: 1, num_heads: 2, mlp_ratio: 1.0}",
-            "--set", "profile.repeat=2", "--set", "profile.min_repeat_ms=1", "--batch", "2"]
+            "--set", "data.img_size=16", "--set", "profile.repeat=2", "--set", "profile.min_repeat_ms=1", "--batch", "2"]
 
 
 @pytest.fixture(scope="module")
