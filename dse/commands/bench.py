@@ -15,6 +15,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense", metavar="FILE", help="dense weights.pt (default: the manifest's dense_checkpoint)")
     p.add_argument("--threads", type=int, metavar="N", help="threads for both PyTorch and TVM (default: config "
                    "bench.threads, 0 = all cores)")
+    p.add_argument("--expect-digest", metavar="SHA256", help="refuse the artifact unless its manifest has this "
+                   "sha256 (printed by `dse export`): pins the exact artifact a deployment tested")
     p.add_argument("--profile", metavar="FILE.csv", help="profile for the cost model's predictions "
                    "(default: the one the artifact was exported with, else the stored one)")
 
@@ -24,7 +26,8 @@ def _args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace):
     cfg = config_from_args(args, *([f"bench.threads={args.threads}"] if args.threads is not None else []))
     result = bench(cfg, args.artifact, torch_compile=False if args.no_compile else None, dense=args.dense,
-                   profile=args.profile, dense_tvm=False if args.no_dense_tvm else None)
+                   profile=args.profile, dense_tvm=False if args.no_dense_tvm else None,
+                   expected_digest=args.expect_digest)
     return {"text": render(result), "json": result}
 
 

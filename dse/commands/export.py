@@ -37,7 +37,8 @@ def run(args: argparse.Namespace):
     out = Path(args.out) if args.out else Path(cfg.out) / "export"
     summary = export(cfg, args.checkpoint, out, target=args.target, assignment=args.assignment,
                      profile=args.profile or cfg.export.profile, cuda_arch=not args.no_cuda)
-    lines = [f"artifact {summary['folder']} ({summary['target']}), kernels: {', '.join(summary['kernels'])}"]
+    lines = [f"artifact {summary['folder']} ({summary['target']}), kernels: {', '.join(summary['kernels'])}",
+             f"manifest sha256 {summary['manifest_sha256']} (pin it: dse bench --expect-digest <it>)"]
     if summary["run_on_device"]:
         lines.append(f"val top-1 compiled {summary['compiled_val_acc']:.2f}% vs PyTorch {summary['pytorch_val_acc']:.2f}% "
                      f"(top-1 agreement {100 * summary['top1_agreement']:.2f}%, max relative logit error "

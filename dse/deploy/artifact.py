@@ -87,9 +87,21 @@ def write_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> Path:
     return atomic_write_text(Path(folder) / MANIFEST, yaml.safe_dump(_plain(data), sort_keys=False))
 
 
-def verify(folder: str | Path, manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Check every file against the manifest's sha256; returns the manifest or raises ArtifactError."""
+def manifest_digest(folder: str | Path) -> str:
+    """The sha256 of the artifact's manifest: it covers every file through their checksums, so a deployment
+    that pins it (``dse bench --expect-digest``) also refuses an artifact whose manifest was rewritten."""
+    return sha256_file(Path(folder) / MANIFEST)
+
+
+def verify(folder: str | Path, manifest: Mapping[str, Any] | None = None, expected_digest: str | None = None
+           ) -> dict[str, Any]:
+    """Check every file against the manifest's sha256 (and the manifest against ``expected_digest`` when one is
+    pinned); returns the manifest or raises ArtifactError. The checksums beside the files catch damage; only a
+    pinned digest, kept apart from the artifact, catches a deliberate change."""
     folder = Path(folder)
+    if expected_digest is not None and (found := manifest_digest(folder)) != expected_digest.lower():
+        raise ArtifactError(f"{folder / MANIFEST} has sha256 {found[:16]}…, not the pinned {expected_digest[:16]}…; "
+                            "this is not the artifact that was exported, refusing to load it")
     manifest = dict(manifest) if manifest is not None else read_manifest(folder)
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -173,13 +185,14 @@ class Artifact:
         self.batch = int(spec["batch"])
 
     @classmethod
-    def load(cls, folder: str | Path) -> Artifact:
-        """Verify checksums, then load the library and the weights onto the artifact's device."""
+    def load(cls, folder: str | Path, expected_digest: str | None = None) -> Artifact:
+        """Verify checksums (and the pinned manifest digest), then load the library and the weights onto the
+        artifact's device."""
         import tvm
         from tvm import relax
 
         folder = Path(folder)
-        manifest = verify(folder)
+        manifest = verify(folder, expected_digest=expected_digest)
         kind = str((manifest.get("target") or {}).get("kind", "llvm"))
         if kind != "cuda":
             use_all_cores()

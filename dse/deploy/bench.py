@@ -257,12 +257,13 @@ def energy(manifest: dict[str, Any], dense: nn.Module, x: torch.Tensor, fns: dic
 
 
 def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None = None, dense: str | Path | None = None,
-          profile: str | Path | None = None, dense_tvm: bool | None = None) -> dict[str, Any]:
+          profile: str | Path | None = None, dense_tvm: bool | None = None,
+          expected_digest: str | None = None) -> dict[str, Any]:
     b = cfg.bench
     set_threads(b.threads)
     torch_compile = b.torch_compile if torch_compile is None else torch_compile
     dense_tvm = b.dense_tvm if dense_tvm is None else dense_tvm
-    loaded = art.Artifact.load(artifact_dir)
+    loaded = art.Artifact.load(artifact_dir, expected_digest)
     manifest = loaded.manifest
     if profile is not None:  # the bench measures here: another device's profile cannot be checked against it
         check_profile(read_profile(profile), manifest["target"])

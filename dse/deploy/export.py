@@ -519,7 +519,7 @@ def _summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "pytorch_val_acc": acc.get("pytorch_val_acc"), "compiled_val_acc": acc.get("compiled_val_acc"),
             "top1_agreement": acc.get("top1_agreement"), "max_rel_logit_err": acc.get("max_rel_logit_err"),
             "latency_ms": lat.get("median_ms"), "prediction": manifest.get("prediction"),
-            "moe": manifest.get("moe")}
+            "moe": manifest.get("moe"), "manifest_sha256": art.manifest_digest(out)}
 
 
 __all__ = ["calibrate_capacity", "choose_shift_primitives", "export", "load_model", "val_tensors"]

@@ -327,6 +327,33 @@ def test_tampered_artifact_is_refused_before_loading(artifact, tmp_path, monkeyp
         Artifact.load(bad)
 
 
+def test_a_pinned_manifest_digest_catches_a_rewritten_artifact(artifact, tmp_path, dse_cli):
+    """Checksums beside the files catch damage; one who also rewrites the manifest passes them, not the pin."""
+    import hashlib
+    import shutil
+
+    from dse.deploy.artifact import Artifact, ArtifactError, manifest_digest, verify
+
+    pin = hashlib.sha256((artifact / "manifest.yaml").read_bytes()).hexdigest()
+    assert manifest_digest(artifact) == pin
+    assert Artifact.load(artifact, expected_digest=pin).manifest["target_slug"]
+    forged = tmp_path / "forged"
+    shutil.copytree(artifact, forged)
+    with open(forged / "weights.npz", "r+b") as fh:  # other weights ...
+        fh.seek(200)
+        byte = fh.read(1)
+        fh.seek(200)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    manifest = yaml.safe_load((forged / "manifest.yaml").read_text())
+    manifest["files"]["weights.npz"] = hashlib.sha256((forged / "weights.npz").read_bytes()).hexdigest()
+    (forged / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))  # ... and checksums to match
+    assert verify(forged)["files"]["weights.npz"] == manifest["files"]["weights.npz"]  # the checksums pass
+    with pytest.raises(ArtifactError, match="not the pinned"):
+        Artifact.load(forged, expected_digest=pin)
+    res = dse_cli("bench", "--artifact", str(forged), "--expect-digest", pin, "--no-compile", timeout=300)
+    assert res.returncode == 1 and res.stderr.strip().startswith("error: ") and "not the pinned" in res.stderr
+
+
 def test_export_prices_with_the_profile_of_the_device_it_targets(tmp_path):
     """No profile of this machine: exporting for another device's target uses that device's profile, and
     says which it lacks or which to choose."""
