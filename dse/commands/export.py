@@ -5,7 +5,7 @@ from pathlib import Path
 
 from dse.commands.common import config_from_args
 from dse.commands.registry import command
-from dse.deploy.export import export
+from dse.deploy.export import export, no_prediction_reason
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace):
     if pred.get("available"):
         lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {pred['energy_mj']:.3f} mJ per batch")
     elif pred:
-        lines.append(f"cost model: no prediction ({pred.get('reason') or pred.get('profile')})")
+        lines.append(f"cost model: no prediction ({no_prediction_reason(pred)})")
     moe = summary.get("moe")
     if moe and moe.get("cost"):
         c = moe["cost"]

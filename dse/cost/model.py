@@ -650,6 +650,11 @@ class ModelCost:
             self._try(i, "attention", choice, lambda calls=calls: (self.cost_model.estimate_many(calls), ""))
 
     # ---- MoE ---------------------------------------------------------------------------------------
+    @property
+    def energy_sources(self) -> list[str]:
+        """The profile rows' energy sources (``Profile.energy_sources``; empty for a profile-like stand-in)."""
+        return list(getattr(self.cost_model.table.profile, "energy_sources", []))
+
     def moe_expert_costs(self, layer_name: str) -> dict[str, float]:
         """Cost of each expert per token for the MoE Linear ``layer_name`` in the configured metric
         (the :class:`models.costs.ExpertCostModel` protocol)."""

@@ -130,8 +130,7 @@ def energy_label(costs: CostSource) -> str:
     measured; several joined by "+"), or "cost table" for a JSON table, "unknown" for other sources."""
     if isinstance(costs, CostTableFile):
         return "cost table"
-    profile = getattr(getattr(getattr(costs, "cost_model", None), "table", None), "profile", None)
-    sources = getattr(profile, "energy_sources", None)
+    sources = getattr(costs, "energy_sources", None)  # ModelCost has them; another cost source may not
     return "+".join(sources) if sources else "unknown"
 
 

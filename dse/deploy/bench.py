@@ -47,7 +47,7 @@ from dse.config import Config, config_from_dict, config_to_dict, save_config
 from dse.cost.model import check_profile, read_profile
 from dse.cost.sources import model_cost
 from dse.deploy import artifact as art
-from dse.deploy.export import export, profile_table, val_tensors
+from dse.deploy.export import export, no_prediction_reason, profile_table, val_tensors
 from dse.errors import CheckpointError, ShiftAddError
 from dse.fileio import atomic_write_text, fingerprint, sha256_file
 from dse.hardware import energy as en
@@ -314,7 +314,7 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     if dense_art is not None:
         predictions["dense_tvm"] = _artifact_prediction(dense_art.manifest)
         if predictions["dense_tvm"] is None:
-            no_prediction["dense_tvm"] = _no_prediction_reason(dense_art.manifest)
+            no_prediction["dense_tvm"] = no_prediction_reason(dense_art.manifest.get("prediction"))
     labels = {"tvm": f"ShiftAddViT (TVM, {manifest['target_slug']})", "dense_tvm": "dense (TVM)",
               "eager": "dense (PyTorch eager)", "compiled": "dense (torch.compile)"}
     median = {name: stats[name].median_ms for name in fns}
@@ -363,19 +363,13 @@ def _artifact_prediction(manifest: dict[str, Any]) -> float | None:
     return float(pred["latency_ms"]) if pred.get("available") and pred.get("latency_ms") is not None else None
 
 
-def _no_prediction_reason(manifest: dict[str, Any]) -> str:
-    """Why an artifact's export made no prediction, as its manifest says."""
-    pred = manifest.get("prediction") or {}
-    return str(pred.get("reason") or pred.get("profile") or "the manifest records no prediction")
-
-
 def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profile: str | Path | None
                  ) -> tuple[dict[str, Any], dict[str, str]]:
     """(predicted ms per contestant, why there is none for the others)."""
     out: dict[str, Any] = {"tvm": _artifact_prediction(manifest)}
     why = {"compiled": "the cost model prices TVM kernels and eager PyTorch, not torch.compile"}
     if out["tvm"] is None:
-        why["tvm"] = _no_prediction_reason(manifest)
+        why["tvm"] = no_prediction_reason(manifest.get("prediction"))
     table, reason = profile_table(cfg, manifest["target"], profile or manifest.get("prediction", {}).get("profile"),
                                    here=profile is not None)
     out["profile"] = reason

@@ -295,6 +295,13 @@ def predict_cost(cfg: Config, model: nn.Module, plan: Assignment, batch: int, ta
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
 
 
+def no_prediction_reason(prediction: dict[str, Any] | None) -> str:
+    """Why an export made no prediction (its manifest's ``prediction``: the cost model's reason, else the
+    profile lookup's)."""
+    pred = prediction or {}
+    return str(pred.get("reason") or pred.get("profile") or "the manifest records no prediction")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Writing
 
@@ -522,4 +529,5 @@ def _summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "moe": manifest.get("moe"), "manifest_sha256": art.manifest_digest(out)}
 
 
-__all__ = ["calibrate_capacity", "choose_shift_primitives", "export", "load_model", "val_tensors"]
+__all__ = ["calibrate_capacity", "choose_shift_primitives", "export", "load_model", "no_prediction_reason",
+           "val_tensors"]

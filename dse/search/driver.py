@@ -329,15 +329,15 @@ class _StageA:
         storage, _ = open_study(storage_url, study_name, directions, objectives, space, objective_key(space, objective))
         self.store = TrialStore(storage, study_name)
         self.worker = self.store.register_worker()
-        self.mem = optuna.create_study(directions=directions,
-                                       sampler=_sampler(sampler, population, seed + 7919 * self.worker))
+        worker_seed = seed + 7919 * self.worker  # workers sharing a study explore differently
+        self.mem = optuna.create_study(directions=directions, sampler=_sampler(sampler, population, worker_seed))
         stored = self.store.read_new()
         _check_space(space, stored, study_name)
         self.mem.add_trials(stored)
         self.seen = {space.key(t.params) for t in stored}
         self.stored = self.store.count()
         self.target = min(trials, space.size())
-        self.rng = random.Random(seed + 7919 * self.worker)
+        self.rng = random.Random(worker_seed)
         for name, params in space.baselines().items():
             self.mem.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
         log.info("stage A: worker %d, %d stored trials, target %d", self.worker, self.stored, self.target)
