@@ -86,7 +86,6 @@ class ProfileConfig:
         return Path(self.dir) / "tuning"
 
 
-
 @dataclass
 class CostConfig:
     metric: Literal["latency", "energy", "mix"] = "latency"  # what weights the MoE balance loss
