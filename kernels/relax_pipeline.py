@@ -138,7 +138,9 @@ class RowReduction:
         if any(i.dom_kind().count("R") != 1 for i in infos if not i.is_injective()):
             return None
         lead = min(len(k) - len(k.lstrip("S")) for k in (i.dom_kind() for i in infos))
-        if lead == 0:
+        # rows need an axis of their own in the last stage: where it has none (a GEMM followed by an
+        # elementwise op, as in Hamming attention's hash) each "row" is one element and vectorising it fails
+        if lead == 0 or len(infos[-1].dom_kind()) <= lead:
             return None
         last_loops = sch.get_loops(infos[-1].block_rv)
         rows = _product([_extent(sch, lp) for lp in last_loops[:lead]])

@@ -304,7 +304,8 @@ def row_kernels_pass(target: tvm.target.Target) -> Any:
                     or not call.attrs.scale):
                 return call
             c = shape[-1]
-            vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and c % v == 0), 0)
+            # at least two vectors per row: with one, the partial-sum loop has extent 1 and cannot be reordered
+            vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 2 and c % v == 0 and c > v), 0)
             if not vec:
                 return call
             rows, eps = int(np.prod(shape[:-1])), float(call.attrs.epsilon)

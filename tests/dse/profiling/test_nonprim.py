@@ -57,3 +57,19 @@ def test_gemm_ops_call_the_matmul_kernel(name):
     assert kernels_called == [f"shiftadd_matmul_b{b}_m{m}_k{k}_n{n}"]
     assert not [gv for gv in nonprim.relax_module(name, SHAPES[name]).functions
                 if gv.name_hint.startswith("shiftadd_")]  # no target: a plain Relax matmul
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_op_compiles_with_the_exporters_schedules(name):
+    """No op may need TVM's default pipeline (``compile_relax``'s fallback): its row would then time code the
+    exporter never runs. The hash (a GEMM then a compare) once did, and was priced 2x its in-model time."""
+    import tvm
+
+    from kernels import relax_pipeline
+
+    if name not in nonprim.names():
+        pytest.skip(f"{name} is not registered")
+    target = relax_pipeline.resolve_target("cpu")
+    mod = nonprim.relax_module(name, nonprim.check_shape(name, SHAPES[name]), target)
+    with target:
+        tvm.compile(mod, target=target, relax_pipeline=relax_pipeline.relax_pipeline(target))
