@@ -63,6 +63,11 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
     threads: int = 0  # torch intra-op threads; 0 = all cores
+    # Progressive resizing (Touvron et al., "Fixing the train-test resolution discrepancy", NeurIPS 2019):
+    # the first `low_res_epochs` epochs at `low_res` px (same patches, fewer tokens: quadratic attention
+    # makes them far cheaper), then the position embedding is resampled and `epochs` more run at data.img_size.
+    low_res: int | None = None
+    low_res_epochs: int = 0
 
 
 @dataclass
@@ -293,6 +298,7 @@ def _validate(cfg: Config) -> None:
         "bench.threads": cfg.bench.threads,
         "export.threads": cfg.export.threads,
         "pretrain.epochs": cfg.pretrain.epochs,
+        "pretrain.low_res_epochs": cfg.pretrain.low_res_epochs,
         "finetune.epochs": cfg.finetune.epochs,
         "profile.trials": cfg.profile.trials,
         "export.tune_trials": cfg.export.tune_trials,
@@ -307,6 +313,9 @@ def _validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must be zero or positive, got {value}")
+    if cfg.pretrain.low_res_epochs and not (cfg.pretrain.low_res and 0 < cfg.pretrain.low_res < cfg.data.img_size):
+        raise ConfigError(f"config key 'pretrain.low_res' must be an image size below data.img_size "
+                          f"({cfg.data.img_size}) when pretrain.low_res_epochs is set, got {cfg.pretrain.low_res}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0.0 <= cfg.finetune.kd_weight <= 1.0:

@@ -17,6 +17,7 @@ from models.registry import (
     check_name,
     create,
     input_size,
+    load_resized,
     load_weights,
     names,
     read_checkpoint,
@@ -32,5 +33,5 @@ __all__ = [
     "fit_hamming", "kernel_ops",
     "load_weights", "moe_balance_loss", "moe_layers", "names", "read_checkpoint", "register_model",
     "reparameterize", "routing_shares", "set_kernel_ops", "set_moe_capacity", "state_dict_of",
-    "input_size",
+    "input_size", "load_resized",
 ]

@@ -130,3 +130,24 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
                               "was it made for another architecture or assignment?")
     model.load_state_dict(state)
     return model
+
+
+def load_resized(model: nn.Module, source: nn.Module) -> nn.Module:
+    """Copy ``source``'s weights into ``model``, the same architecture built for another image size: the
+    absolute position embedding is resampled (bicubic, timm's ``resample_abs_pos_embed``) from the source's
+    patch grid to the model's — how a ViT trained at one resolution is fine-tuned at another (Dosovitskiy et
+    al., ICLR 2021, sec. 3.2)."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = dict(source.state_dict())
+    old_grid, new_grid = (getattr(getattr(m, "patch_embed", None), "grid_size", None) for m in (source, model))
+    if "pos_embed" in state and old_grid is not None and new_grid is not None:
+        prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(new_grid), list(old_grid),
+                                                    num_prefix_tokens=prefix)
+    mismatched = [k for k, v in model.state_dict().items() if k in state and v.shape != state[k].shape]
+    if mismatched or state.keys() != model.state_dict().keys():
+        raise ModelError(f"cannot resize {type(source).__name__} weights into this model "
+                         f"({mismatched[0] if mismatched else 'other parameter names'}): not the same architecture")
+    model.load_state_dict(state)
+    return model

@@ -24,7 +24,8 @@ Steps:
    :func:`dse.deploy.graph.packed_shift_linear`).
 
 With ``export.cuda_arch`` set and a CPU primary target, a compile-only CUDA artifact for the same model
-is written next to it (``<out>-cuda-<arch>``); its manifest says ``run_on_device: false``.
+is written inside it (``<out>/cuda-<arch>``, so everything the export writes is under ``--out``); its
+manifest says ``run_on_device: false``.
 """
 
 from __future__ import annotations
@@ -409,7 +410,7 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
         cuda_table, cuda_reason = profile_table(cfg, cuda_tgt, None)
         cuda_choices = choose_shift_primitives(shapes, cuda_tgt, cuda_table, cuda_reason, ex.shift_primitive)
         cuda_form = graph.export_form(model, lambda name, _layer: cuda_choices[name]["primitive"])
-        summary["cuda"] = export_compile_only(cuda_form, plan, x_val[:batch], out.with_name(f"{out.name}-cuda-{arch}"),
+        summary["cuda"] = export_compile_only(cuda_form, plan, x_val[:batch], out / f"cuda-{arch}",
                                               cuda_tgt, cuda_choices, manifest)
         log.info("compiled the CUDA companion in %.1f s", time.perf_counter() - t0)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -4,6 +4,7 @@ so the tool makes its own; a user with a real checkpoint sets ``model.checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -51,5 +52,21 @@ def pretrain(cfg: Config, out: Path, *, resume: bool = False, progress: bool = T
         atomic_write_text(out / "metrics.csv", pd.DataFrame([{"epoch": 0, "val_acc": metrics["acc"],
                                                               "val_loss": metrics["loss"]}]).to_csv(index=False))
         return {"val_acc": metrics["acc"], "epochs": 0, "checkpoint": str(out / "weights.pt")}
+    if cfg.pretrain.low_res_epochs:
+        _pretrain_low_res(cfg, model, out, resume=resume, progress=progress)
     row = train(model, data, train_spec(cfg), out, resume=resume, device=cfg.device, progress=progress)
     return {"val_acc": row.get("val_acc"), "epochs": cfg.pretrain.epochs, "checkpoint": str(out / "weights.pt")}
+
+
+def _pretrain_low_res(cfg: Config, model: torch.nn.Module, out: Path, *, resume: bool, progress: bool) -> None:
+    """Progressive resizing's first phase (``pretrain.low_res``): the same architecture at fewer tokens, in
+    ``out/low_res_<px>``; its weights then start ``model`` with the position embedding resampled."""
+    t = cfg.pretrain
+    low_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=t.low_res))
+    low = build_dense(low_cfg)
+    spec = dataclasses.replace(train_spec(low_cfg), epochs=t.low_res_epochs)
+    row = train(low, load_data(low_cfg.data, cfg.seed), spec, out / f"low_res_{t.low_res}px", resume=resume,
+                device=cfg.device, progress=progress)
+    models.load_resized(model, low)
+    log.info("low-resolution phase: %d epochs at %d px, val_acc %.2f%%; continuing at %d px", t.low_res_epochs,
+             t.low_res, row.get("val_acc", float("nan")), cfg.data.img_size)

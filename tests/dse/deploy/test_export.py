@@ -260,7 +260,7 @@ def test_artifact_folder_and_manifest(artifact, shiftadd_spec):
 def test_cuda_companion_is_compile_only(artifact):
     from dse.deploy.artifact import verify
 
-    cuda = artifact.with_name(f"{artifact.name}-cuda-sm_90")
+    cuda = artifact / "cuda-sm_90"
     manifest = verify(cuda)
     assert manifest["run_on_device"] is False
     assert manifest["target"]["kind"] == "cuda" and manifest["target"]["arch"] == "sm_90"

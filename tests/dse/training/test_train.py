@@ -1,10 +1,13 @@
 import pandas as pd
+import pytest
 import torch
 
+import models
 from dse.checkpoints import build_dense
 from dse.config import load_config
+from dse.errors import ConfigError
 from dse.training.data import load_data
-from dse.training.pretrain import train_spec
+from dse.training.pretrain import pretrain, train_spec
 from dse.training.train import cosine_lambda, evaluate, load_training_state, train
 
 
@@ -59,8 +62,6 @@ def test_resume_continues_exactly(tmp_path):
 def test_pretrain_with_one_seed_gives_one_dense_model(tmp_path):
     """The seed fixes the initial weights too, whatever the process's RNG did before (two `make run`s once
     produced different dense models from the same seed: the model was built before seeding)."""
-    from dse.training.pretrain import pretrain
-
     cfg = _tiny_cfg(**{"pretrain.epochs": 1, "data.batch_size": 32})
     weights = []
     for i, junk in enumerate((1, 2)):
@@ -71,3 +72,26 @@ def test_pretrain_with_one_seed_gives_one_dense_model(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def test_progressive_resizing_starts_the_full_size_model_from_the_low_res_phase(tmp_path):
+    """pretrain.low_res: the low-resolution phase trains in its own folder and its weights, position
+    embedding resampled, are where the full-size phase starts (with 0 full-size epochs: what it ends with)."""
+    cfg = _tiny_cfg(**{"pretrain.epochs": 0, "pretrain.low_res": 8, "pretrain.low_res_epochs": 2,
+                       "data.batch_size": 64})
+    pretrain(cfg, tmp_path, progress=False)
+    assert len(pd.read_csv(tmp_path / "low_res_8px" / "metrics.csv")) == 2
+    low = models.create("vit_digits", img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    models.load_weights(low, tmp_path / "low_res_8px" / "weights.pt")
+    untrained = build_dense(cfg)
+    want = models.load_resized(build_dense(cfg), low).state_dict()
+    got = torch.load(tmp_path / "weights.pt", weights_only=True)["model"]
+    assert got["pos_embed"].shape == untrained.pos_embed.shape == (1, 17, 32)  # 4x4 patches + cls at 16 px
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    assert not torch.equal(got["blocks.0.mlp.fc1.weight"], untrained.state_dict()["blocks.0.mlp.fc1.weight"])
+
+
+def test_progressive_resizing_needs_a_smaller_image_size():
+    with pytest.raises(ConfigError, match="pretrain.low_res"):
+        _tiny_cfg(**{"pretrain.low_res_epochs": 2, "pretrain.low_res": 16})
