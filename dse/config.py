@@ -168,6 +168,8 @@ class BenchConfig:
     # calls per contestant, interleaved in rounds: on this shared 2-core host 30 gave medians that moved
     # by 10-15% from run to run, 200 by about 1%
     repeat: int = 200
+    # ...at most: fewer where 200 would take longer than this (DeiT-Tiny's four contestants took 94-113 s)
+    budget_s: float | None = 30.0
     warmup: int = 5
     torch_compile: bool = True
     # also time the dense checkpoint compiled by TVM (all-mult, built once next to the artifact): the
@@ -316,6 +318,8 @@ def _validate(cfg: Config) -> None:
     if cfg.pretrain.low_res_epochs and not (cfg.pretrain.low_res and 0 < cfg.pretrain.low_res < cfg.data.img_size):
         raise ConfigError(f"config key 'pretrain.low_res' must be an image size below data.img_size "
                           f"({cfg.data.img_size}) when pretrain.low_res_epochs is set, got {cfg.pretrain.low_res}")
+    if cfg.bench.budget_s is not None and cfg.bench.budget_s <= 0:
+        raise ConfigError(f"config key 'bench.budget_s' must be positive (or null for no cap), got {cfg.bench.budget_s}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0.0 <= cfg.finetune.kd_weight <= 1.0:

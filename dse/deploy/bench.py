@@ -177,14 +177,26 @@ def _lead_in(fn: Callable[[], Any], ms: float) -> None:
         fn()
 
 
-def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
-                lead_in_ms: float = 20.0) -> dict[str, art.LatencyStats]:
-    """Per-call wall times of each contestant, ``rounds`` blocks each, every block after ``lead_in_ms`` of
-    untimed calls (module docstring)."""
-    for fn in contestants.values():
-        for _ in range(warmup):
-            fn()
+def calls_within(budget_s: float | None, call_ms: list[float], repeat: int, rounds: int) -> int:
+    """Calls per contestant and round: ``repeat`` spread over ``rounds``, fewer where one round of every
+    contestant at ``call_ms`` each would make the timed part outlast ``budget_s`` (at least 5 a round)."""
     per_round = max(1, -(-repeat // rounds))
+    if budget_s is None or not call_ms:
+        return per_round
+    fit = int(budget_s * 1e3 / (rounds * sum(call_ms)))
+    return max(min(5, per_round), min(per_round, fit))
+
+
+def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
+                lead_in_ms: float = 20.0, budget_s: float | None = None) -> dict[str, art.LatencyStats]:
+    """Per-call wall times of each contestant, ``rounds`` blocks each, every block after ``lead_in_ms`` of
+    untimed calls (module docstring); ``budget_s`` caps the timed calls (:func:`calls_within`, from the
+    warm-up calls' times)."""
+    warm_ms = []
+    for fn in contestants.values():
+        times = _timed_block(fn, max(1, warmup))
+        warm_ms.append(min(times))
+    per_round = calls_within(budget_s, warm_ms, repeat, rounds)
     samples: dict[str, list[float]] = {name: [] for name in contestants}
     for _ in range(rounds):
         for name, fn in contestants.items():
@@ -308,7 +320,7 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         fns["compiled"] = run_compiled
     with torch.no_grad():
         agree = float((loaded.run(images).argmax(1) == model(x).numpy().argmax(1)).mean())
-    stats = interleaved(fns, repeat=b.repeat, warmup=b.warmup)
+    stats = interleaved(fns, repeat=b.repeat, warmup=b.warmup, budget_s=b.budget_s)
     energies = energy(manifest, model, x, fns, dense_art.manifest if dense_art is not None else None)
     predictions, no_prediction = _predictions(cfg, manifest, model, profile)
     if dense_art is not None:
@@ -333,7 +345,8 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         return median[baseline] / median["tvm"] if baseline in median else None
 
     return {
-        "rows": rows, "batch": loaded.batch, "inputs": source, "repeat": b.repeat, "warmup": b.warmup,
+        "rows": rows, "batch": loaded.batch, "inputs": source, "repeat": min(s.repeats for s in stats.values()),
+        "warmup": b.warmup,
         "device": _device(manifest),
         "speedup_vs_eager": speedup("eager"), "speedup_vs_compiled": speedup("compiled"),
         "speedup_vs_dense_tvm": speedup("dense_tvm"),

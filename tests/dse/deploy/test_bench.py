@@ -31,6 +31,20 @@ def test_interleaved_timing_ranks_contestants():
     assert 4.0 <= stats["slow"].median_ms <= stats["slow"].p90_ms
 
 
+def test_budget_caps_the_calls():
+    from dse.deploy.bench import calls_within, interleaved
+
+    # 200 calls over 3 rounds = 67 a round; four contestants of 150 ms each take 0.6 s a round of calls:
+    # a 30 s budget fits 30 / (3 * 0.6) = 16 calls a round
+    assert calls_within(30.0, [150.0] * 4, repeat=200, rounds=3) == 16
+    assert calls_within(30.0, [1.0] * 4, repeat=200, rounds=3) == 67  # fits: the full count
+    assert calls_within(0.001, [150.0] * 4, repeat=200, rounds=3) == 5  # never below 5 a round
+    assert calls_within(None, [150.0] * 4, repeat=200, rounds=3) == 67
+    stats = interleaved({"a": lambda: time.sleep(0.01)}, repeat=300, warmup=1, rounds=3, lead_in_ms=0,
+                        budget_s=0.6)
+    assert 3 * 5 <= stats["a"].repeats <= 3 * 20  # 0.6 s / 3 rounds / ~10 ms: about 20 a round, not 100
+
+
 def test_interleaved_leads_in_untimed_after_each_switch(monkeypatch):
     """The first call after a switch (cold caches) runs in the untimed lead-in, for every contestant alike. A fake
     clock that only the contestants advance: a warm call takes 1 ms, the first after a switch 50 ms."""
