@@ -20,6 +20,7 @@ import yaml
 
 from dse.errors import ConfigError
 from dse.fileio import atomic_write_text
+from models.moe import DEFAULT_GATE
 
 PROFILE_DIR_ENV = "DSE_PROFILE_DIR"
 STORAGE_ENV = "DSE_STORAGE"  # a storage URL with a password need not be typed on a command line
@@ -114,7 +115,7 @@ class FinetuneConfig:
     nbits: int = 16  # Hamming code bits per head
     weight_bits: int = 5  # shift weights: sign + exponent in [-(2^(b-1)-2), 0]
     frac_bits: int = 16  # fixed-point fraction bits of shift-layer activations
-    gate: Literal["straight_through", "prob"] = "straight_through"  # MoE combine (models/moe.py)
+    gate: Literal["straight_through", "prob"] = DEFAULT_GATE  # MoE combine: the one default, in models/moe.py
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # autocast on CUDA; CPU always trains in fp32
     threads: int = 0  # torch intra-op threads; 0 = all cores
     batch_size: int | None = 32  # training batch (None = data.batch_size): more steps per epoch

@@ -25,7 +25,7 @@ from models.assignment import Assignment, layer_kinds
 from models.costs import ExpertCosts, expert_costs
 from models.errors import ModelError
 from models.hamming import HammingAttention, PvtHammingAttention
-from models.moe import MoELinear, moe_layers
+from models.moe import DEFAULT_GATE, MoELinear, moe_layers
 from models.shift import ShiftLinear
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def apply_costs(model: nn.Module, costs: ExpertCosts) -> int:
 
 
 def reparameterize(model: nn.Module, assignment: Assignment, costs: ExpertCosts | None = None, *,
-                   nbits: int = 16, weight_bits: int = 5, frac_bits: int = 16, gate: str = "prob",
+                   nbits: int = 16, weight_bits: int = 5, frac_bits: int = 16, gate: str = DEFAULT_GATE,
                    seed: int = 0) -> nn.Module:
     """A reparameterised deep copy of ``model`` (``model`` itself is not modified)."""
     if not isinstance(assignment, Assignment):
