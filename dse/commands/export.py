@@ -5,6 +5,7 @@ from pathlib import Path
 
 from dse.commands.common import config_from_args
 from dse.commands.registry import command
+from dse.cost.sources import energy_text
 from dse.deploy.export import export, no_prediction_reason
 
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace):
         lines.append(f"compile-only (not run here); PyTorch val top-1 {summary['pytorch_val_acc']:.2f}%")
     pred = summary.get("prediction") or {}
     if pred.get("available"):
-        lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {pred['energy_mj']:.3f} mJ per batch")
+        lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {energy_text(pred['energy_mj'], '.3f')} per batch")
     elif pred:
         lines.append(f"cost model: no prediction ({no_prediction_reason(pred)})")
     moe = summary.get("moe")

@@ -608,6 +608,9 @@ class ModelCost:
                 log.info("the profile has no eager framework row for %s; its PyTorch prediction is the sum of "
                          "its ops (run `dse profile` for the model to add it)", self.work.model or "this model")
                 continue
+            if not math.isfinite(hit[1]):
+                log.info("eager PyTorch's own time (the framework row) has no energy figure, so the energy of %s "
+                         "on PyTorch is unknown, not the sum of its ops", self.work.model or "this model")
             out.append((label, call.primitive, Estimate(hit[0], hit[1]).scaled(call.count)))
         return out
 

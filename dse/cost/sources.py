@@ -9,6 +9,7 @@ to a layer inventory with the configured metric.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -132,6 +133,14 @@ def energy_label(costs: CostSource) -> str:
         return "cost table"
     sources = getattr(costs, "energy_sources", None)  # ModelCost has them; another cost source may not
     return "+".join(sources) if sources else "unknown"
+
+
+def energy_text(mj: float | None, spec: str = ".4g") -> str:
+    """An energy figure in mJ for people, or ``unknown`` where there is none (NaN: some part of it, such as eager
+    PyTorch's interpreter time, has no energy measure or model — a sum with it is unknown, not smaller)."""
+    if mj is None or not math.isfinite(float(mj)):
+        return "unknown"
+    return f"{float(mj):{spec}} mJ"
 
 
 def load_costs(cfg: Config, model: nn.Module, profile: str | Path | None) -> CostSource:

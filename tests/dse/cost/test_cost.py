@@ -508,6 +508,12 @@ def test_eager_framework_time_is_added_on_the_torch_backend_only():
     assert "framework" in [r.layer for r in torch_cost.per_layer(dense)]
     tvm_cost = CostModel(Profile.from_rows(rows, {}), backend="tvm").for_model(inv)
     assert "framework" not in [r.layer for r in tvm_cost.per_layer(dense)]
+    # interpreter time has no energy figure: the eager model's energy is unknown, not the sum of its ops
+    unknown = [{**r, "energy_mj": math.nan, "energy_source": ""} if r is fw else r for r in rows]
+    torch_unknown = CostModel(Profile.from_rows(unknown, {}), backend="torch").for_model(inv)
+    assert math.isnan(torch_unknown.predict(dense).energy_mj)
+    assert torch_unknown.predict(dense).latency_ms == pytest.approx(torch_cost.predict(dense).latency_ms)
+    assert math.isfinite(tvm_cost.predict(dense).energy_mj)  # the compiled model has no framework row
 
 
 
