@@ -175,6 +175,8 @@ def _price_text(r: dict) -> str:
              table(trows, floatfmt="{:.4f}"), "",
              f"total: {r['latency_ms']:.3f} ms, {energy_text(r['energy_mj'], '.4f')} "
              f"(energy source: {', '.join(r['energy_source']) or 'none'}; fixed work {r['fixed_latency_ms']:.3f} ms)"]
+    notes = dict.fromkeys(n for x in (*r["layers"], *r["fixed"]) for n in x.get("notes", ()))
+    lines += [f"note: {n}" for n in notes]
     for name, m in r["moe"].items():
         c = m["expert_costs"]
         lines.append(f"moe {name}: per-token cost mult {c['mult']:.4g}, shift {c['shift']:.4g} ({r['metric']}); "

@@ -66,6 +66,7 @@ ATTENTION_CHOICES = ("msa", "hamming")
 SHIFT_PRIMITIVES = ("matshift", "matshift_decode")
 _SHIFT_EXTRA = {"matshift": "requant", "matshift_decode": "quantize"}  # the op around each shift kernel
 _COLUMNS = {"latency": "latency_ms", "energy": "energy_mj"}
+_NO_QUANTIZE = "matshift_decode without its input rounding (no 'quantize' rows): understated"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,8 +96,11 @@ class Estimate:
     """Latency (ms) and energy (mJ) of a call or a group of calls, and how they were obtained.
 
     ``source``: ``measured`` (every call had its exact row), ``regression`` (every call predicted),
-    ``mixed``. ``fit_error``: the worst leave-one-out RMSPE among the regression laws used (None if
-    all measured). ``extrapolated``: some call lies far outside its law's measured range.
+    ``mixed``, or ``partial`` (some work it should include has no price at all, so the figure understates it;
+    ``notes`` says which, and a sum with a partial estimate stays partial). ``fit_error``: the worst
+    leave-one-out RMSPE among the regression laws used (None if all measured). ``extrapolated``: some call
+    lies far outside its law's measured range. ``regressed``: ``(primitive, dtype)`` of every call priced by
+    its law (for naming the laws, :meth:`ModelCost.moe_expert_provenance`).
     """
 
     latency_ms: float
@@ -104,21 +108,32 @@ class Estimate:
     source: str = "measured"
     fit_error: float | None = None
     extrapolated: bool = False
+    regressed: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __add__(self, other: Estimate) -> Estimate:
+        if "partial" in (self.source, other.source):
+            source = "partial"
+        else:
+            source = self.source if self.source == other.source else "mixed"
         return Estimate(
             self.latency_ms + other.latency_ms,
             self.energy_mj + other.energy_mj,
-            self.source if self.source == other.source else "mixed",
+            source,
             _max_opt(self.fit_error, other.fit_error),
             self.extrapolated or other.extrapolated,
+            tuple(dict.fromkeys(self.regressed + other.regressed)),
+            tuple(dict.fromkeys(self.notes + other.notes)),
         )
 
     def scaled(self, factor: float) -> Estimate:
         return dataclasses.replace(self, latency_ms=self.latency_ms * factor, energy_mj=self.energy_mj * factor)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["regressed"] = [p for p, _ in self.regressed]
+        out["notes"] = list(self.notes)
+        return out
 
 
 ZERO = Estimate(0.0, 0.0)
@@ -268,7 +283,8 @@ class CostTable:
         lat = lat_law.predict(*call.shape)
         en_law = self.law(backend, primitive, "energy", call.dtype)
         en = en_law.predict(*call.shape) if en_law is not None else math.nan
-        return Estimate(lat, en, "regression", lat_law.loo_rmspe, lat_law.extrapolated(*call.shape)).scaled(call.count)
+        return Estimate(lat, en, "regression", lat_law.loo_rmspe, lat_law.extrapolated(*call.shape),
+                        ((primitive, _norm_dtype(primitive, call.dtype)),)).scaled(call.count)
 
     def can_price(self, backend: str, primitive: str) -> bool:
         return self.has(backend, primitive)
@@ -465,7 +481,7 @@ class LayerCost:
         e = self.estimate
         return {"layer": self.layer, "kind": self.kind, "choice": self.choice, "latency_ms": e.latency_ms,
                 "energy_mj": e.energy_mj, "source": e.source, "fit_error": e.fit_error,
-                "extrapolated": e.extrapolated, "detail": self.detail}
+                "extrapolated": e.extrapolated, "detail": self.detail, "notes": list(e.notes)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,6 +503,7 @@ class CostModel:
         self.backend = backend
         self.metric = metric
         self.mix_alpha = float(mix_alpha)
+        self._warned_partial = False
 
     @classmethod
     def from_config(cls, profile: Any, cost_cfg: Any, backend: str = "tvm") -> CostModel:
@@ -523,7 +540,14 @@ class CostModel:
             except ProfileError:
                 if prim == "matshift":
                     continue  # cannot price its conversions: only matshift_decode is comparable
-                # a profile from before ``quantize`` was an op: the kernel alone, as then
+                # a profile from before ``quantize`` was an op: the kernel alone, said, since it understates
+                if around:
+                    est = dataclasses.replace(est, source="partial", notes=est.notes + (_NO_QUANTIZE,))
+                    if not self._warned_partial:
+                        log.warning("the profile has no %s rows for 'quantize', so matshift_decode is priced "
+                                    "as its kernel alone (an understatement); run `dse profile` for this model "
+                                    "to measure it", self.backend)
+                        self._warned_partial = True
             if best is None or est.latency_ms < best[1].latency_ms:
                 best = (prim, est)
         if best is None:

@@ -375,6 +375,26 @@ def test_shift_choice_counts_the_input_rounding_of_matshift_decode():
     assert mc.predict(Assignment(linear={"fc": "shift"})).latency_ms == pytest.approx(0.9)  # 0.8 + 0.1 < 1.4
 
 
+def test_matshift_decode_without_quantize_rows_is_priced_partial_and_says_so(caplog):
+    """A profile from before ``quantize`` was an op prices matshift_decode as its kernel alone: that understates
+    it, so the estimate is marked ``partial`` with a note and a warning is logged — never silently smaller."""
+    lw = (1, 128, 64, 64)
+    rows = [_row("matshift_decode", *lw), _row("matmul", *lw)]
+    rows[0]["latency_ms"] = 0.8
+    work = ModelWork((LinearWork("fc", *lw),), (), requant={"fc": (Call("quantize", 1, 128, 64, 64),)})
+    with caplog.at_level("WARNING", logger="dse.cost.model"):
+        mc = CostModel(Profile.from_rows(rows, {})).for_model(work)
+    (row,) = mc.per_layer(Assignment(linear={"fc": "shift"}))
+    assert row.estimate.latency_ms == pytest.approx(0.8)  # the kernel's own row, nothing added
+    assert row.estimate.source == "partial" and "no 'quantize' rows" in row.estimate.notes[0]
+    assert (row.estimate + Estimate(1.0, 1.0)).source == "partial"  # a sum with it stays partial
+    assert row.as_dict()["notes"] == list(row.estimate.notes)
+    assert "no tvm rows for 'quantize'" in caplog.text
+    with_quantize = CostModel(Profile.from_rows([*rows, _row("quantize", 1, 128, 64, 64)], {})).for_model(work)
+    (full,) = with_quantize.per_layer(Assignment(linear={"fc": "shift"}))
+    assert full.estimate.source == "measured" and full.estimate.notes == ()
+
+
 def test_vectorised_prediction_matches_and_is_fast():
     work = _work()
     mc = CostModel(_model_profile(work, np.random.default_rng(10))).for_model(work)
