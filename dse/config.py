@@ -91,6 +91,7 @@ class ProfileConfig:
 class CostConfig:
     metric: Literal["latency", "energy", "mix"] = "latency"  # what weights the MoE balance loss
     mix_alpha: float = 0.5  # mix = alpha * latency_share + (1 - alpha) * energy_share
+    strict: bool = False  # refuse MoE expert costs that are not all measured (regression, partial, cost table)
     holdout_shapes: int = 12  # `dse cost --validate`: random unprofiled shapes per kernel primitive and backend
     validate_runs: int = 30  # ... and at least this many eager runs (and 3 s) of the dense model, in all bursts
     validate_rounds: int = 3  # ... and rounds re-measuring its torch rows side by side with it; > 0 also re-measures

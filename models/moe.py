@@ -82,6 +82,7 @@ class MoELinear(nn.Module):
         self.router = nn.Linear(in_features, len(EXPERTS), **dd)
         nn.init.trunc_normal_(self.router.weight, std=0.02)  # ShiftAddViT's router init (Block._init_weights)
         nn.init.zeros_(self.router.bias)
+        self.cost_provenance: dict | None = None  # where expert_costs came from (models.costs), when told
         # Costs come from the cost model of the target; NaN = not given (a balance loss then refuses).
         self.register_buffer("expert_costs", torch.full((len(EXPERTS),), float("nan"), device=device),
                              persistent=False)
@@ -107,13 +108,15 @@ class MoELinear(nn.Module):
         return layer
 
     # ---- costs and capacity ----------------------------------------------------------------------------
-    def set_expert_costs(self, mult: float, shift: float) -> None:
-        """Per-token cost of each expert for this layer (any unit; only the ratio matters)."""
+    def set_expert_costs(self, mult: float, shift: float, provenance: Mapping | None = None) -> None:
+        """Per-token cost of each expert for this layer (any unit; only the ratio matters), and where they come
+        from (``cost_provenance``; :mod:`models.costs`)."""
         for name, value in (("mult", mult), ("shift", shift)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ModelError(f"MoE layer '{self.layer_name}': expert cost {name}={value!r} must be a "
                                  "positive finite number")
         self.expert_costs.copy_(torch.tensor([float(mult), float(shift)]))
+        self.cost_provenance = dict(provenance) if provenance is not None else None
 
     @property
     def has_costs(self) -> bool:

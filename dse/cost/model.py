@@ -706,6 +706,46 @@ class ModelCost:
             return en
         return mix_costs(lat, en, self.cost_model.mix_alpha)
 
+    def moe_expert_provenance(self, layer_name: str) -> dict[str, Any]:
+        """Where :meth:`moe_expert_costs` of ``layer_name`` come from (the optional half of
+        :class:`models.costs.ExpertCostModel`): ``source`` of the two experts together (``measured``,
+        ``regression``, ``mixed`` or ``partial``), the profile's device, target, path and date, each expert's
+        own source and primitive, the regression laws behind any predicted call (law, rows, leave-one-out
+        RMSPE), notes, and the energy sources when the metric uses energy."""
+        self.moe_expert_costs(layer_name)  # raises why the layer cannot be priced
+        mult, shift, _ = self._moe_parts[layer_name]
+        both = mult + shift
+        profile = self.cost_model.table.profile
+        meta = getattr(profile, "meta", None) or {}
+        try:
+            device, target = self.identity
+        except ProfileError:  # a profile without metadata (tests, stand-ins): say so rather than guess
+            device, target = None, None
+        out: dict[str, Any] = {
+            "source": both.source, "device": device, "target": target,
+            "profile": str(profile.path) if getattr(profile, "path", None) else None,
+            "profile_date": str(meta.get("updated") or meta.get("created") or "") or None,
+            "backend": self.cost_model.backend, "metric": self.metric,
+            "experts": {"mult": {"source": mult.source, "primitive": "matmul"},
+                        "shift": {"source": shift.source, "primitive": self._detail.get((layer_name, "shift"), "")}},
+        }
+        metrics = {"latency": ("latency",), "energy": ("energy",), "mix": ("latency", "energy")}[self.metric]
+        laws = []
+        for primitive, dtype in both.regressed:
+            for metric in metrics:
+                law = self.cost_model.table.law(self.cost_model.backend, primitive, metric, dtype)
+                if law is not None:
+                    laws.append(law.describe())
+        if laws:
+            out["laws"] = laws
+            out["fit_error"] = both.fit_error
+            out["extrapolated"] = both.extrapolated
+        if both.notes:
+            out["notes"] = list(both.notes)
+        if self.metric != "latency":
+            out["energy_source"] = self.energy_sources
+        return out
+
     def equilibrium_share(self, layer_name: str) -> float:
         c = self.moe_expert_costs(layer_name)
         return equilibrium_share(c)

@@ -77,13 +77,16 @@ class CostTableFile:
             for name, ch in self.layers.items()
         }
         self._moe = {k: dict(v) for k, v in (moe_expert_costs or {}).items()}
+        self.path: Path | None = None  # the JSON it was read from, if any
 
     @classmethod
     def from_json(cls, path: str | Path) -> CostTableFile:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-            return cls(data["fixed"], data["layers"], data.get("moe_expert_costs"))
+            table = cls(data["fixed"], data["layers"], data.get("moe_expert_costs"))
+            table.path = path
+            return table
         except FileNotFoundError:
             raise ProfileError(f"cost table {path} does not exist; check --profile") from None
         except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -116,6 +119,10 @@ class CostTableFile:
             lat += cost.latency_ms
             en += cost.energy_mj
         return Cost(lat, en)
+
+    def moe_expert_provenance(self, layer_name: str) -> dict[str, Any]:
+        """A table's figures come from outside the profile store: their provenance is the table's."""
+        return {"source": "cost table", "path": str(self.path) if self.path else None}
 
     def moe_expert_costs(self, layer_name: str) -> dict[str, float]:
         if layer_name in self._moe:
