@@ -101,6 +101,7 @@ def _text(s: dict, stage: str) -> str:
             "baseline": r["baseline"],
             **({k: v for k, v in r.items() if k.startswith("latency_ms@")} or {"latency_ms": r["latency_ms"]}),
             "energy_mj": r["energy_mj"],
+            "costs": r.get("cost_source", ""),
             "risk": r["risk"],
             **r["counts"],
         }
@@ -124,7 +125,7 @@ def _text(s: dict, stage: str) -> str:
         lines += [
             "",
             f"chosen: trial {c['trial']} ({c['latency_ms']:.4g} ms, {energy_text(c['energy_mj'])}, risk "
-            f"{c['risk']:.4g}{acc}) {c['counts']}",
+            f"{c['risk']:.4g}{acc}) {c['counts']}; costs {c.get('cost_source') or 'unstated'}",
             f"rule: {s['rule']}",
             f"wrote {s['outputs']['best_assignment.yaml']}, pareto.csv, pareto.png",
         ]

@@ -844,6 +844,11 @@ class ModelCost:
         rows += [LayerCost(label, "fixed", "-", est, op) for label, op, est in self.fixed_items]
         return rows
 
+    def source(self, assignment: Any) -> str:
+        """How the whole-model figures of ``assignment`` were obtained: ``measured`` when every call had its row,
+        else ``regression``, ``mixed`` or ``partial`` (:class:`Estimate`)."""
+        return total(r.estimate for r in self.per_layer(assignment)).source
+
     def describe(self) -> dict[str, Any]:
         return {"layers": len(self.layers), "backend": self.cost_model.backend, "metric": self.metric,
                 "fixed_latency_ms": self.fixed.latency_ms, "fixed_energy_mj": self.fixed.energy_mj,

@@ -18,6 +18,15 @@ MEASURED = "measured"
 UNSTATED = {"source": "unstated"}  # costs handed over as plain numbers, with nothing said about them
 
 
+def design_source(costs: Any, assignment: Any) -> str:
+    """Provenance of one design's predicted figures: the cost model's (``ModelCost.source``), ``cost table`` for
+    a JSON table, ``unstated`` for a cost source that cannot say."""
+    source = getattr(costs, "source", None)
+    if callable(source):
+        return str(source(assignment))
+    return "cost table" if hasattr(costs, "to_json") else "unstated"
+
+
 def source_of(record: Mapping[str, Any] | None) -> str:
     return str((record or UNSTATED).get("source") or "unstated")
 

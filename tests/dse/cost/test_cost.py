@@ -695,3 +695,44 @@ def test_validation_summary_figures():
     s = summarize_shapes(rs)
     assert s["all"]["within_10"] == 0.5 and s["all"]["drift_corrected_within_10"] == 1.0
     assert s["tvm/matmul"]["rmspe"] == pytest.approx(math.sqrt((0.05**2 + 0.5**2) / 2))
+
+
+def test_moe_expert_provenance_on_the_committed_profile_turns_regression_without_the_row(tmp_path):
+    """The committed Xeon profile measures blocks.0.attn.qkv's Mult GEMM (520x96x288); without that row the
+    Mult cost comes from the matmul law, and the provenance names the law and its leave-one-out error."""
+    import shutil
+
+    from dse.checkpoints import build_dense
+    from dse.config import load_config
+    from dse.cost import provenance
+    from dse.cost.sources import cost_model_for
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "default.yaml", [])
+    src = ROOT / "profiles" / "intel-xeon-processor" / "llvm-rocketlake-2c.csv"
+    shutil.copy(src, tmp_path / src.name)
+    shutil.copy(src.with_suffix(".yaml"), tmp_path / src.with_suffix(".yaml").name)
+    dense = build_dense(cfg)
+    layer = "blocks.0.attn.qkv"
+    before = cost_model_for(cfg, dense, tmp_path / src.name).moe_expert_provenance(layer)
+    assert (before["source"], before["experts"]["mult"]["source"]) == ("measured", "measured")
+    assert (before["device"], before["target"]) == ("intel-xeon-processor", "llvm-rocketlake-2c")
+    assert before["profile_date"] and "laws" not in before
+    lines = (tmp_path / src.name).read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith("matmul,tvm,1,520,96,288,")]
+    assert len(kept) == len(lines) - 1
+    (tmp_path / src.name).write_text("".join(kept))
+    mc = cost_model_for(cfg, dense, tmp_path / src.name)
+    after = mc.moe_expert_provenance(layer)
+    assert after["experts"]["mult"]["source"] == "regression" and after["experts"]["shift"]["source"] == "measured"
+    assert after["source"] == "mixed"
+    (law,) = after["laws"]
+    expect = mc.cost_model.table.law("tvm", "matmul", "latency")
+    assert law["primitive"] == "matmul" and law["loo_rmspe"] == expect.loo_rmspe and law["rows"] == expect.rows
+    assert "leave-one-out RMSPE" in provenance.describe(after) and "mult regression" in provenance.describe(after)
+    with pytest.raises(Exception, match="cost.strict.*blocks.0.attn.qkv.*not measured"):
+        provenance.check_strict({layer: after})
+    provenance.check_strict({layer: before})  # measured: accepted
+    # the whole-design source: every dense design that uses that GEMM is now partly regressed
+    assert mc.source(Assignment.uniform(dense)) == "mixed"
+    assert cost_model_for(cfg, dense, src).source(Assignment.uniform(dense)) == "measured"
