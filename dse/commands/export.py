@@ -38,7 +38,10 @@ def run(args: argparse.Namespace):
     out = Path(args.out) if args.out else Path(cfg.out) / "export"
     summary = export(cfg, args.checkpoint, out, target=args.target, assignment=args.assignment,
                      profile=args.profile or cfg.export.profile, cuda_arch=not args.no_cuda)
-    lines = [f"artifact {summary['folder']} ({summary['target']}), kernels: {', '.join(summary['kernels'])}",
+    lines = [f"artifact {summary['folder']} ({summary['target']}), kernels in the built library: "
+             f"{', '.join(summary['kernels']) or 'none'}; compile pipeline: {summary['compile_pipeline']}"
+             + (" (TVM's default: the project's failed, see the manifest's library.fallback_reason)"
+                if summary["compile_pipeline"] == "tvm-default" else ""),
              f"manifest sha256 {summary['manifest_sha256']} (pin it: dse bench --expect-digest <it>)"]
     if summary["run_on_device"]:
         lines.append(f"val top-1 compiled {summary['compiled_val_acc']:.2f}% vs PyTorch {summary['pytorch_val_acc']:.2f}% "
@@ -56,6 +59,10 @@ def run(args: argparse.Namespace):
         c = moe["cost"]
         lines.append(f"MoE capacity routing: val top-1 {c['val_acc_capacity_routing']:.2f}% vs top-1 routing "
                      f"{c['val_acc_top1_routing']:.2f}% ({c['delta_points']:+.2f} points)")
+    if summary.get("kernels_missing"):
+        lines.append(f"warning: the built library lacks {len(summary['kernels_missing'])} kernel(s) the graph calls: "
+                     f"{', '.join(summary['kernels_missing'][:4])}")
     if summary.get("cuda"):
-        lines.append(f"CUDA artifact (compile-only, not run): {summary['cuda']['folder']} ({summary['cuda']['target']})")
+        lines.append(f"CUDA artifact (compile-only, not run): {summary['cuda']['folder']} ({summary['cuda']['target']}, "
+                     f"compile pipeline {summary['cuda']['compile_pipeline']})")
     return {"text": "\n".join(lines), "json": summary}
