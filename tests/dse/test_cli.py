@@ -10,11 +10,18 @@ def _one_error_line(stderr: str) -> str:
     return lines[-1]
 
 
-def test_help_lists_subcommands(dse_cli):
+def test_help_lists_every_command_of_the_readme(dse_cli):
+    """The README's command table (the user's contract) against what ``dse --help`` offers."""
+    import re
+
+    from tests.conftest import ROOT
+
+    documented = set(re.findall(r"^\| `dse (\w+)` \|", (ROOT / "README.md").read_text(), re.M))
+    assert {"env", "profile", "search", "finetune", "export", "bench", "run"} <= documented
     res = dse_cli("--help")
     assert res.returncode == 0
-    for name in ("env", "pretrain", "run"):
-        assert name in res.stdout
+    offered = set(re.findall(r"^    (\w+)\s{2,}", res.stdout, re.M))
+    assert documented <= offered, documented - offered
 
 
 def test_python_m_and_no_command(dse_cli):
