@@ -51,7 +51,8 @@ def run(args: argparse.Namespace):
         lines.append(f"compile-only (not run here); PyTorch val top-1 {summary['pytorch_val_acc']:.2f}%")
     pred = summary.get("prediction") or {}
     if pred.get("available"):
-        lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {energy_text(pred['energy_mj'], '.3f')} per batch")
+        lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {energy_text(pred['energy_mj'], '.3f')} per batch "
+                     f"({pred.get('source', 'unstated')})")
     elif pred:
         lines.append(f"cost model: no prediction ({no_prediction_reason(pred)})")
     moe = summary.get("moe")

@@ -290,8 +290,10 @@ def predict_cost(cfg: Config, model: nn.Module, plan: Assignment, batch: int, ta
     if table is None:
         return {"available": False, "reason": "no matching profile"}
     try:
-        pred = model_cost(table, cfg.cost, build_inventory(model, batch=batch)).predict(plan)
-        return {"available": True, "latency_ms": float(pred.latency_ms), "energy_mj": float(pred.energy_mj)}
+        priced = model_cost(table, cfg.cost, build_inventory(model, batch=batch))
+        pred = priced.predict(plan)
+        return {"available": True, "latency_ms": float(pred.latency_ms), "energy_mj": float(pred.energy_mj),
+                "source": priced.source(plan)}  # measured, or which figures are regressed
     except ShiftAddError as exc:
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
 
