@@ -103,7 +103,10 @@ def load_finetuned(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     state = models.state_dict_of(obj)
     with torch.random.fork_rng(devices=[]):  # building draws initial weights; keep the caller's RNG stream
         dense = build_from_architecture(meta["architecture"])
-        model = reparameterize(dense, Assignment.from_dict(meta["assignment"]), costs=meta["costs"] or None,
+        provenance = meta.get("cost_provenance") or {}  # older checkpoints did not record it
+        costs = {name: {**c, "provenance": provenance[name]} if name in provenance else c
+                 for name, c in (meta["costs"] or {}).items()}
+        model = reparameterize(dense, Assignment.from_dict(meta["assignment"]), costs=costs or None,
                                **meta["reparam"])
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

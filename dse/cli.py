@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Any
 
@@ -51,11 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (an unknown figure) as JSON null: ``json.dumps`` would write the non-standard token ``NaN``."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _print(result: Any, as_json: bool) -> None:
     if result is None:
         return
     if as_json:
-        print(json.dumps(result.get("json", result) if isinstance(result, dict) else result, indent=2,
+        print(json.dumps(_json_safe(result.get("json", result) if isinstance(result, dict) else result), indent=2,
                          default=str))
     elif isinstance(result, dict) and "text" in result:
         print(result["text"])

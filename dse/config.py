@@ -20,6 +20,7 @@ import yaml
 
 from dse.errors import ConfigError
 from dse.fileio import atomic_write_text
+from models.moe import DEFAULT_GATE
 
 PROFILE_DIR_ENV = "DSE_PROFILE_DIR"
 STORAGE_ENV = "DSE_STORAGE"  # a storage URL with a password need not be typed on a command line
@@ -95,6 +96,7 @@ class ProfileConfig:
 class CostConfig:
     metric: Literal["latency", "energy", "mix"] = "latency"  # what weights the MoE balance loss
     mix_alpha: float = 0.5  # mix = alpha * latency_share + (1 - alpha) * energy_share
+    strict: bool = False  # refuse MoE expert costs that are not all measured (regression, partial, cost table)
     holdout_shapes: int = 12  # `dse cost --validate`: random unprofiled shapes per kernel primitive and backend
     validate_runs: int = 30  # ... and at least this many eager runs (and 3 s) of the dense model, in all bursts
     validate_rounds: int = 3  # ... and rounds re-measuring its torch rows side by side with it; > 0 also re-measures
@@ -119,7 +121,7 @@ class FinetuneConfig:
     nbits: int = 16  # Hamming code bits per head
     weight_bits: int = 5  # shift weights: sign + exponent in [-(2^(b-1)-2), 0]
     frac_bits: int = 16  # fixed-point fraction bits of shift-layer activations
-    gate: Literal["straight_through", "prob"] = "straight_through"  # MoE combine (models/moe.py)
+    gate: Literal["straight_through", "prob"] = DEFAULT_GATE  # MoE combine: the one default, in models/moe.py
     amp: Literal["off", "bf16", "fp16"] = "bf16"  # autocast on CUDA; CPU always trains in fp32
     threads: int = 0  # torch intra-op threads; 0 = all cores
     batch_size: int | None = 32  # training batch (None = data.batch_size): more steps per epoch

@@ -25,6 +25,10 @@ class ProfileError(UsageError):
     """A profile file is missing, corrupt, or from another device/target/TVM version."""
 
 
+class UnmeasuredCostError(ProfileError):
+    """``cost.strict`` (``--strict-costs``) is set and an MoE layer's expert costs are not all measured."""
+
+
 class StageError(ShiftAddError):
     """A pipeline stage failed for a reason that is not the user's input."""
 
@@ -41,5 +45,6 @@ __all__ = [
     "StageError",
     "TargetUnavailableError",
     "UnknownNameError",
+    "UnmeasuredCostError",
     "UsageError",
 ]

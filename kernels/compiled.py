@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,35 @@ def aligned(a: np.ndarray) -> np.ndarray:
     out = aligned_empty(a.shape, a.dtype)
     out[...] = a
     return out
+
+
+# Every function a TVM library exports gets an FFI wrapper symbol ``__tvm_ffi_<name>`` in its host code.
+_FFI_SYMBOL = re.compile(r'define[^@\n]*@"?__tvm_ffi_([A-Za-z0-9_.$]+)"?\(')
+
+
+def library_functions(module: Any) -> list[str]:
+    """Names of the functions compiled into a built TVM library (an ``Executable`` or runtime module, and its
+    imports), read from its host LLVM code: what the build really produced, not what the IR asked for.
+    Empty when no module of the tree keeps its LLVM source (a library loaded from a ``.so``: use
+    :func:`library_has`)."""
+    root = getattr(module, "mod", module)
+    found: set[str] = set()
+    stack, seen = [root], set()
+    while stack:
+        mod = stack.pop()
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        if mod.kind == "llvm":
+            found.update(_FFI_SYMBOL.findall(mod.inspect_source("ll")))
+        stack.extend(mod.imports)
+    return sorted(found)
+
+
+def library_has(module: Any, name: str) -> bool:
+    """Whether a built or loaded TVM library (or one of its imports) defines function ``name``."""
+    root = getattr(module, "mod", module)
+    return bool(root.implements_function(name, True))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ On CUDA the fused functions go through dlight's GPU rules.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -344,24 +345,44 @@ def relax_pipeline(target: tvm.target.Target) -> Any:
     return _pipeline
 
 
+PROJECT_PIPELINE = "project"  # legalise, fuse, this module's schedule rules, lower
+TVM_DEFAULT_PIPELINE = "tvm-default"  # TVM's own default Relax pipeline: the fallback
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledRelax:
+    """A compiled Relax module and which pipeline produced it (``fallback_reason``: why not the project's)."""
+
+    executable: Any
+    pipeline: str
+    fallback_reason: str | None = None
+
+
 def compile_relax(mod: tvm.IRModule, target: Any) -> Any:
     """Compile a Relax module for ``target`` (spec, JSON dict or Target) with the exporter's pipeline:
     legalise, fuse, schedule (see :func:`schedule_rules`), lower. Returns a ``relax.Executable``;
-    run it with ``tvm.relax.VirtualMachine(exe, device)``. Stable API (the profiler uses it)."""
+    run it with ``tvm.relax.VirtualMachine(exe, device)``. Stable API (the profiler uses it);
+    :func:`compile_relax_recorded` also says which pipeline produced it."""
+    return compile_relax_recorded(mod, target).executable
+
+
+def compile_relax_recorded(mod: tvm.IRModule, target: Any) -> CompiledRelax:
+    """:func:`compile_relax`, recording whether the project's pipeline or TVM's default (the fallback when a
+    schedule rule rejects the module) built it: the two differ in speed, and an artifact must say which."""
     import tvm
 
     tgt = resolve_target(target)
     try:
         with tgt:
-            return tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+            return CompiledRelax(tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt)), PROJECT_PIPELINE)
     except Exception as first:
         # A schedule rule can reject an unusual shape; TVM's default pipeline still yields correct
         # (slower) code on CPU, so keep the measurement rather than lose the row.
-        log.warning("scheduled compile failed (%s); retrying with TVM's default pipeline",
-                    " ".join(str(first).split())[-200:])
+        reason = " ".join(str(first).split())[-200:]
+        log.warning("scheduled compile failed (%s); retrying with TVM's default pipeline", reason)
     try:
         with tgt:
-            return tvm.compile(mod, target=tgt)
+            return CompiledRelax(tvm.compile(mod, target=tgt), TVM_DEFAULT_PIPELINE, reason)
     except Exception as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         raise KernelError(f"TVM failed to compile the model for {target_slug(tgt)}: "

@@ -8,6 +8,12 @@
 
 Costs are per token and per layer, in any unit (the balance loss uses only their ratio). There is no
 default: a missing layer is an error.
+
+Provenance travels with the costs: a cost model may also implement ``moe_expert_provenance(layer_name)``
+(a JSON-able mapping saying whether the figures were measured, regressed or partly unpriced, and from which
+device), and a mapping entry may carry a ``provenance`` key beside ``mult`` and ``shift``. Each
+:class:`~models.moe.MoELinear` keeps what it was given (``cost_provenance``), so the costs a model was
+trained with can always say where they came from; this package only carries the record, it never judges it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Protocol, runtime_checkable
 from models.errors import ModelError
 
 EXPERT_NAMES = ("mult", "shift")
+PROVENANCE = "provenance"
 
 
 @runtime_checkable
@@ -46,9 +53,9 @@ def expert_costs(costs: ExpertCosts, layer_name: str) -> dict[str, float]:
     else:
         raise ModelError(f"costs must be a mapping {{layer: {{'mult': c, 'shift': c}}}} or an object with "
                          f"moe_expert_costs(layer_name); got {type(costs).__name__}")
-    if not isinstance(entry, Mapping) or set(entry) != set(EXPERT_NAMES):
-        raise ModelError(f"costs for MoE layer '{layer_name}' must have exactly the keys mult and shift; "
-                         f"got {entry!r}")
+    if not isinstance(entry, Mapping) or set(entry) - {PROVENANCE} != set(EXPERT_NAMES):
+        raise ModelError(f"costs for MoE layer '{layer_name}' must have exactly the keys mult and shift "
+                         f"(and optionally {PROVENANCE}); got {entry!r}")
     out = {}
     for name in EXPERT_NAMES:
         value = entry[name]
@@ -61,3 +68,14 @@ def expert_costs(costs: ExpertCosts, layer_name: str) -> dict[str, float]:
                              "finite number")
         out[name] = value
     return out
+
+
+def expert_provenance(costs: ExpertCosts, layer_name: str) -> dict | None:
+    """Where the expert costs of ``layer_name`` came from, as the cost source states it (None: it does not)."""
+    describe = getattr(costs, "moe_expert_provenance", None)
+    if callable(describe):
+        return dict(describe(layer_name))
+    if isinstance(costs, Mapping) and isinstance(costs.get(layer_name), Mapping):
+        record = costs[layer_name].get(PROVENANCE)
+        return dict(record) if isinstance(record, Mapping) else None
+    return None

@@ -5,13 +5,16 @@ Routing is per token per Linear, as in ShiftAddViT: a router ``Linear(in, 2)`` g
 ``p = softmax(router(x))`` over the experts [Mult (``nn.Linear``), Shift (:class:`ShiftLinear`)], each token
 goes to its argmax expert, and the router is trained by two signals:
 
-* the task loss, through the gate ``g = p[chosen]``. ``gate="prob"`` (the default) outputs ``g * y_chosen``
-  (Shazeer et al. 2017; Switch Transformer). ``gate="straight_through"`` outputs ``y_chosen * g / sg(g)``:
-  the chosen expert's value unscaled (a freshly converted layer keeps the dense function, where ``g * y``
-  with a 2-expert top-1 ``g >= 0.5`` roughly halves it) and no per-token multiply at inference, with a
-  router gradient of the same direction (``dL/dlogits = <dL/dout, y> * dlog g/dlogits``). ``prob`` is
-  the default because it trained the digits ViT (Hamming attention + MoE in every Linear) to the higher
-  accuracy. Never a log-space combine (the ShiftAddViT release's ``y + log g``).
+* the task loss, through the gate ``g = p[chosen]``. ``gate="prob"`` outputs ``g * y_chosen`` (Shazeer et al.
+  2017; Switch Transformer). ``gate="straight_through"`` outputs ``y_chosen * g / sg(g)``: the chosen
+  expert's value unscaled (a freshly converted layer keeps the dense function, where ``g * y`` with a
+  2-expert top-1 ``g >= 0.5`` roughly halves it) and no per-token multiply at inference, with a router
+  gradient of the same direction (``dL/dlogits = <dL/dout, y> * dlog g/dlogits``). The default is
+  :data:`DEFAULT_GATE` (``straight_through``), the one constant that ``MoELinear``, ``reparameterize`` and
+  ``finetune.gate`` in ``dse.config`` all use: it starts fine-tuning from the dense function. An earlier
+  digits run scored higher with ``prob``; until that comparison is re-measured on the current pipeline the
+  default stays ``straight_through`` and the figure is not quoted. Never a log-space combine (the
+  ShiftAddViT release's ``y + log g``).
 * the latency-aware load-balancing loss (:meth:`MoELinear.balance_loss`), after the ShiftAddViT
   release's NoisyGate (``fmoe_new.py``) and Shazeer et al., "Outrageously large neural networks", ICLR 2017::
 
@@ -53,6 +56,7 @@ from models.shift import ShiftLinear
 
 EXPERTS = ("mult", "shift")  # index 0 = Mult, 1 = Shift
 GATE_MODES = ("prob", "straight_through")
+DEFAULT_GATE = "straight_through"  # the one default of MoELinear, reparameterize and finetune.gate (module doc)
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +68,7 @@ class MoELinear(nn.Module):
     """Top-1 mixture of a Mult (``nn.Linear``) and a Shift (:class:`ShiftLinear`) expert; see module doc."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 5,
-                 frac_bits: int = 16, gate: str = "prob", noise_std: float = 0.0,
+                 frac_bits: int = 16, gate: str = DEFAULT_GATE, noise_std: float = 0.0,
                  device: torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         if gate not in GATE_MODES:
@@ -78,6 +82,7 @@ class MoELinear(nn.Module):
         self.router = nn.Linear(in_features, len(EXPERTS), **dd)
         nn.init.trunc_normal_(self.router.weight, std=0.02)  # ShiftAddViT's router init (Block._init_weights)
         nn.init.zeros_(self.router.bias)
+        self.cost_provenance: dict | None = None  # where expert_costs came from (models.costs), when told
         # Costs come from the cost model of the target; NaN = not given (a balance loss then refuses).
         self.register_buffer("expert_costs", torch.full((len(EXPERTS),), float("nan"), device=device),
                              persistent=False)
@@ -103,13 +108,15 @@ class MoELinear(nn.Module):
         return layer
 
     # ---- costs and capacity ----------------------------------------------------------------------------
-    def set_expert_costs(self, mult: float, shift: float) -> None:
-        """Per-token cost of each expert for this layer (any unit; only the ratio matters)."""
+    def set_expert_costs(self, mult: float, shift: float, provenance: Mapping | None = None) -> None:
+        """Per-token cost of each expert for this layer (any unit; only the ratio matters), and where they come
+        from (``cost_provenance``; :mod:`models.costs`)."""
         for name, value in (("mult", mult), ("shift", shift)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ModelError(f"MoE layer '{self.layer_name}': expert cost {name}={value!r} must be a "
                                  "positive finite number")
         self.expert_costs.copy_(torch.tensor([float(mult), float(shift)]))
+        self.cost_provenance = dict(provenance) if provenance is not None else None
 
     @property
     def has_costs(self) -> bool:

@@ -3,7 +3,8 @@
 ``reparameterize`` deep-copies the model and swaps modules in the copy:
 
 * Linear ``shift`` -> :class:`ShiftLinear` from the dense weights; ``moe`` -> :class:`MoELinear` whose
-  two experts start from the dense weights, with expert costs from ``costs`` (see :mod:`models.costs`;
+  two experts start from the dense weights, with expert costs and their provenance from ``costs`` (see
+  :mod:`models.costs`;
   ``costs=None`` is for inference or loading only — the balance loss then refuses to run);
 * attention ``hamming`` -> :class:`HammingAttention` (ViT) or :class:`PvtHammingAttention` (PVTv2), which
   reuse the (possibly already converted) projection modules, so names and state-dict keys of the
@@ -22,10 +23,10 @@ import zlib
 from torch import nn
 
 from models.assignment import Assignment, layer_kinds
-from models.costs import ExpertCosts, expert_costs
+from models.costs import ExpertCosts, expert_costs, expert_provenance
 from models.errors import ModelError
 from models.hamming import HammingAttention, PvtHammingAttention
-from models.moe import MoELinear, moe_layers
+from models.moe import DEFAULT_GATE, MoELinear, moe_layers
 from models.shift import ShiftLinear
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,13 @@ def apply_costs(model: nn.Module, costs: ExpertCosts) -> int:
     """Give every MoE layer its expert costs (e.g. after loading a checkpoint); returns the layer count."""
     count = 0
     for name, layer in moe_layers(model):
-        layer.set_expert_costs(**expert_costs(costs, name))
+        layer.set_expert_costs(**expert_costs(costs, name), provenance=expert_provenance(costs, name))
         count += 1
     return count
 
 
 def reparameterize(model: nn.Module, assignment: Assignment, costs: ExpertCosts | None = None, *,
-                   nbits: int = 16, weight_bits: int = 5, frac_bits: int = 16, gate: str = "prob",
+                   nbits: int = 16, weight_bits: int = 5, frac_bits: int = 16, gate: str = DEFAULT_GATE,
                    seed: int = 0) -> nn.Module:
     """A reparameterised deep copy of ``model`` (``model`` itself is not modified)."""
     if not isinstance(assignment, Assignment):
@@ -99,7 +100,7 @@ def reparameterize(model: nn.Module, assignment: Assignment, costs: ExpertCosts 
         if isinstance(module, MoELinear):
             module.layer_name = name
             if costs is not None:
-                module.set_expert_costs(**expert_costs(costs, name))
+                module.set_expert_costs(**expert_costs(costs, name), provenance=expert_provenance(costs, name))
             module.set_capacity(assignment.capacity.get(name))
         if module is not old:
             _set_submodule(new, name, module)

@@ -10,6 +10,7 @@ mistake (exit 2), never as a missing file it happened to reach first.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "{
     columns = columns or list(rows[0])
 
     def fmt(v) -> str:
+        if isinstance(v, float) and math.isnan(v):
+            return "—"  # unknown (e.g. an energy nothing measures), never a number
         if isinstance(v, float):
             return floatfmt.format(v)
         return "" if v is None else str(v)

@@ -20,7 +20,7 @@ from dse.cost.model import (
     profile_identity,
     read_profile,
 )
-from dse.cost.sources import model_cost
+from dse.cost.sources import energy_text, model_cost
 from dse.cost.validate import (
     calibrate,
     format_figure,
@@ -143,7 +143,7 @@ def _devices_text(results: list[dict]) -> str:
         rows.append({"layer": name, "choice": "", **{f"{label} ms": r[key] for label, r in zip(labels, results)}})
     lines = [f"{results[0]['model']} (batch {results[0]['batch']}), backend {results[0]['backend']}, "
              f"priced on {len(results)} devices"]
-    lines += [f"  {label}: profile {r['profile']}, total {r['latency_ms']:.3f} ms, {r['energy_mj']:.4f} mJ "
+    lines += [f"  {label}: profile {r['profile']}, total {r['latency_ms']:.3f} ms, {energy_text(r['energy_mj'], '.4f')} "
               f"(energy source: {', '.join(r['energy_source']) or 'none'})" for label, r in zip(labels, results)]
     lines += ["", table(rows, floatfmt="{:.4f}")]
     return "\n".join(lines)
@@ -173,8 +173,10 @@ def _price_text(r: dict) -> str:
                       "detail": ""})
     lines = [f"{r['model']} (batch {r['batch']}) on {_device_label(r)}, backend {r['backend']}, profile {r['profile']}",
              table(trows, floatfmt="{:.4f}"), "",
-             f"total: {r['latency_ms']:.3f} ms, {r['energy_mj']:.4f} mJ "
+             f"total: {r['latency_ms']:.3f} ms, {energy_text(r['energy_mj'], '.4f')} "
              f"(energy source: {', '.join(r['energy_source']) or 'none'}; fixed work {r['fixed_latency_ms']:.3f} ms)"]
+    notes = dict.fromkeys(n for x in (*r["layers"], *r["fixed"]) for n in x.get("notes", ()))
+    lines += [f"note: {n}" for n in notes]
     for name, m in r["moe"].items():
         c = m["expert_costs"]
         lines.append(f"moe {name}: per-token cost mult {c['mult']:.4g}, shift {c['shift']:.4g} ({r['metric']}); "

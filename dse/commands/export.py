@@ -5,6 +5,7 @@ from pathlib import Path
 
 from dse.commands.common import config_from_args
 from dse.commands.registry import command
+from dse.cost.sources import energy_text
 from dse.deploy.export import export, no_prediction_reason
 
 
@@ -37,7 +38,10 @@ def run(args: argparse.Namespace):
     out = Path(args.out) if args.out else Path(cfg.out) / "export"
     summary = export(cfg, args.checkpoint, out, target=args.target, assignment=args.assignment,
                      profile=args.profile or cfg.export.profile, cuda_arch=not args.no_cuda)
-    lines = [f"artifact {summary['folder']} ({summary['target']}), kernels: {', '.join(summary['kernels'])}",
+    lines = [f"artifact {summary['folder']} ({summary['target']}), kernels in the built library: "
+             f"{', '.join(summary['kernels']) or 'none'}; compile pipeline: {summary['compile_pipeline']}"
+             + (" (TVM's default: the project's failed, see the manifest's library.fallback_reason)"
+                if summary["compile_pipeline"] == "tvm-default" else ""),
              f"manifest sha256 {summary['manifest_sha256']} (pin it: dse bench --expect-digest <it>)"]
     if summary["run_on_device"]:
         lines.append(f"val top-1 compiled {summary['compiled_val_acc']:.2f}% vs PyTorch {summary['pytorch_val_acc']:.2f}% "
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace):
         lines.append(f"compile-only (not run here); PyTorch val top-1 {summary['pytorch_val_acc']:.2f}%")
     pred = summary.get("prediction") or {}
     if pred.get("available"):
-        lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {pred['energy_mj']:.3f} mJ per batch")
+        lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {energy_text(pred['energy_mj'], '.3f')} per batch "
+                     f"({pred.get('source', 'unstated')})")
     elif pred:
         lines.append(f"cost model: no prediction ({no_prediction_reason(pred)})")
     moe = summary.get("moe")
@@ -55,6 +60,10 @@ def run(args: argparse.Namespace):
         c = moe["cost"]
         lines.append(f"MoE capacity routing: val top-1 {c['val_acc_capacity_routing']:.2f}% vs top-1 routing "
                      f"{c['val_acc_top1_routing']:.2f}% ({c['delta_points']:+.2f} points)")
+    if summary.get("kernels_missing"):
+        lines.append(f"warning: the built library lacks {len(summary['kernels_missing'])} kernel(s) the graph calls: "
+                     f"{', '.join(summary['kernels_missing'][:4])}")
     if summary.get("cuda"):
-        lines.append(f"CUDA artifact (compile-only, not run): {summary['cuda']['folder']} ({summary['cuda']['target']})")
+        lines.append(f"CUDA artifact (compile-only, not run): {summary['cuda']['folder']} ({summary['cuda']['target']}, "
+                     f"compile pipeline {summary['cuda']['compile_pipeline']})")
     return {"text": "\n".join(lines), "json": summary}

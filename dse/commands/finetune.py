@@ -21,6 +21,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: config data)")
     p.add_argument("--epochs", type=int, help="override finetune.epochs")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in the output folder")
+    p.add_argument("--strict-costs", action="store_true",
+                   help="refuse MoE expert costs that are not all measured (regression, partial, cost table); "
+                        "sets cost.strict")
 
 
 @command("finetune", "fine-tune the ShiftAddViT for an assignment from the dense model "
@@ -33,6 +36,8 @@ def run(args: argparse.Namespace):
         extra += ["data.name=imagefolder", f"data.path={args.data}"]
     if args.epochs is not None:
         extra.append(f"finetune.epochs={args.epochs}")
+    if args.strict_costs:
+        extra.append("cost.strict=true")
     cfg = config_from_args(args, *extra)
     out = out_dir(cfg)
     t0 = time.perf_counter()
@@ -50,5 +55,10 @@ def run(args: argparse.Namespace):
         text += (f"\nMoE routing: mean |Mult share - cost-model equilibrium| "
                  f"{summary['routing_gap_start']:.3f} -> {summary['routing_gap_end']:.3f} "
                  f"over {summary['moe_layers']} layers")
+    if summary.get("cost_provenance"):
+        sources = ", ".join(f"{n} {source}" for source, n in summary["cost_sources"].items())
+        text += f"\nMoE expert costs: {sources} ({summary['costs_json']})"
+        text += "".join(f"\n  {name}: {line}" for name, line in summary["cost_provenance"].items()
+                        if not line.startswith("measured"))
     text += f"\n-> {summary['weights']}"
     return {"text": text, "json": summary}

@@ -8,9 +8,14 @@ from dse.pipeline.run import run_pipeline
 from dse.pipeline.stages import stage_status
 
 
-@command("run", "the whole pipeline: pretrain, profile, search, finetune, export, bench, report")
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict-costs", action="store_true",
+                   help="refuse MoE expert costs that are not all measured (sets cost.strict)")
+
+
+@command("run", "the whole pipeline: pretrain, profile, search, finetune, export, bench, report", _args)
 def run(args: argparse.Namespace):
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, *(["cost.strict=true"] if args.strict_costs else []))
     result = run_pipeline(cfg)
     rows = [{"stage": s["name"],
              "status": stage_status(s),

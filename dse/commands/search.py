@@ -6,6 +6,7 @@ import sys
 
 from dse.commands.common import config_from_args, out_dir, table
 from dse.commands.registry import command
+from dse.cost.sources import energy_text
 from dse.search.driver import run_search
 
 
@@ -100,6 +101,7 @@ def _text(s: dict, stage: str) -> str:
             "baseline": r["baseline"],
             **({k: v for k, v in r.items() if k.startswith("latency_ms@")} or {"latency_ms": r["latency_ms"]}),
             "energy_mj": r["energy_mj"],
+            "costs": r.get("cost_source", ""),
             "risk": r["risk"],
             **r["counts"],
         }
@@ -112,7 +114,7 @@ def _text(s: dict, stage: str) -> str:
     for name, info in b.items():
         where = "on the front" if info["on_front"] else f"dominated by trial(s) {info['dominated_by']}"
         lines.append(
-            f"baseline {name}: {info['latency_ms']:.4g} ms, {info['energy_mj']:.4g} mJ, risk "
+            f"baseline {name}: {info['latency_ms']:.4g} ms, {energy_text(info['energy_mj'])}, risk "
             f"{info['risk']:.4g} -> {where}"
         )
     if s.get("stage_b"):
@@ -122,8 +124,8 @@ def _text(s: dict, stage: str) -> str:
         acc = f", accuracy {c['accuracy']:.2f}%" if c.get("accuracy") is not None else ""
         lines += [
             "",
-            f"chosen: trial {c['trial']} ({c['latency_ms']:.4g} ms, {c['energy_mj']:.4g} mJ, risk "
-            f"{c['risk']:.4g}{acc}) {c['counts']}",
+            f"chosen: trial {c['trial']} ({c['latency_ms']:.4g} ms, {energy_text(c['energy_mj'])}, risk "
+            f"{c['risk']:.4g}{acc}) {c['counts']}; costs {c.get('cost_source') or 'unstated'}",
             f"rule: {s['rule']}",
             f"wrote {s['outputs']['best_assignment.yaml']}, pareto.csv, pareto.png",
         ]

@@ -66,6 +66,7 @@ ATTENTION_CHOICES = ("msa", "hamming")
 SHIFT_PRIMITIVES = ("matshift", "matshift_decode")
 _SHIFT_EXTRA = {"matshift": "requant", "matshift_decode": "quantize"}  # the op around each shift kernel
 _COLUMNS = {"latency": "latency_ms", "energy": "energy_mj"}
+_NO_QUANTIZE = "matshift_decode without its input rounding (no 'quantize' rows): understated"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,8 +96,11 @@ class Estimate:
     """Latency (ms) and energy (mJ) of a call or a group of calls, and how they were obtained.
 
     ``source``: ``measured`` (every call had its exact row), ``regression`` (every call predicted),
-    ``mixed``. ``fit_error``: the worst leave-one-out RMSPE among the regression laws used (None if
-    all measured). ``extrapolated``: some call lies far outside its law's measured range.
+    ``mixed``, or ``partial`` (some work it should include has no price at all, so the figure understates it;
+    ``notes`` says which, and a sum with a partial estimate stays partial). ``fit_error``: the worst
+    leave-one-out RMSPE among the regression laws used (None if all measured). ``extrapolated``: some call
+    lies far outside its law's measured range. ``regressed``: ``(primitive, dtype)`` of every call priced by
+    its law (for naming the laws, :meth:`ModelCost.moe_expert_provenance`).
     """
 
     latency_ms: float
@@ -104,21 +108,32 @@ class Estimate:
     source: str = "measured"
     fit_error: float | None = None
     extrapolated: bool = False
+    regressed: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __add__(self, other: Estimate) -> Estimate:
+        if "partial" in (self.source, other.source):
+            source = "partial"
+        else:
+            source = self.source if self.source == other.source else "mixed"
         return Estimate(
             self.latency_ms + other.latency_ms,
             self.energy_mj + other.energy_mj,
-            self.source if self.source == other.source else "mixed",
+            source,
             _max_opt(self.fit_error, other.fit_error),
             self.extrapolated or other.extrapolated,
+            tuple(dict.fromkeys(self.regressed + other.regressed)),
+            tuple(dict.fromkeys(self.notes + other.notes)),
         )
 
     def scaled(self, factor: float) -> Estimate:
         return dataclasses.replace(self, latency_ms=self.latency_ms * factor, energy_mj=self.energy_mj * factor)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["regressed"] = [p for p, _ in self.regressed]
+        out["notes"] = list(self.notes)
+        return out
 
 
 ZERO = Estimate(0.0, 0.0)
@@ -268,7 +283,8 @@ class CostTable:
         lat = lat_law.predict(*call.shape)
         en_law = self.law(backend, primitive, "energy", call.dtype)
         en = en_law.predict(*call.shape) if en_law is not None else math.nan
-        return Estimate(lat, en, "regression", lat_law.loo_rmspe, lat_law.extrapolated(*call.shape)).scaled(call.count)
+        return Estimate(lat, en, "regression", lat_law.loo_rmspe, lat_law.extrapolated(*call.shape),
+                        ((primitive, _norm_dtype(primitive, call.dtype)),)).scaled(call.count)
 
     def can_price(self, backend: str, primitive: str) -> bool:
         return self.has(backend, primitive)
@@ -465,7 +481,7 @@ class LayerCost:
         e = self.estimate
         return {"layer": self.layer, "kind": self.kind, "choice": self.choice, "latency_ms": e.latency_ms,
                 "energy_mj": e.energy_mj, "source": e.source, "fit_error": e.fit_error,
-                "extrapolated": e.extrapolated, "detail": self.detail}
+                "extrapolated": e.extrapolated, "detail": self.detail, "notes": list(e.notes)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,6 +503,7 @@ class CostModel:
         self.backend = backend
         self.metric = metric
         self.mix_alpha = float(mix_alpha)
+        self._warned_partial = False
 
     @classmethod
     def from_config(cls, profile: Any, cost_cfg: Any, backend: str = "tvm") -> CostModel:
@@ -523,7 +540,14 @@ class CostModel:
             except ProfileError:
                 if prim == "matshift":
                     continue  # cannot price its conversions: only matshift_decode is comparable
-                # a profile from before ``quantize`` was an op: the kernel alone, as then
+                # a profile from before ``quantize`` was an op: the kernel alone, said, since it understates
+                if around:
+                    est = dataclasses.replace(est, source="partial", notes=est.notes + (_NO_QUANTIZE,))
+                    if not self._warned_partial:
+                        log.warning("the profile has no %s rows for 'quantize', so matshift_decode is priced "
+                                    "as its kernel alone (an understatement); run `dse profile` for this model "
+                                    "to measure it", self.backend)
+                        self._warned_partial = True
             if best is None or est.latency_ms < best[1].latency_ms:
                 best = (prim, est)
         if best is None:
@@ -608,6 +632,9 @@ class ModelCost:
                 log.info("the profile has no eager framework row for %s; its PyTorch prediction is the sum of "
                          "its ops (run `dse profile` for the model to add it)", self.work.model or "this model")
                 continue
+            if not math.isfinite(hit[1]):
+                log.info("eager PyTorch's own time (the framework row) has no energy figure, so the energy of %s "
+                         "on PyTorch is unknown, not the sum of its ops", self.work.model or "this model")
             out.append((label, call.primitive, Estimate(hit[0], hit[1]).scaled(call.count)))
         return out
 
@@ -678,6 +705,46 @@ class ModelCost:
                                    "cost.metric=latency or re-profile with an energy source")
             return en
         return mix_costs(lat, en, self.cost_model.mix_alpha)
+
+    def moe_expert_provenance(self, layer_name: str) -> dict[str, Any]:
+        """Where :meth:`moe_expert_costs` of ``layer_name`` come from (the optional half of
+        :class:`models.costs.ExpertCostModel`): ``source`` of the two experts together (``measured``,
+        ``regression``, ``mixed`` or ``partial``), the profile's device, target, path and date, each expert's
+        own source and primitive, the regression laws behind any predicted call (law, rows, leave-one-out
+        RMSPE), notes, and the energy sources when the metric uses energy."""
+        self.moe_expert_costs(layer_name)  # raises why the layer cannot be priced
+        mult, shift, _ = self._moe_parts[layer_name]
+        both = mult + shift
+        profile = self.cost_model.table.profile
+        meta = getattr(profile, "meta", None) or {}
+        try:
+            device, target = self.identity
+        except ProfileError:  # a profile without metadata (tests, stand-ins): say so rather than guess
+            device, target = None, None
+        out: dict[str, Any] = {
+            "source": both.source, "device": device, "target": target,
+            "profile": str(profile.path) if getattr(profile, "path", None) else None,
+            "profile_date": str(meta.get("updated") or meta.get("created") or "") or None,
+            "backend": self.cost_model.backend, "metric": self.metric,
+            "experts": {"mult": {"source": mult.source, "primitive": "matmul"},
+                        "shift": {"source": shift.source, "primitive": self._detail.get((layer_name, "shift"), "")}},
+        }
+        metrics = {"latency": ("latency",), "energy": ("energy",), "mix": ("latency", "energy")}[self.metric]
+        laws = []
+        for primitive, dtype in both.regressed:
+            for metric in metrics:
+                law = self.cost_model.table.law(self.cost_model.backend, primitive, metric, dtype)
+                if law is not None:
+                    laws.append(law.describe())
+        if laws:
+            out["laws"] = laws
+            out["fit_error"] = both.fit_error
+            out["extrapolated"] = both.extrapolated
+        if both.notes:
+            out["notes"] = list(both.notes)
+        if self.metric != "latency":
+            out["energy_source"] = self.energy_sources
+        return out
 
     def equilibrium_share(self, layer_name: str) -> float:
         c = self.moe_expert_costs(layer_name)
@@ -776,6 +843,11 @@ class ModelCost:
             rows.append(LayerCost(name, kind, choice, est, detail))
         rows += [LayerCost(label, "fixed", "-", est, op) for label, op, est in self.fixed_items]
         return rows
+
+    def source(self, assignment: Any) -> str:
+        """How the whole-model figures of ``assignment`` were obtained: ``measured`` when every call had its row,
+        else ``regression``, ``mixed`` or ``partial`` (:class:`Estimate`)."""
+        return total(r.estimate for r in self.per_layer(assignment)).source
 
     def describe(self) -> dict[str, Any]:
         return {"layers": len(self.layers), "backend": self.cost_model.backend, "metric": self.metric,

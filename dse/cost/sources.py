@@ -9,6 +9,7 @@ to a layer inventory with the configured metric.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -76,13 +77,16 @@ class CostTableFile:
             for name, ch in self.layers.items()
         }
         self._moe = {k: dict(v) for k, v in (moe_expert_costs or {}).items()}
+        self.path: Path | None = None  # the JSON it was read from, if any
 
     @classmethod
     def from_json(cls, path: str | Path) -> CostTableFile:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-            return cls(data["fixed"], data["layers"], data.get("moe_expert_costs"))
+            table = cls(data["fixed"], data["layers"], data.get("moe_expert_costs"))
+            table.path = path
+            return table
         except FileNotFoundError:
             raise ProfileError(f"cost table {path} does not exist; check --profile") from None
         except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -116,6 +120,10 @@ class CostTableFile:
             en += cost.energy_mj
         return Cost(lat, en)
 
+    def moe_expert_provenance(self, layer_name: str) -> dict[str, Any]:
+        """A table's figures come from outside the profile store: their provenance is the table's."""
+        return {"source": "cost table", "path": str(self.path) if self.path else None}
+
     def moe_expert_costs(self, layer_name: str) -> dict[str, float]:
         if layer_name in self._moe:
             return dict(self._moe[layer_name])
@@ -132,6 +140,14 @@ def energy_label(costs: CostSource) -> str:
         return "cost table"
     sources = getattr(costs, "energy_sources", None)  # ModelCost has them; another cost source may not
     return "+".join(sources) if sources else "unknown"
+
+
+def energy_text(mj: float | None, spec: str = ".4g") -> str:
+    """An energy figure in mJ for people, or ``unknown`` where there is none (NaN: some part of it, such as eager
+    PyTorch's interpreter time, has no energy measure or model — a sum with it is unknown, not smaller)."""
+    if mj is None or not math.isfinite(float(mj)):
+        return "unknown"
+    return f"{float(mj):{spec}} mJ"
 
 
 def load_costs(cfg: Config, model: nn.Module, profile: str | Path | None) -> CostSource:

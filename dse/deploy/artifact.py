@@ -31,6 +31,7 @@ import yaml
 
 from dse.fileio import atomic_write_text, sha256_file
 from dse.hardware.threads import use_all_cores
+from kernels.compiled import library_has
 from kernels.errors import ShiftAddError, TargetUnavailableError, UsageError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ LIBRARY = "model.so"
 WEIGHTS = "weights.npz"
 ASSIGNMENT = "assignment.yaml"
 REQUIRED = (LIBRARY, WEIGHTS, ASSIGNMENT)
+SHIFT_ADD_PRIMITIVES = ("matshift", "matshift_decode", "matadd")
 
 
 class ArtifactError(ShiftAddError):
@@ -172,8 +174,10 @@ def prepare_params(vm: Any, params: list[Any]) -> list[Any]:
 class Artifact:
     """A verified, loaded artifact. ``run(batch)`` -> logits; ``predict(images)`` any number of images."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], vm: Any, device: Any, params: list[Any]):
+    def __init__(self, folder: Path, manifest: dict[str, Any], vm: Any, device: Any, params: list[Any],
+                 library: Any = None):
         self.folder = folder
+        self.library = library  # the loaded TVM module the VM runs
         self.manifest = manifest
         self._vm = vm
         self._fn = vm["main"]
@@ -217,7 +221,17 @@ class Artifact:
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{folder / LIBRARY} does not load with this TVM ({first}); re-export with "
                                 "the installed TVM version") from None
-        return cls(folder, manifest, vm, device, prepare_params(vm, params))
+        return cls(folder, manifest, vm, device, prepare_params(vm, params), lib)
+
+    def check_kernels(self) -> None:
+        """Refuse (ArtifactError) an artifact whose manifest lists shift/add kernels its loaded library does not
+        define: what it would run is not the model the manifest describes."""
+        listed = [k for k in self.manifest.get("kernels") or () if k.get("primitive") in SHIFT_ADD_PRIMITIVES]
+        missing = [k["function"] for k in listed if self.library is None or not library_has(self.library, k["function"])]
+        if missing:
+            pipeline = (self.manifest.get("library") or {}).get("pipeline", "an unrecorded pipeline")
+            raise ArtifactError(f"{self.folder / LIBRARY} lacks {len(missing)} shift/add kernel(s) its manifest lists "
+                                f"(e.g. {missing[0]}; compile pipeline {pipeline}); re-run `dse export`")
 
     # ---- running ------------------------------------------------------------------------------------
     def _input(self, images: np.ndarray) -> Any:

@@ -276,6 +276,7 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     torch_compile = b.torch_compile if torch_compile is None else torch_compile
     dense_tvm = b.dense_tvm if dense_tvm is None else dense_tvm
     loaded = art.Artifact.load(artifact_dir, expected_digest)
+    loaded.check_kernels()
     manifest = loaded.manifest
     if profile is not None:  # the bench measures here: another device's profile cannot be checked against it
         check_profile(read_profile(profile), manifest["target"])

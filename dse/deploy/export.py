@@ -59,7 +59,8 @@ from dse.profiling.inventory import build_inventory
 from dse.profiling.profiler import load_1m
 from dse.training.data import load_data
 from dse.training.finetune import reparam_options
-from kernels.relax_pipeline import compile_relax
+from kernels.compiled import library_functions
+from kernels.relax_pipeline import CompiledRelax, compile_relax_recorded
 from kernels.torch_ops import use_tvm
 from models.assignment import DENSE, Assignment, layer_kinds
 from models.hamming import fit_hamming
@@ -290,8 +291,10 @@ def predict_cost(cfg: Config, model: nn.Module, plan: Assignment, batch: int, ta
     if table is None:
         return {"available": False, "reason": "no matching profile"}
     try:
-        pred = model_cost(table, cfg.cost, build_inventory(model, batch=batch)).predict(plan)
-        return {"available": True, "latency_ms": float(pred.latency_ms), "energy_mj": float(pred.energy_mj)}
+        priced = model_cost(table, cfg.cost, build_inventory(model, batch=batch))
+        pred = priced.predict(plan)
+        return {"available": True, "latency_ms": float(pred.latency_ms), "energy_mj": float(pred.energy_mj),
+                "source": priced.source(plan)}  # measured, or which figures are regressed
     except ShiftAddError as exc:
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
 
@@ -323,13 +326,24 @@ def _weights_summary(params: dict[str, np.ndarray]) -> dict[str, Any]:
     return {"arrays": len(params), "bytes": int(sum(by_dtype.values())), "bytes_by_dtype": by_dtype}
 
 
-def _kernel_summary(g: graph.RelaxGraph) -> list[dict[str, Any]]:
-    """One row per kernel PrimFunc: primitive, problem size and how often main() calls it."""
+def _kernel_summary(g: graph.RelaxGraph, compiled: CompiledRelax) -> dict[str, Any]:
+    """The manifest's ``kernels`` — one row per kernel the BUILT library defines (primitive, problem size, how often
+    main() calls it) — and ``library``: the compile pipeline that built it and any kernel the graph asked for but
+    the library lacks (the graph alone would list those as if they ran)."""
     counts: dict[str, int] = {}
     for name in graph.call_tir_targets(g.mod):
         counts[name] = counts.get(name, 0) + 1
-    return [{"function": name, "primitive": prim, **dict(zip("bmkn", g.kernel_shapes[name])),
+    built = set(library_functions(compiled.executable))
+    rows = [{"function": name, "primitive": prim, **dict(zip("bmkn", g.kernel_shapes[name])),
              "calls": counts.get(name, 0)} for name, prim in sorted(g.kernel_calls.items())]
+    missing = [r["function"] for r in rows if r["function"] not in built]
+    if missing:
+        log.warning("the built library lacks %d kernel(s) the graph calls (e.g. %s); compile pipeline %s",
+                    len(missing), missing[0], compiled.pipeline)
+    library = {"pipeline": compiled.pipeline, "functions": len(built), "kernels_missing": missing}
+    if compiled.fallback_reason:
+        library["fallback_reason"] = compiled.fallback_reason
+    return {"kernels": [r for r in rows if r["function"] in built], "library": library}
 
 
 def write_artifact(out: Path, g: graph.RelaxGraph, exe: Any, plan: Assignment, manifest: dict[str, Any]) -> Path:
@@ -379,14 +393,15 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
     g = graph.to_relax(form, x_val[:batch].contiguous(), tgt, tune_trials=ex.tune_trials,
                        tuning_dir=cfg.profile.tuning_dir)
     log.info("imported the traced model into Relax in %.1f s", time.perf_counter() - t0)
-    exe = compile_relax(g.mod, tgt)
+    compiled = compile_relax_recorded(g.mod, tgt)
+    exe = compiled.executable
     compile_s = time.perf_counter() - t0
     log.info("compiled for %s in %.1f s", kernels.target_slug(tgt), compile_s)
 
     t0 = time.perf_counter()
     moe_cost = _moe_cost(form, x_val, y_val, batch, capacity)
     ref_logits = logits_of(form, x_val, batch)
-    manifest = _manifest(cfg, meta, plan, g, tgt, target_dict, batch, tokens, choices, capacity, moe_cost,
+    manifest = _manifest(cfg, meta, plan, g, compiled, tgt, target_dict, batch, tokens, choices, capacity, moe_cost,
                          predict_cost(cfg, model, plan, batch, table), table_reason, checkpoint)
     manifest["accuracy"] = {"val_images": len(x_val), "pytorch_val_acc": accuracy(ref_logits, y_val),
                             "finetune_val_acc": meta.get("val_acc")}
@@ -422,13 +437,14 @@ def export_compile_only(form: nn.Module, plan: Assignment, example: torch.Tensor
     """The export form compiled for a CUDA target without running it (no GPU needed)."""
     t0 = time.perf_counter()
     g = graph.to_relax(form, example.contiguous(), tgt)
-    exe = compile_relax(g.mod, tgt)
+    compiled = compile_relax_recorded(g.mod, tgt)
+    exe = compiled.executable
     arch = kernels.targets.target_to_dict(tgt).get("arch")
     manifest = {k: v for k, v in base.items() if k not in ("latency", "files")}
     manifest.update({
         "target": kernels.targets.target_to_dict(tgt), "target_slug": kernels.target_slug(tgt),
         "device": {"kind": "cuda", "name": f"an NVIDIA GPU of {arch}", "note": "compile-only, not run here"},
-        "kernels": _kernel_summary(g), "params": g.param_names, "weights": _weights_summary(g.params),
+        **_kernel_summary(g, compiled), "params": g.param_names, "weights": _weights_summary(g.params),
         "shift_primitives": choices, "run_on_device": False, "compile_s": round(time.perf_counter() - t0, 1),
         "latency": {"measured": None, "note": "compile-only artifact: no CUDA device on the exporting machine"},
         "prediction": {"available": False, "reason": "no CUDA profile used for the companion artifact"},
@@ -436,7 +452,8 @@ def export_compile_only(form: nn.Module, plan: Assignment, example: torch.Tensor
     manifest["accuracy"] = {**base.get("accuracy", {}), "compiled_val_acc": None, "top1_agreement": None,
                             "max_rel_logit_err": None, "median_rel_logit_err": None}
     write_artifact(out, g, exe, plan, manifest)
-    return {"folder": str(out), "target": manifest["target_slug"], "run_on_device": False}
+    return {"folder": str(out), "target": manifest["target_slug"], "run_on_device": False,
+            "compile_pipeline": manifest["library"]["pipeline"]}
 
 
 def _tokens_per_image(model: nn.Module, image: torch.Tensor) -> int:
@@ -468,7 +485,8 @@ def _moe_cost(form: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
             "dispatch_ops_per_layer": "argsort(T) + argsort (inverse) + 2 gathers + concat"}
 
 
-def _manifest(cfg: Config, meta: dict[str, Any], plan: Assignment, g: graph.RelaxGraph, tgt: Any,
+def _manifest(cfg: Config, meta: dict[str, Any], plan: Assignment, g: graph.RelaxGraph, compiled: CompiledRelax,
+              tgt: Any,
               target_dict: dict[str, Any], batch: int, tokens: int, choices: dict[str, Any], capacity: dict[str, float],
               moe_cost: dict[str, Any] | None, prediction: dict[str, Any], table_reason: str | None,
               checkpoint: str | Path) -> dict[str, Any]:
@@ -486,7 +504,7 @@ def _manifest(cfg: Config, meta: dict[str, Any], plan: Assignment, g: graph.Rela
         "target": target_dict, "target_slug": kernels.target_slug(tgt), "device": device, "versions": versions(),
         "input": {"shape": list(g.input_shape), "dtype": g.input_dtype, "batch": batch},
         "params": g.param_names, "weights": _weights_summary(g.params),
-        "kernels": _kernel_summary(g),
+        **_kernel_summary(g, compiled),
         "shift_primitives": choices,
         "moe": {"capacity": capacity, "cost": moe_cost, "tokens_per_batch": tokens} if capacity else None,
         "prediction": {**prediction, "profile": table_reason},
@@ -524,6 +542,8 @@ def _summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     lat = (manifest.get("latency") or {}).get("measured") or {}
     return {"folder": str(out), "target": manifest["target_slug"], "run_on_device": manifest["run_on_device"],
             "kernels": sorted({k["primitive"] for k in manifest["kernels"]}),
+            "compile_pipeline": (manifest.get("library") or {}).get("pipeline"),
+            "kernels_missing": (manifest.get("library") or {}).get("kernels_missing", []),
             "pytorch_val_acc": acc.get("pytorch_val_acc"), "compiled_val_acc": acc.get("compiled_val_acc"),
             "top1_agreement": acc.get("top1_agreement"), "max_rel_logit_err": acc.get("max_rel_logit_err"),
             "latency_ms": lat.get("median_ms"), "prediction": manifest.get("prediction"),

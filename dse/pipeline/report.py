@@ -24,8 +24,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from dse.cost import provenance
 from dse.fileio import atomic_write_text
 from dse.pipeline.stages import stage_status
+from dse.training.finetune import COSTS_JSON
 
 log = logging.getLogger(__name__)
 
@@ -429,9 +431,15 @@ def _search_section(root: Path) -> Section:
     s = Section("Search: Pareto front")
     pareto = _read_csv(root / "search" / "pareto.csv")
     if pareto is not None and not pareto.empty:
-        cols = [c for c in ("trial", "source", "baseline", "latency_ms", "energy_mj", "risk", "accuracy",
+        cols = [c for c in ("trial", "source", "baseline", "latency_ms", "energy_mj", "cost_source", "risk", "accuracy",
                             "feasible", "chosen") if c in pareto.columns]
         s.tables.append(("Front, baselines and stage-B candidates", pareto[cols].head(20).to_dict("records")))
+        if "cost_source" in pareto.columns:
+            regressed = pareto[pareto["cost_source"] != provenance.MEASURED]
+            if len(regressed):
+                s.text.append(f"{len(regressed)} of {len(pareto)} designs are priced partly or wholly without "
+                              "measured rows (cost_source: regression = the cost model's fitted law, mixed = some "
+                              "layers regressed, partial = some work unpriced); `dse cost` shows which layers.")
         if (root / "search" / "pareto.png").exists():
             s.images.append(("Pareto front (baselines marked)", root / "search" / "pareto.png"))
     else:
@@ -480,7 +488,20 @@ def _finetune_section(root: Path, plots: Path) -> Section:
         p = plot_routing(routed, plots / "routing.png")
         if p:
             s.images.append(("Routing share vs equilibrium", p))
+    _cost_provenance(s, _read_json(root / "finetune" / COSTS_JSON))
     return s
+
+
+def _cost_provenance(s: Section, costs: Any) -> None:
+    """Where each MoE layer's expert costs (the balance loss's weights) came from, from ``costs.json``."""
+    if not isinstance(costs, dict) or not costs.get("layers"):
+        return
+    counts = ", ".join(f"{n} {source}" for source, n in (costs.get("sources") or {}).items())
+    s.text.append(f"MoE expert costs ({costs.get('metric')} per token): {counts}"
+                  + (" (cost.strict: only measured costs accepted)." if costs.get("strict") else "."))
+    s.tables.append(("MoE expert costs and their provenance", [
+        {"layer": name, "mult": c["mult"], "shift": c["shift"], "equilibrium": c.get("equilibrium_share"),
+         "provenance": provenance.describe(c.get("provenance"))} for name, c in costs["layers"].items()]))
 
 
 def _accuracy_section(summary: dict[str, Any], plots: Path) -> Section:

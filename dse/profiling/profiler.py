@@ -330,7 +330,7 @@ class Measurer:
     def _energy_mj(self, spec: RowSpec, runnable: _Runnable) -> float:
         if not self.measured_energy:
             if spec.kind == "framework":
-                return 0.0  # interpreter time: no arithmetic or DRAM traffic the analytical model counts
+                return math.nan  # interpreter time: the analytical model counts no arithmetic or traffic in it
             if spec.kind == "nonprim":
                 return nonprim.estimate_energy_mj(spec.primitive, spec.shape, self.source.unit_energy_pj)
             # PyTorch's matadd is a float bmm (it multiplies by the 0/1 mask): price it as one.
@@ -357,7 +357,7 @@ class Measurer:
             "n": spec.n, "dtype": spec.dtype, "latency_ms": float(timing.median_ms),
             "latency_ms_p90": float(timing.p90_ms), "repeats": int(timing.repeats),
             "min_repeat_ms": float(self.settings.min_repeat_ms), "energy_mj": float(energy),
-            "energy_source": self.source.name, "idle_power_w": self.idle_power_w(),
+            "energy_source": self.source.name if math.isfinite(energy) else "", "idle_power_w": self.idle_power_w(),
             "target": self.target_slug, "schedule": runnable.schedule, "tuned_trials": runnable.tuned_trials,
             "load_1m": load_1m(), "measured_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }

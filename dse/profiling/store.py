@@ -25,7 +25,8 @@ latency_ms_p90     least ``min_repeat_ms`` (TVM ``time_evaluator``; the same loo
 passes             how many passes measured the row (empty: one)
 pass_latencies_ms  each pass's median, ``;``-separated, oldest first (empty: one pass)
 energy_mj          energy per call from ``energy_source`` (nvml | rapl measured, model = analytical);
-                   over several passes their mean
+                   over several passes (all from one source) their mean; empty when nothing measures or
+                   models it (a ``framework`` row: interpreter time, which the analytical model cannot price)
 idle_power_w       idle power measured once per session by a meter (empty for the model)
 target             the target slug (the full JSON is in the .yaml)
 schedule           default | tuned (TVM kernels), eager (PyTorch)
@@ -53,6 +54,7 @@ import yaml
 
 from dse.errors import ProfileError
 from dse.fileio import atomic_write_text, file_lock
+from dse.profiling.eager import FRAMEWORK
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,8 @@ COLUMNS: dict[str, tuple[str, bool]] = {
     "latency_ms_p90": ("latency", True),
     "repeats": ("size", True),
     "min_repeat_ms": ("opt_nonneg", False),
-    "energy_mj": ("nonneg", True),
-    "energy_source": ("energy_source", True),
+    "energy_mj": ("opt_nonneg", True),  # empty: unknown, never a made-up 0
+    "energy_source": ("energy_source", True),  # empty exactly when energy_mj is
     "idle_power_w": ("opt_nonneg", True),
     "target": ("name", True),
     "schedule": ("schedule", True),
@@ -121,6 +123,8 @@ def passes_of(row: Mapping[str, Any]) -> int:
 def merge_passes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """``new`` (one more pass of the row ``old``) merged into it: the median of the passes' medians, the
     largest p90, the mean energy, the summed repeats, the highest load; identity and date from ``new``.
+    ProfileError when the two measured energy with different sources: a mean of a RAPL and an analytical
+    figure is neither, and would carry one of their labels.
 
     A shared machine changes speed in phases of minutes (the README's drift figures), so one pass measures
     a row in one phase; passes taken a whole profile apart see different ones, and their median does not
@@ -133,6 +137,11 @@ def merge_passes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     def medians(row: Mapping[str, Any]) -> tuple[float, ...]:  # a one-pass row stores only its latency
         return tuple(row.get("pass_latencies_ms") or (float(row["latency_ms"]),))
 
+    sources = {str(old.get("energy_source") or ""), str(new.get("energy_source") or "")}
+    if len(sources) > 1:
+        names = " and ".join(sorted(s or "none" for s in sources))
+        raise ProfileError(f"row {row_key(new)} has passes with energy from {names}; passes are merged only "
+                           "from one energy source: rerun `dse profile --force` with one meter (or passes=1)")
     before, after = medians(old), medians(new)
     lat, k, j = (*before, *after), len(before), len(after)
     loads = [v for v in (old.get("load_1m"), new.get("load_1m")) if v is not None and not math.isnan(v)]
@@ -154,6 +163,8 @@ def _parse(value: str, kind: str, column: str) -> Any:
         if not text:
             raise ValueError(f"'{column}' is empty")
         return text
+    if kind == "energy_source" and text == "":
+        return ""  # no energy figure (checked against energy_mj by parse_rows)
     if kind in ("backend", "energy_source", "schedule"):
         allowed = {"backend": BACKENDS, "energy_source": ENERGY_SOURCES, "schedule": SCHEDULES}[kind]
         if text not in allowed:
@@ -225,6 +236,7 @@ def parse_rows(text: str, where: str) -> tuple[list[str], list[dict[str, Any]]]:
             except ValueError as exc:
                 raise ProfileError(f"profile {where} line {line}: {exc}; fix the file or rerun "
                                    "`dse profile --force`") from None
+        _check_energy(row, where, line)
         key = row_key(row)
         if key in seen:
             raise ProfileError(f"profile {where} lines {seen[key]} and {line} are the same measurement {key}; "
@@ -232,6 +244,19 @@ def parse_rows(text: str, where: str) -> tuple[list[str], list[dict[str, Any]]]:
         seen[key] = line
         rows.append(row)
     return header, rows
+
+
+def _check_energy(row: dict[str, Any], where: str, line: int) -> None:
+    """An energy figure names its source and a source has a figure; an old profile's ``framework`` row (0.0 mJ
+    labelled ``model``, which prices no interpreter time) is read as what it is: unknown."""
+    energy, source = row.get("energy_mj", math.nan), row.get("energy_source", "")
+    if row.get("primitive") == FRAMEWORK and source == "model" and energy == 0.0:
+        row["energy_mj"], row["energy_source"] = math.nan, ""
+        return
+    if (isinstance(energy, float) and math.isnan(energy)) != (source == ""):
+        raise ProfileError(f"profile {where} line {line}: energy_mj {'is empty' if source else 'is given'} but "
+                           f"energy_source {'is ' + repr(source) if source else 'is empty'}; a figure needs its "
+                           "source and an unknown energy leaves both empty; fix the row or rerun `dse profile`")
 
 
 def _format(value: Any) -> str:

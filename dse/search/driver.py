@@ -61,6 +61,7 @@ from torch.utils.data import Subset
 
 from dse.checkpoints import load_dense
 from dse.config import Config, config_to_dict, hide_password, save_config
+from dse.cost import provenance
 from dse.cost.sources import CostSource, energy_label, load_device_costs
 from dse.errors import ConfigError, ProfileError, StageError
 from dse.fileio import atomic_write_text, fingerprint, sha256_file
@@ -736,6 +737,7 @@ def write_pareto_csv(
                 **{k: v for k, v in r.items() if k.startswith("latency_ms@") or k == "latency_rel"},
                 "energy_mj": r["energy_mj"],
                 "energy_source": energy_source,
+                "cost_source": r.get("cost_source", "unstated"),  # measured, or which figures are regressed
                 "risk": r["risk"],
                 "accuracy": m["accuracy"] if m else None,
                 "dense_accuracy": m["dense_accuracy"] if m else None,
@@ -878,6 +880,8 @@ def run_search(
         )
     _check_space(space, trials, s.study_name)
     front, baselines, values = front_table(space, trials, labels)
+    for row in (*front, *baselines):  # a design priced partly by regression says so wherever it is shown
+        row["cost_source"] = provenance.design_source(costs, space.assignment(row["params"]))
     summary |= _trials_summary(space, trials, front, baselines)
     measured: list[dict[str, Any]] = []
     if s.stage in ("b", "both"):
@@ -980,7 +984,8 @@ def _trials_summary(space: SearchSpace, trials: Sequence[Any], front: Sequence[d
         "distinct_designs": len({space.key(t.params) for t in trials}),
         "front_size": len(front),
         "baselines": {
-            b["baseline"]: {k: b[k] for k in ("trial", "on_front", "dominated_by", "latency_ms", "energy_mj", "risk")}
+            b["baseline"]: {k: b.get(k) for k in ("trial", "on_front", "dominated_by", "latency_ms", "energy_mj", "risk",
+                                                  "cost_source")}
             for b in baselines
         },
     }
@@ -988,14 +993,15 @@ def _trials_summary(space: SearchSpace, trials: Sequence[Any], front: Sequence[d
 
 def _front_row_summary(row: Mapping[str, Any]) -> dict[str, Any]:
     """One front design in the summary: objectives, per-device latencies and choice counts."""
-    return ({k: row[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk")}
+    return ({k: row[k] for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "cost_source") if k in row}
             | {k: v for k, v in row.items() if k.startswith("latency_ms@")}
             | {"counts": {k[2:]: v for k, v in row.items() if k.startswith("n_")}})
 
 
 def _chosen_summary(chosen: Mapping[str, Any]) -> dict[str, Any]:
     """The chosen design's part of the summary: objectives, per-device latencies and choice counts."""
-    row = {k: chosen.get(k) for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy")}
+    row = {k: chosen.get(k) for k in ("trial", "baseline", "latency_ms", "energy_mj", "risk", "accuracy",
+                                      "cost_source")}
     row |= {k: v for k, v in chosen.items() if k.startswith("latency_ms@") or k == "latency_rel"}
     row["counts"] = {k[2:]: v for k, v in chosen.items() if k.startswith("n_")}
     return row

@@ -20,9 +20,11 @@ Steps, in order:
    neural network", 2015: the T^2 factor keeps the soft term's gradient scale independent of T), ``w =
    finetune.kd_weight``, ``T = finetune.kd_temperature``, and the latency-aware MoE balance loss ``B_l`` of
    each MoE layer (:func:`models.moe.moe_balance_loss`) times ``c = finetune.moe_coef``.
-5. Write ``weights.pt`` = ``{"model": state_dict, "meta": {...}}`` (architecture, assignment, costs,
-   reparameterisation options, dense and final validation accuracy), ``assignment.yaml`` and the resolved
-   config next to ``checkpoint.pt`` and ``metrics.csv``. :func:`dse.checkpoints.load_finetuned` rebuilds the model.
+5. Write ``weights.pt`` = ``{"model": state_dict, "meta": {...}}`` (architecture, assignment, costs and
+   their provenance, reparameterisation options, dense and final validation accuracy), ``assignment.yaml``,
+   ``costs.json`` (each MoE layer's expert costs, equilibrium share and provenance: measured on which device
+   and target, or which regression law with its leave-one-out error; ``cost.strict`` refuses anything but
+   measured) and the resolved config next to ``checkpoint.pt`` and ``metrics.csv``. :func:`dse.checkpoints.load_finetuned` rebuilds the model.
 
 Per epoch ``metrics.csv`` also holds, for every MoE layer, the share of training tokens routed to the Mult
 expert (``mult_share/<layer>``) and the cost model's equilibrium share ``c_shift / (c_mult + c_shift)``
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,14 +54,15 @@ from torch import nn
 import models
 from dse.checkpoints import load_dense
 from dse.config import Config, save_config
+from dse.cost import provenance
 from dse.cost.sources import load_costs
 from dse.errors import CheckpointError, ConfigError, ProfileError
-from dse.fileio import atomic_write_bytes
+from dse.fileio import atomic_write_bytes, atomic_write_text
 from dse.hardware.threads import set_torch_threads
 from dse.training.data import DataBundle, epoch_loader, load_data
 from dse.training.train import TrainSpec, evaluate, is_main_process, load_training_state, set_seed, train
 from models.assignment import Assignment
-from models.costs import ExpertCosts, expert_costs
+from models.costs import ExpertCosts, expert_costs, expert_provenance
 from models.hamming import fit_hamming
 from models.moe import equilibrium_share, moe_balance_loss, moe_layers, reset_routing_stats
 from models.ops import kernel_ops
@@ -67,6 +71,7 @@ from models.reparam import reparameterize
 log = logging.getLogger(__name__)
 
 RECIPE = {"attention": "hamming", "linear": "moe"}  # ShiftAddViT: additive attention, Mult/Shift MoE
+COSTS_JSON = "costs.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,20 +93,44 @@ def moe_names(assignment: Assignment) -> list[str]:
 
 def resolve_costs(cfg: Config, model: nn.Module, assignment: Assignment, *, profile: str | Path | None = None,
                   costs: ExpertCosts | None = None) -> dict[str, dict[str, float]]:
-    """``{moe layer: {"mult": c, "shift": c}}`` from ``costs`` if given, else the profile's cost model.
+    """``{moe layer: {"mult": c, "shift": c}}`` from ``costs`` if given, else the profile's cost model
+    (:func:`resolve_layer_costs` without the provenance)."""
+    return resolve_layer_costs(cfg, model, assignment, profile=profile, costs=costs)[0]
 
-    An assignment without MoE layers needs neither (returns ``{}``); with MoE layers a missing profile is an
-    error, never a default constant.
+
+def resolve_layer_costs(cfg: Config, model: nn.Module, assignment: Assignment, *, profile: str | Path | None = None,
+                        costs: ExpertCosts | None = None
+                        ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Each MoE layer's expert costs and where they come from (:mod:`dse.cost.provenance`), from ``costs`` if
+    given, else the profile's cost model.
+
+    An assignment without MoE layers needs neither (returns ``({}, {})``); with MoE layers a missing profile is
+    an error, never a default constant; with ``cost.strict`` so is any cost that is not measured.
     """
     names = moe_names(assignment)
     if not names:
-        return {}
+        return {}, {}
     if costs is None:
         costs = load_costs(cfg, model, profile or cfg.finetune.profile)
     try:
-        return {name: expert_costs(costs, name) for name in names}
+        values = {name: expert_costs(costs, name) for name in names}
+        records = {name: expert_provenance(costs, name) or dict(provenance.UNSTATED) for name in names}
     except models.ModelError as exc:
         raise ProfileError(f"{exc}; re-run `dse profile` for this model") from None
+    if cfg.cost.strict:
+        provenance.check_strict(records)
+    return values, records
+
+
+def write_costs_json(out: Path, costs: Mapping[str, Mapping[str, float]], records: Mapping[str, Any],
+                     cfg: Config) -> Path:
+    """``costs.json`` beside the checkpoint: every MoE layer's expert costs per token, the share where the
+    balance loss vanishes, and the costs' provenance."""
+    layers = {name: {**c, "equilibrium_share": equilibrium_share(c), "provenance": records.get(name)}
+              for name, c in costs.items()}
+    data = {"metric": cfg.cost.metric, "strict": cfg.cost.strict,
+            "sources": provenance.counts(records), "layers": layers}
+    return atomic_write_text(out / COSTS_JSON, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -204,8 +233,11 @@ def fit_batch(data: DataBundle, cfg: Config) -> torch.Tensor:
 
 
 def build_student(dense: nn.Module, assignment: Assignment, costs: Mapping[str, Mapping[str, float]],
-                  cfg: Config) -> nn.Module:
-    return reparameterize(dense, assignment, costs=dict(costs) or None, **reparam_options(cfg))
+                  cfg: Config, records: Mapping[str, Any] | None = None) -> nn.Module:
+    """The reparameterised model; each MoE layer gets its expert costs and their provenance (``records``)."""
+    records = records or {}
+    given = {name: {**c, "provenance": records[name]} if name in records else c for name, c in costs.items()}
+    return reparameterize(dense, assignment, costs=given or None, **reparam_options(cfg))
 
 
 def reparam_options(cfg: Config) -> dict[str, Any]:
@@ -251,7 +283,9 @@ def finetune(cfg: Config, out: Path, *, checkpoint: str | Path | None = None, as
                           "(`dse pretrain` writes one)")
     dense, arch = load_dense(cfg, checkpoint, model_name)
     plan = resolve_assignment(dense, assignment if assignment is not None else ft.assignment)
-    layer_costs = resolve_costs(cfg, dense, plan, profile=profile, costs=costs)
+    layer_costs, cost_records = resolve_layer_costs(cfg, dense, plan, profile=profile, costs=costs)
+    for name, record in provenance.not_measured(cost_records).items():
+        log.warning("the MoE expert costs of %s are %s, not measured", name, provenance.describe(record))
     data = data or load_data(cfg.data, cfg.seed)
 
     teacher = copy.deepcopy(dense).to(device).eval()
@@ -259,7 +293,7 @@ def finetune(cfg: Config, out: Path, *, checkpoint: str | Path | None = None, as
     with kernel_ops("off"):
         dense_val = evaluate(teacher, data.val, cfg.data.eval_batch_size, device)["acc"]
         set_seed(cfg.seed)  # router initialisation and hash seeds: the same student for the same seed
-        student = build_student(dense, plan, layer_costs, cfg).to(device)
+        student = build_student(dense, plan, layer_costs, cfg, cost_records).to(device)
         del dense
         monitor = RoutingMonitor(student, layer_costs)
         previous = _resumable_meta(out / "checkpoint.pt", plan, layer_costs) if resume else None
@@ -272,11 +306,13 @@ def finetune(cfg: Config, out: Path, *, checkpoint: str | Path | None = None, as
                      images.shape[0])
             start_shares = _routing_on(student, images, monitor)
         meta = {"stage": "finetune", "architecture": arch, "assignment": plan.to_dict(), "costs": layer_costs,
-                "reparam": reparam_options(cfg), "dense_checkpoint": str(checkpoint), "dense_val_acc": dense_val,
+                "cost_provenance": cost_records, "reparam": reparam_options(cfg), "dense_checkpoint": str(checkpoint), "dense_val_acc": dense_val,
                 "routing_start": start_shares}
         if is_main_process():
             save_config(cfg, out)
             plan.to_yaml(out / "assignment.yaml")
+            if layer_costs:
+                write_costs_json(out, layer_costs, cost_records, cfg)
         objective = FinetuneObjective(teacher if ft.kd_weight > 0 else None, ft.kd_weight, ft.kd_temperature,
                                       ft.moe_coef, with_moe=bool(monitor.layers))
         row = train(student, data, train_spec(cfg, objective, monitor, meta), out, resume=resume, device=device,
@@ -295,6 +331,9 @@ def finetune(cfg: Config, out: Path, *, checkpoint: str | Path | None = None, as
         "equilibrium": monitor.equilibrium, "routing_gap_start": monitor.gap(start_shares) if start_shares else None,
         "routing_gap_end": monitor.gap(end_shares) if end_shares else None,
         "epoch_s": [r.get("epoch_s") for r in _history(out)],
+        "cost_sources": provenance.counts(cost_records),
+        "cost_provenance": {name: provenance.describe(r) for name, r in cost_records.items()},
+        "costs_json": str(out / COSTS_JSON) if layer_costs else None,
     }
     return summary
 
@@ -337,5 +376,5 @@ def _history(out: Path) -> list[dict]:
     return pd.read_csv(path).to_dict("records")
 
 
-__all__ = ["RECIPE", "FinetuneObjective", "RoutingMonitor", "distillation_loss", "finetune",
-           "resolve_assignment", "resolve_costs"]
+__all__ = ["COSTS_JSON", "RECIPE", "FinetuneObjective", "RoutingMonitor", "distillation_loss", "finetune",
+           "resolve_assignment", "resolve_costs", "resolve_layer_costs", "write_costs_json"]

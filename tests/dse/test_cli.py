@@ -10,11 +10,18 @@ def _one_error_line(stderr: str) -> str:
     return lines[-1]
 
 
-def test_help_lists_subcommands(dse_cli):
+def test_help_lists_every_command_of_the_readme(dse_cli):
+    """The README's command table (the user's contract) against what ``dse --help`` offers."""
+    import re
+
+    from tests.conftest import ROOT
+
+    documented = set(re.findall(r"^\| `dse (\w+)` \|", (ROOT / "README.md").read_text(), re.M))
+    assert {"env", "profile", "search", "finetune", "export", "bench", "run"} <= documented
     res = dse_cli("--help")
     assert res.returncode == 0
-    for name in ("env", "pretrain", "run"):
-        assert name in res.stdout
+    offered = set(re.findall(r"^    (\w+)\s{2,}", res.stdout, re.M))
+    assert documented <= offered, documented - offered
 
 
 def test_python_m_and_no_command(dse_cli):
@@ -86,3 +93,18 @@ def test_checkpoint_of_another_architecture(tmp_path, dse_cli):
     res = dse_cli("pretrain", "--out", str(tmp_path / "o"), "--set", f"model.checkpoint={path}")
     assert res.returncode == 2
     assert "does not fit this model" in _one_error_line(res.stderr)
+
+
+def test_an_unknown_figure_shows_as_a_dash_in_tables_and_null_in_json():
+    import json
+    import math
+
+    from dse.cli import _json_safe
+    from dse.commands.common import table
+    from dse.cost.sources import energy_text
+
+    text = table([{"model": "eager", "energy_mj": math.nan}, {"model": "tvm", "energy_mj": 0.25}])
+    assert text.splitlines()[2].split() == ["eager", "—"] and text.splitlines()[3].split() == ["tvm", "0.250"]
+    assert json.loads(json.dumps(_json_safe({"rows": [{"energy_mj": math.nan}], "x": (1.0,)}))) == \
+        {"rows": [{"energy_mj": None}], "x": [1.0]}
+    assert (energy_text(math.nan), energy_text(None), energy_text(0.0125)) == ("unknown", "unknown", "0.0125 mJ")

@@ -73,3 +73,17 @@ def test_shipped_configs_load():
 
 def test_default_yaml_is_the_built_in_default():
     assert config_to_dict(load_config(ROOT / "configs" / "default.yaml")) == config_to_dict(load_config())
+
+
+def test_one_gate_default_for_layer_reparameterize_and_config():
+    import inspect
+
+    import models.moe
+    from dse.config import FinetuneConfig
+    from models.moe import DEFAULT_GATE, MoELinear
+    from models.reparam import reparameterize
+
+    assert MoELinear(4, 4).gate_mode == DEFAULT_GATE
+    assert inspect.signature(reparameterize).parameters["gate"].default == DEFAULT_GATE
+    assert FinetuneConfig().gate == DEFAULT_GATE
+    assert f"(``{DEFAULT_GATE}``)" in models.moe.__doc__  # the docstring names the default it documents

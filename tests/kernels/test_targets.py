@@ -51,5 +51,23 @@ def test_cpuinfo_fallback() -> None:
     assert targets._cpuinfo_mcpu(intel) == "x86-64-v3"
 
 
-def test_cuda_available_is_a_bool() -> None:
-    assert isinstance(kernels.cuda_available(), bool)
+def test_cuda_available_follows_the_tvm_device_probe(monkeypatch) -> None:
+    """True exactly when TVM's CUDA device 0 exists; a probe that raises (no CUDA runtime) is False."""
+    import types
+
+    import tvm
+
+    kernels.cuda_available.cache_clear()  # cached per process; each probe below must run
+    for exist, expect in ((1, True), (0, False)):
+        monkeypatch.setattr(tvm, "cuda", lambda _i=0, exist=exist: types.SimpleNamespace(exist=exist))
+        kernels.cuda_available.cache_clear()
+        assert kernels.cuda_available() is expect
+
+    def broken(_i=0):
+        raise RuntimeError("CUDA runtime not found")
+
+    monkeypatch.setattr(tvm, "cuda", broken)
+    kernels.cuda_available.cache_clear()
+    assert kernels.cuda_available() is False
+    monkeypatch.undo()
+    kernels.cuda_available.cache_clear()  # later tests see the real probe again

@@ -199,11 +199,11 @@ def test_bookkeeping_and_model_helpers():
 
 
 def test_op_counts_follow_the_share_and_the_gate():
-    layer = make()  # in 16, out 8, prob gate
-    assert layer.gate_mode == "prob"
+    layer = make(gate="prob")  # in 16, out 8: the prob gate multiplies every output by g
     nnz = int((layer.shift.quantized_weight() != 0).sum())
     counts = layer.op_counts(10, mult_share=0.3)  # 3 tokens multiply, 7 shift
     assert counts["mul"] == 10 * 16 * 2 + 3 * 16 * 8 + 10 * 8  # router, Mult expert, gate
     assert counts["shift"] == 7 * (nnz + 16 + 8)
     with pytest.raises(ModelError, match="no routing share"):
         layer.op_counts(10)  # nothing measured yet
+

@@ -10,7 +10,7 @@ from models import ops
 from models.assignment import Assignment
 from models.errors import ModelError
 from models.hamming import HammingAttention, PvtHammingAttention, fit_hamming
-from models.moe import MoELinear, moe_balance_loss, moe_layers, routing_shares
+from models.moe import MoELinear, moe_balance_loss, moe_layers, reset_routing_stats, routing_shares
 from models.reparam import apply_costs, reparameterize
 from models.shift import ShiftLinear
 
@@ -76,7 +76,14 @@ def test_forward_and_backward_after_reparameterisation(model_name, assignment_na
     x = torch.randn(2, 3, size, size)
     fit_hamming(model, x)
     model.train()
+    reset_routing_stats(model)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda _m, inp, name=name: seen.__setitem__(name, inp[0].detach().reshape(-1, inp[0].shape[-1])))
+        for name, layer in moe_layers(model)]
     logits = model(x)
+    for h in hooks:
+        h.remove()
     assert logits.shape == (2, 10)
     loss = F.cross_entropy(logits, torch.tensor([1, 2])) + 0.01 * moe_balance_loss(model)
     loss.backward()
@@ -85,7 +92,10 @@ def test_forward_and_backward_after_reparameterisation(model_name, assignment_na
     for _, layer in moe_layers(model):
         assert layer.router.weight.grad.abs().sum() > 0
     shares = routing_shares(model)
-    assert all(0.0 <= s <= 1.0 for s in shares.values())
+    # independently: each layer's share is the fraction of its input tokens whose router prefers Mult
+    for name, layer in moe_layers(model):
+        p = torch.softmax(seen[name] @ layer.router.weight.t() + layer.router.bias, dim=-1)
+        assert shares[name] == pytest.approx((p[:, 0] >= p[:, 1]).double().mean().item())
     with ops.kernel_ops("off"):
         assert torch.isfinite(model.eval()(x)).all()
 

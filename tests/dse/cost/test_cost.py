@@ -375,6 +375,26 @@ def test_shift_choice_counts_the_input_rounding_of_matshift_decode():
     assert mc.predict(Assignment(linear={"fc": "shift"})).latency_ms == pytest.approx(0.9)  # 0.8 + 0.1 < 1.4
 
 
+def test_matshift_decode_without_quantize_rows_is_priced_partial_and_says_so(caplog):
+    """A profile from before ``quantize`` was an op prices matshift_decode as its kernel alone: that understates
+    it, so the estimate is marked ``partial`` with a note and a warning is logged — never silently smaller."""
+    lw = (1, 128, 64, 64)
+    rows = [_row("matshift_decode", *lw), _row("matmul", *lw)]
+    rows[0]["latency_ms"] = 0.8
+    work = ModelWork((LinearWork("fc", *lw),), (), requant={"fc": (Call("quantize", 1, 128, 64, 64),)})
+    with caplog.at_level("WARNING", logger="dse.cost.model"):
+        mc = CostModel(Profile.from_rows(rows, {})).for_model(work)
+    (row,) = mc.per_layer(Assignment(linear={"fc": "shift"}))
+    assert row.estimate.latency_ms == pytest.approx(0.8)  # the kernel's own row, nothing added
+    assert row.estimate.source == "partial" and "no 'quantize' rows" in row.estimate.notes[0]
+    assert (row.estimate + Estimate(1.0, 1.0)).source == "partial"  # a sum with it stays partial
+    assert row.as_dict()["notes"] == list(row.estimate.notes)
+    assert "no tvm rows for 'quantize'" in caplog.text
+    with_quantize = CostModel(Profile.from_rows([*rows, _row("quantize", 1, 128, 64, 64)], {})).for_model(work)
+    (full,) = with_quantize.per_layer(Assignment(linear={"fc": "shift"}))
+    assert full.estimate.source == "measured" and full.estimate.notes == ()
+
+
 def test_vectorised_prediction_matches_and_is_fast():
     work = _work()
     mc = CostModel(_model_profile(work, np.random.default_rng(10))).for_model(work)
@@ -508,6 +528,12 @@ def test_eager_framework_time_is_added_on_the_torch_backend_only():
     assert "framework" in [r.layer for r in torch_cost.per_layer(dense)]
     tvm_cost = CostModel(Profile.from_rows(rows, {}), backend="tvm").for_model(inv)
     assert "framework" not in [r.layer for r in tvm_cost.per_layer(dense)]
+    # interpreter time has no energy figure: the eager model's energy is unknown, not the sum of its ops
+    unknown = [{**r, "energy_mj": math.nan, "energy_source": ""} if r is fw else r for r in rows]
+    torch_unknown = CostModel(Profile.from_rows(unknown, {}), backend="torch").for_model(inv)
+    assert math.isnan(torch_unknown.predict(dense).energy_mj)
+    assert torch_unknown.predict(dense).latency_ms == pytest.approx(torch_cost.predict(dense).latency_ms)
+    assert math.isfinite(tvm_cost.predict(dense).energy_mj)  # the compiled model has no framework row
 
 
 
@@ -669,3 +695,44 @@ def test_validation_summary_figures():
     s = summarize_shapes(rs)
     assert s["all"]["within_10"] == 0.5 and s["all"]["drift_corrected_within_10"] == 1.0
     assert s["tvm/matmul"]["rmspe"] == pytest.approx(math.sqrt((0.05**2 + 0.5**2) / 2))
+
+
+def test_moe_expert_provenance_on_the_committed_profile_turns_regression_without_the_row(tmp_path):
+    """The committed Xeon profile measures blocks.0.attn.qkv's Mult GEMM (520x96x288); without that row the
+    Mult cost comes from the matmul law, and the provenance names the law and its leave-one-out error."""
+    import shutil
+
+    from dse.checkpoints import build_dense
+    from dse.config import load_config
+    from dse.cost import provenance
+    from dse.cost.sources import cost_model_for
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "default.yaml", [])
+    src = ROOT / "profiles" / "intel-xeon-processor" / "llvm-rocketlake-2c.csv"
+    shutil.copy(src, tmp_path / src.name)
+    shutil.copy(src.with_suffix(".yaml"), tmp_path / src.with_suffix(".yaml").name)
+    dense = build_dense(cfg)
+    layer = "blocks.0.attn.qkv"
+    before = cost_model_for(cfg, dense, tmp_path / src.name).moe_expert_provenance(layer)
+    assert (before["source"], before["experts"]["mult"]["source"]) == ("measured", "measured")
+    assert (before["device"], before["target"]) == ("intel-xeon-processor", "llvm-rocketlake-2c")
+    assert before["profile_date"] and "laws" not in before
+    lines = (tmp_path / src.name).read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith("matmul,tvm,1,520,96,288,")]
+    assert len(kept) == len(lines) - 1
+    (tmp_path / src.name).write_text("".join(kept))
+    mc = cost_model_for(cfg, dense, tmp_path / src.name)
+    after = mc.moe_expert_provenance(layer)
+    assert after["experts"]["mult"]["source"] == "regression" and after["experts"]["shift"]["source"] == "measured"
+    assert after["source"] == "mixed"
+    (law,) = after["laws"]
+    expect = mc.cost_model.table.law("tvm", "matmul", "latency")
+    assert law["primitive"] == "matmul" and law["loo_rmspe"] == expect.loo_rmspe and law["rows"] == expect.rows
+    assert "leave-one-out RMSPE" in provenance.describe(after) and "mult regression" in provenance.describe(after)
+    with pytest.raises(Exception, match="cost.strict.*blocks.0.attn.qkv.*not measured"):
+        provenance.check_strict({layer: after})
+    provenance.check_strict({layer: before})  # measured: accepted
+    # the whole-design source: every dense design that uses that GEMM is now partly regressed
+    assert mc.source(Assignment.uniform(dense)) == "mixed"
+    assert cost_model_for(cfg, dense, src).source(Assignment.uniform(dense)) == "measured"

@@ -247,6 +247,13 @@ def test_artifact_folder_and_manifest(artifact, shiftadd_spec):
     prims = {k["primitive"] for k in manifest["kernels"]}
     assert {"matadd", "matmul", "bmm"} <= prims and prims & {"matshift", "matshift_decode"}
     assert all(k["calls"] >= 1 for k in manifest["kernels"])
+    # the kernels listed are those the BUILT library defines (read from the loaded model.so, not the graph)
+    import tvm
+
+    lib = tvm.runtime.load_module(str(artifact / "model.so"))
+    assert all(lib.implements_function(k["function"], True) for k in manifest["kernels"])
+    assert not lib.implements_function("matshift_no_such_kernel", True)  # the probe can say no
+    assert manifest["library"]["pipeline"] == "project" and manifest["library"]["kernels_missing"] == []
     assert set(manifest["moe"]["capacity"]) == set(shiftadd_spec.costs)
     with np.load(artifact / "weights.npz") as npz:
         assert list(manifest["params"]) == [n for n in manifest["params"] if n in npz.files]
@@ -376,3 +383,56 @@ def test_export_prices_with_the_profile_of_the_device_it_targets(tmp_path):
     assert table is None and "several devices" in reason and "--profile" in reason
     table, reason = profile_table(cfg, znver4, path)  # named: used, from any device
     assert reason == str(path)
+
+
+def test_bench_refuses_a_manifest_listing_shift_kernels_the_library_lacks(artifact, tmp_path, dse_cli):
+    import hashlib
+    import shutil
+
+    from dse.deploy.artifact import Artifact, ArtifactError
+
+    lying = tmp_path / "lying"
+    shutil.copytree(artifact, lying)
+    manifest = yaml.safe_load((lying / "manifest.yaml").read_text())
+    row = next(k for k in manifest["kernels"] if k["primitive"] in ("matshift", "matshift_decode"))
+    row["function"] = row["function"] + "_absent"  # a kernel the graph named but the build did not produce
+    (lying / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    loaded = Artifact.load(lying)
+    with pytest.raises(ArtifactError, match=f"lacks 1 shift/add kernel.*{row['function']}.*compile pipeline project"):
+        loaded.check_kernels()
+    Artifact.load(artifact).check_kernels()  # the real one passes
+    pin = hashlib.sha256((lying / "manifest.yaml").read_bytes()).hexdigest()
+    res = dse_cli("bench", "--artifact", str(lying), "--expect-digest", pin, "--no-compile", "--no-dense-tvm",
+                  timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "_absent" in lines[0]
+
+
+def test_compile_relax_records_the_fallback_to_tvms_default_pipeline(monkeypatch):
+    """The project's pipeline failing on a module is recorded (pipeline tvm-default and why), not only logged."""
+    import tvm
+    from tvm import relax
+
+    from kernels import relax_pipeline
+    from kernels.compiled import library_functions
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(xv)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    ok = relax_pipeline.compile_relax_recorded(mod, "cpu")
+    assert ok.pipeline == "project" and ok.fallback_reason is None
+    assert any("relu" in f for f in library_functions(ok.executable))
+
+    def broken(_target):
+        raise RuntimeError("a schedule rule rejected the module")
+
+    monkeypatch.setattr(relax_pipeline, "relax_pipeline", broken)
+    fell = relax_pipeline.compile_relax_recorded(mod, "cpu")
+    assert fell.pipeline == "tvm-default" and "schedule rule rejected" in fell.fallback_reason
+    x = np.linspace(-1, 1, 32, dtype="float32").reshape(4, 8)
+    got = relax.VirtualMachine(fell.executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, np.maximum(x, 0))

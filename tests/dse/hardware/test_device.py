@@ -66,7 +66,14 @@ def test_cpu_model_name_parsing():
     assert cpu_model_name(x86) == "Intel(R) Xeon(R) Gold 6338"
     arm = "processor\t: 0\nBogoMIPS\t: 48.00\nCPU part\t: 0xd0c\n\nHardware\t: BCM2835\nModel\t: Raspberry Pi 4\n"
     assert cpu_model_name(arm) == "BCM2835"
-    assert cpu_model_name("processor : 0\n") == (platform.processor() or platform.machine() or "unknown cpu")
+
+def test_cpu_model_name_without_a_model_line_falls_back_to_platform(monkeypatch):
+    """No model line in cpuinfo: platform.processor(), else platform.machine(), else a stated unknown."""
+    for processor, machine, expect in (("FakeCPU 9000", "riscv64", "FakeCPU 9000"), ("", "riscv64", "riscv64"),
+                                       ("", "", "unknown cpu")):
+        monkeypatch.setattr(platform, "processor", lambda p=processor: p)
+        monkeypatch.setattr(platform, "machine", lambda m=machine: m)
+        assert cpu_model_name("processor : 0\n") == expect
 
 
 def test_describe_cpu_is_stable():
@@ -111,7 +118,9 @@ def test_describe_cuda_through_nvml(monkeypatch):
     assert info.name == "NVIDIA H100 80GB HBM3"  # CUDA device 1 is NVML device 0 here
     assert info.slug == "nvidia-h100-80gb-hbm3" and info.kind == "cuda" and info.index == 1
     assert (info.arch, info.driver, info.cuda_driver) == ("hopper", "550.54.15", "12.4")
-    assert info.cuda_runtime is None or re.fullmatch(r"\d+\.\d+", info.cuda_runtime)
+    import torch
+
+    assert info.cuda_runtime == torch.version.cuda  # the CUDA torch was built with (None for a CPU build)
     assert describe_device("cuda", device_index=0).slug == "nvidia-h100-pcie"
 
 

@@ -95,6 +95,43 @@ def test_passes_merge_to_the_median_of_pass_medians(tmp_path):
     assert passes_of(make_row()) == 1
 
 
+def test_passes_with_different_energy_sources_are_not_averaged_under_one_label(tmp_path):
+    from dse.profiling.store import merge_passes, passes_of
+
+    store = make_store(tmp_path)
+    store.open()
+    assert store.add(make_row(energy_mj=0.5, energy_source="rapl"))
+    with pytest.raises(ProfileError, match="energy from model and rapl.*one energy source"):
+        store.add(make_row(energy_mj=0.1, energy_source="model"), merge=True)
+    (row,) = load_profile(store.path).frame.to_dict("records")
+    assert (row["energy_mj"], row["energy_source"], passes_of(row)) == (0.5, "rapl", 1)  # left as it was
+    same = merge_passes(make_row(energy_mj=0.5, energy_source="rapl"), make_row(energy_mj=0.7, energy_source="rapl"))
+    assert (same["energy_mj"], same["energy_source"]) == (pytest.approx(0.6), "rapl")
+
+
+def test_unknown_energy_round_trips_as_empty_and_a_figure_needs_its_source(tmp_path):
+    store = make_store(tmp_path)
+    store.open()
+    assert store.add(make_row("framework", "torch", m=96, k=1, n=1, energy_mj=math.nan, energy_source=""))
+    line = store.path.read_text().splitlines()[1].split(",")
+    header = store.path.read_text().splitlines()[0].split(",")
+    assert line[header.index("energy_mj")] == "" and line[header.index("energy_source")] == ""
+    (row,) = load_profile(store.path).frame.to_dict("records")
+    assert math.isnan(row["energy_mj"]) and row["energy_source"] == ""
+    assert load_profile(store.path).energy_sources == []
+    # an old profile's fabricated zero for interpreter time reads as unknown
+    text = store.path.read_text().replace(",,,", ",0.0,model,", 1)
+    store.path.write_text(text)
+    (row,) = load_profile(store.path).frame.to_dict("records")
+    assert math.isnan(row["energy_mj"]) and row["energy_source"] == ""
+    # a kernel row with a figure but no source (or a source without a figure) is refused
+    lines = text.splitlines()
+    lines[1] = lines[1].replace("framework", "matmul", 1).replace(",0.0,model,", ",0.5,,", 1)
+    store.path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ProfileError, match="energy_mj is given but energy_source is empty"):
+        load_profile(store.path)
+
+
 @pytest.mark.parametrize("field, other, phrase", [
     ("device", {**DEVICE, "name": "Other CPU"}, "device"),
     ("versions", {**VERSIONS, "tvm": "0.26.0"}, "TVM version"),

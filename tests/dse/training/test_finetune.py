@@ -138,9 +138,12 @@ def test_finetune_outputs_metrics_and_reload(tmp_path, dense_ckpt, costs_for, ti
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]
     assert {"kd_loss", "moe_balance", "routing_gap"} <= set(metrics.columns)
+    # a share is a count of the epoch's training tokens (every image, every token) over their number
+    tokens = len(load_data(cfg.data, cfg.seed).train) * (dense.patch_embed.num_patches + dense.num_prefix_tokens)
     for name, c in costs.items():
         assert metrics[f"eq_share/{name}"].iloc[-1] == pytest.approx(c["shift"] / (c["mult"] + c["shift"]))
-        assert 0.0 <= metrics[f"mult_share/{name}"].iloc[-1] <= 1.0
+        routed = metrics[f"mult_share/{name}"].iloc[-1] * tokens
+        assert routed == pytest.approx(round(routed), abs=1e-6 * tokens)
 
     model, meta = load_finetuned(out / "weights.pt")
     assert not model.training
