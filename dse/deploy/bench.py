@@ -177,20 +177,27 @@ def _lead_in(fn: Callable[[], Any], ms: float) -> None:
         fn()
 
 
-def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
-                lead_in_ms: float = 20.0) -> dict[str, art.LatencyStats]:
-    """Per-call wall times of each contestant, ``rounds`` blocks each, every block after ``lead_in_ms`` of
-    untimed calls (module docstring)."""
+def interleaved_rounds(contestants: dict[str, Callable[[], Any]], *, per_round: int, warmup: int, rounds: int = 3,
+                       lead_in_ms: float = 20.0) -> dict[str, list[list[float]]]:
+    """``{contestant: [per-call ms of round 1, of round 2, ...]}``: every round runs each contestant for a block
+    of ``per_round`` calls after ``lead_in_ms`` of untimed ones (module docstring)."""
     for fn in contestants.values():
         for _ in range(warmup):
             fn()
-    per_round = max(1, -(-repeat // rounds))
-    samples: dict[str, list[float]] = {name: [] for name in contestants}
+    samples: dict[str, list[list[float]]] = {name: [] for name in contestants}
     for _ in range(rounds):
         for name, fn in contestants.items():
             _lead_in(fn, lead_in_ms)
-            samples[name] += _timed_block(fn, per_round)
-    return {name: art.LatencyStats.from_ms(values) for name, values in samples.items()}
+            samples[name].append(_timed_block(fn, per_round))
+    return samples
+
+
+def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
+                lead_in_ms: float = 20.0) -> dict[str, art.LatencyStats]:
+    """Each contestant's per-call wall times of :func:`interleaved_rounds`, pooled over its rounds."""
+    per_round = max(1, -(-repeat // rounds))
+    samples = interleaved_rounds(contestants, per_round=per_round, warmup=warmup, rounds=rounds, lead_in_ms=lead_in_ms)
+    return {name: art.LatencyStats.from_ms([v for block in blocks for v in block]) for name, blocks in samples.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,4 +392,4 @@ def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profil
     return out, why
 
 
-__all__ = ["bench", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved"]
+__all__ = ["bench", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved", "interleaved_rounds"]
