@@ -16,9 +16,11 @@ from collections.abc import Callable
 import numpy as np
 
 import models
-from dse.config import ProfileConfig
+from dse.checkpoints import build_dense
+from dse.config import Config, ProfileConfig
 from dse.cost.model import CostModel, default_profile_path, read_profile
-from dse.cost.sources import synthetic_costs
+from dse.cost.sources import model_cost, synthetic_costs
+from dse.deploy.holdout import random_assignments, validate_assignments
 from dse.profiling.inventory import build_inventory
 from dse.profiling.profiler import plan
 from dse.profiling.store import Profile
@@ -114,6 +116,37 @@ def cost_section(model_name: str = "deit_tiny_patch16_224", batch: int = 8) -> l
         f"ModelCost.predict(one assignment):     {one * 1e6:9.1f} us   (limit 1000 us: {verdict})",
         f"ModelCost.predict_indices (vectorised): {vec * 1e6:9.3f} us per assignment ({len(idx)} at once)",
         f"ModelCost.per_layer (table):           {table_s * 1e3:9.2f} ms",
+    ]
+
+
+@section("validate")
+def validate_section(count: int | None = None) -> list[str]:
+    """One prediction of the embedded model and the wall time of ``dse cost --validate``'s held-out assignments
+    (compile, interleaved timing, kernels inside the models) with the default settings."""
+    cfg = Config()
+    model = build_dense(cfg)
+    inventory = build_inventory(model, batch=cfg.profile.batch, nbits=cfg.finetune.nbits, name=cfg.model.name)
+    path = default_profile_path(cfg.profile)
+    try:
+        profile, source = read_profile(path), str(path)
+        model_cost(profile, cfg.cost, inventory, "tvm").predict(Assignment.uniform(model, "hamming", "moe"))
+    except Exception as exc:  # no (complete) profile of this machine: the same code on synthetic rows
+        profile, source = _synthetic_profile(inventory), f"synthetic rows ({type(exc).__name__})"
+    mc = model_cost(profile, cfg.cost, inventory, "tvm")
+    plans = random_assignments(mc, 16, seed=0)
+    it = iter(range(1 << 62))
+    one = median_seconds(lambda: mc.predict(plans[next(it) % len(plans)]))
+    count = cfg.cost.validate_assignments if count is None else count
+    t0 = time.perf_counter()
+    res = validate_assignments(cfg, profile, model, inventory, count=count, seed=cfg.seed,
+                               rounds=cfg.cost.validate_rounds, per_round=cfg.cost.validate_runs)
+    wall = time.perf_counter() - t0
+    compile_s = sum(r["compile_s"] for r in res["assignments"])
+    return [
+        f"model {cfg.model.name}, batch {cfg.profile.batch}; profile: {source}",
+        f"ModelCost.predict(one assignment): {one * 1e6:9.1f} us   (limit 1000 us: {'OK' if one < 1e-3 else 'TOO SLOW'})",
+        f"held-out assignments ({count}): {wall:.1f} s wall, of which compiling {compile_s:.1f} s; "
+        f"mean |error| {100 * res['summary'].get('mean_abs_error', float('nan')):.1f}% (load {res['load_1m']})",
     ]
 
 

@@ -101,6 +101,8 @@ class CostConfig:
     validate_runs: int = 30  # ... and at least this many eager runs (and 3 s) of the dense model, in all bursts
     validate_rounds: int = 3  # ... and rounds re-measuring its torch rows side by side with it; > 0 also re-measures
     # each primitive's rows before its held-out shapes (0 = neither: compare with the stored profile only)
+    validate_assignments: int = 8  # ... and random assignments compiled whole and timed interleaved (0 = none)
+    poison_factor: float = 1.5  # ... a profile row whose in-model/profiled ratio strays this far from the usual one
 
 
 @dataclass
@@ -313,6 +315,7 @@ def _validate(cfg: Config) -> None:
         "pretrain.lr": cfg.pretrain.lr,
         "finetune.lr": cfg.finetune.lr,
         "profile.min_repeat_ms": cfg.profile.min_repeat_ms,
+        "cost.validate_assignments": cfg.cost.validate_assignments,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -322,6 +325,9 @@ def _validate(cfg: Config) -> None:
                           f"({cfg.data.img_size}) when pretrain.low_res_epochs is set, got {cfg.pretrain.low_res}")
     if cfg.bench.budget_s is not None and cfg.bench.budget_s <= 0:
         raise ConfigError(f"config key 'bench.budget_s' must be positive (or null for no cap), got {cfg.bench.budget_s}")
+    if not cfg.cost.poison_factor > 1.0:
+        raise ConfigError(f"config key 'cost.poison_factor' must be above 1 (a ratio either way), got "
+                          f"{cfg.cost.poison_factor}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0.0 <= cfg.finetune.kd_weight <= 1.0:

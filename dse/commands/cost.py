@@ -28,6 +28,7 @@ from dse.cost.validate import (
     validate_dense_model,
     validate_shapes,
 )
+from dse.deploy.holdout import validate_assignments
 from dse.errors import UsageError
 from dse.fileio import atomic_write_text
 from dse.profiling.inventory import build_inventory
@@ -53,17 +54,22 @@ def _args(p: argparse.ArgumentParser) -> None:
                    "backend around the model's range into the profile (the regression's sample), then exit")
     p.add_argument("--holdout", type=int, help="--validate: held-out shapes per primitive and backend "
                    "(default: config cost.holdout_shapes)")
+    p.add_argument("--assignments", type=int, metavar="N", help="--validate: random held-out assignments compiled "
+                   "whole and timed interleaved, 0 for none (default: config cost.validate_assignments)")
 
 
 def _config(args: argparse.Namespace):
     if args.calibrate is not None and args.calibrate < 1:
         raise UsageError(f"--calibrate must be positive, got {args.calibrate}")
+    if args.assignments is not None and not args.validate:
+        raise UsageError("--assignments sets how many held-out assignments --validate compiles; add --validate")
     if args.validate and args.assignment:
         raise UsageError("--validate checks the cost model itself; drop --assignment")
     if (args.validate or args.calibrate is not None) and args.profile and len(args.profile) > 1:
         raise UsageError("--validate and --calibrate measure this machine: give at most one --profile")
     cfg = config_from_args(args, flags={"model": "model.name", "batch": "profile.batch",
-                                        "holdout": "cost.holdout_shapes"})
+                                        "holdout": "cost.holdout_shapes",
+                                        "assignments": "cost.validate_assignments"})
     if args.target:  # assigned after loading: a JSON target would be parsed as YAML by --set
         cfg.profile.target = args.target
     return cfg
@@ -225,6 +231,14 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
                                  min_runs=cfg.cost.validate_runs, settings=settings, rounds=cfg.cost.validate_rounds)
     atomic_write_text(out / "cost_holdout.csv", _csv_text([r.as_dict() for r in shapes]))
     atomic_write_text(out / "cost_dense_model.csv", _csv_text([dense]))
+    held = None
+    if cfg.cost.validate_assignments > 0:
+        held = validate_assignments(cfg, profile, model, inventory, count=cfg.cost.validate_assignments,
+                                    seed=cfg.seed, rounds=cfg.cost.validate_rounds, per_round=cfg.cost.validate_runs,
+                                    poison_factor=cfg.cost.poison_factor)
+        atomic_write_text(out / "cost_assignments.csv",
+                          _csv_text([{k: v for k, v in r.items() if k != "plan"} for r in held["assignments"]]))
+        atomic_write_text(out / "cost_kernels.csv", _csv_text(held["kernels"]))
     per = [{"backend/primitive": key, "shapes": s["count"], "within_10": s["within_10"],
             "within_15": s["within_15"], "rmspe": s["rmspe"], "law_loo_rmspe": s.get("law_loo_rmspe"),
             "drift": s.get("drift"), "repeat": s.get("repeatability"),
@@ -253,7 +267,57 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
            "profiling)"] if "side_by_side_error" in dense else []),
         f"load average during the check: {dense['load_1m']} ({settings.torch_threads} threads; a loaded machine "
         "makes both sides noisy)",
-        f"-> {out / 'cost_holdout.csv'}, {out / 'cost_dense_model.csv'}",
+        *(_assignments_text(held) if held else []),
+        f"-> {out / 'cost_holdout.csv'}, {out / 'cost_dense_model.csv'}"
+        + (f", {out / 'cost_assignments.csv'}, {out / 'cost_kernels.csv'}" if held else ""),
     ])
     return {"text": text, "json": {"model": cfg.model.name, "profile": str(profile.path), "holdout": summary,
-                                   "dense_model": dense, "shapes": [r.as_dict() for r in shapes]}}
+                                   "dense_model": dense, "shapes": [r.as_dict() for r in shapes],
+                                   "assignments": held}}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
+def _figures(s: dict[str, Any], prefix: str = "") -> str:
+    tau = s.get(prefix + "kendall_tau")
+    return (f"{100 * s[prefix + 'within_5']:.0f}% within ±5%, {100 * s[prefix + 'within_10']:.0f}% within ±10%, "
+            f"mean |error| {100 * s[prefix + 'mean_abs_error']:.1f}%, worst {_pct(s[prefix + 'worst_error'])}, "
+            f"Kendall tau {'-' if tau is None else f'{tau:.2f}'}")
+
+
+def _assignments_text(held: dict[str, Any]) -> list[str]:
+    """The held-out assignments' section of the validation report."""
+    s, ref = held["summary"], held["reference"]
+    rows = [{"#": r["assignment"], "msa": r["msa"], "ham": r["hamming"], "mult": r["mult"], "shift": r["shift"],
+             "moe": r["moe"], "predicted_ms": r["predicted_ms"], "measured_ms": r["measured_ms"],
+             "error": _pct(r["rel_error"]), "corrected": _pct(r["corrected_error"]), "spread": _pct(r["spread"]),
+             "in-model kernels/other ms": f"{r['in_model_kernels_ms']:.3f}/{r['in_model_other_ms']:.3f}"}
+            for r in held["assignments"]]
+    then = ref["then"]
+    if ref["speed_ratio"] is None:
+        speed = (f"host speed: reference kernel {'x'.join(map(str, ref['kernel'][1:]))} {ref['kernel'][0]} now "
+                 f"{ref['now_ms']:.4f} ms; the profile stored no time for it, so the ratio then/now is unknown and "
+                 "no drift correction is made (re-measure the profile with `dse profile --force` to record one)")
+    else:
+        speed = (f"host speed: reference kernel {'x'.join(map(str, ref['kernel'][1:]))} {ref['kernel'][0]} "
+                 f"{then['latency_ms']:.4f} ms when profiled ({then['measured_at']}), {ref['now_ms']:.4f} ms now: "
+                 f"the host runs {ref['speed_ratio']:.2f}x the time it did then")
+    factors = ", ".join(f"{p} {f['factor']:.2f}" for p, f in held["in_context"].items() if f["factor"] is not None)
+    poisoned = [k for k in held["kernels"] if k["poisoned"]]
+    lines = [f"held-out assignments ({s['count']}, compiled whole, timed interleaved in {held['rounds']} rounds of "
+             f"{held['per_round']} calls each): {_figures(s)}",
+             *([f"  drift-corrected (prediction x host-speed ratio {s['speed_ratio']:.2f}): {_figures(s, 'corrected_')}"]
+               if s.get("speed_ratio") is not None else []),
+             f"  measurement's own spread between rounds: up to {_pct(s['max_spread'])} (errors below it are noise)",
+             speed, table(rows, floatfmt="{:.3f}"),
+             f"in-context factor (kernel time inside the models / its profile row, per primitive): {factors}"]
+    if poisoned:
+        lines.append(f"rows that disagree with the kernel inside the model by more than {held['poison_factor']}x "
+                     "(re-measure them: `dse profile --force`):")
+        lines += [f"  {k['primitive']} {k['b']}x{k['m']}x{k['k']}x{k['n']}: profile {k['profile_ms']:.4f} ms, in model "
+                  f"{k['in_model_ms']:.4f} ms ({k['ratio']:.2f}x, usually {k['usual_ratio']:.2f}x)" for k in poisoned]
+    else:
+        lines.append(f"no profile row disagrees with its kernel inside the models by more than {held['poison_factor']}x")
+    return lines

@@ -233,6 +233,25 @@ class Artifact:
             raise ArtifactError(f"{self.folder / LIBRARY} lacks {len(missing)} shift/add kernel(s) its manifest lists "
                                 f"(e.g. {missing[0]}; compile pipeline {pipeline}); re-run `dse export`")
 
+    @classmethod
+    def in_memory(cls, executable: Any, params: list[np.ndarray], input_shape: tuple[int, ...], input_dtype: str,
+                  device: Any = None) -> Artifact:
+        """A freshly compiled ``relax.Executable`` run as a loaded artifact is, without writing its folder (the
+        cost check compiles models only to time them): ``params`` in the order ``main`` takes them."""
+        import tvm
+        from tvm import relax
+
+        device = device if device is not None else tvm.cpu(0)
+        vm = relax.VirtualMachine(executable, device)
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(p), device) for p in params]
+        manifest = {"input": {"shape": list(input_shape), "dtype": input_dtype, "batch": int(input_shape[0])}}
+        return cls(Path("<in memory>"), manifest, vm, device, prepare_params(vm, tensors))
+
+    @property
+    def vm(self) -> Any:
+        """The ``relax.VirtualMachine`` (for :func:`kernels.instrument.time_calls`)."""
+        return self._vm
+
     # ---- running ------------------------------------------------------------------------------------
     def _input(self, images: np.ndarray) -> Any:
         import tvm

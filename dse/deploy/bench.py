@@ -187,22 +187,28 @@ def calls_within(budget_s: float | None, call_ms: list[float], repeat: int, roun
     return max(min(5, per_round), min(per_round, fit))
 
 
-def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
-                lead_in_ms: float = 20.0, budget_s: float | None = None) -> dict[str, art.LatencyStats]:
-    """Per-call wall times of each contestant, ``rounds`` blocks each, every block after ``lead_in_ms`` of
-    untimed calls (module docstring); ``budget_s`` caps the timed calls (:func:`calls_within`, from the
-    warm-up calls' times)."""
-    warm_ms = []
-    for fn in contestants.values():
-        times = _timed_block(fn, max(1, warmup))
-        warm_ms.append(min(times))
-    per_round = calls_within(budget_s, warm_ms, repeat, rounds)
-    samples: dict[str, list[float]] = {name: [] for name in contestants}
+def interleaved_rounds(contestants: dict[str, Callable[[], Any]], *, per_round: int, warmup: int, rounds: int = 3,
+                       lead_in_ms: float = 20.0, budget_s: float | None = None) -> dict[str, list[list[float]]]:
+    """``{contestant: [per-call ms of round 1, of round 2, ...]}``: every round runs each contestant for a block
+    of ``per_round`` calls after ``lead_in_ms`` of untimed ones (module docstring); ``budget_s`` lowers
+    ``per_round`` (:func:`calls_within`, from the fastest warm-up call of each)."""
+    warm_ms = [min(_timed_block(fn, max(1, warmup))) for fn in contestants.values()]
+    per_round = calls_within(budget_s, warm_ms, per_round * rounds, rounds)
+    samples: dict[str, list[list[float]]] = {name: [] for name in contestants}
     for _ in range(rounds):
         for name, fn in contestants.items():
             _lead_in(fn, lead_in_ms)
-            samples[name] += _timed_block(fn, per_round)
-    return {name: art.LatencyStats.from_ms(values) for name, values in samples.items()}
+            samples[name].append(_timed_block(fn, per_round))
+    return samples
+
+
+def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
+                lead_in_ms: float = 20.0, budget_s: float | None = None) -> dict[str, art.LatencyStats]:
+    """Each contestant's per-call wall times of :func:`interleaved_rounds`, pooled over its rounds."""
+    per_round = max(1, -(-repeat // rounds))
+    samples = interleaved_rounds(contestants, per_round=per_round, warmup=warmup, rounds=rounds, lead_in_ms=lead_in_ms,
+                                 budget_s=budget_s)
+    return {name: art.LatencyStats.from_ms([v for block in blocks for v in block]) for name, blocks in samples.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,4 +405,4 @@ def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profil
     return out, why
 
 
-__all__ = ["bench", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved"]
+__all__ = ["bench", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved", "interleaved_rounds"]

@@ -379,7 +379,7 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
     x_val, y_val = val_tensors(cfg, ex.val_images)
     fit = x_val[: cfg.data.batch_size]
     model, plan, meta = load_model(cfg, checkpoint, assignment, fit_images=fit)
-    tokens = batch * _tokens_per_image(model, x_val[:1])
+    tokens = batch * tokens_per_image(model, x_val[:1])
 
     capacity = calibrate_capacity(model, x_val, batch, plan.capacity)
     plan = Assignment(attention=dict(plan.attention), linear=dict(plan.linear), capacity=capacity)
@@ -456,7 +456,7 @@ def export_compile_only(form: nn.Module, plan: Assignment, example: torch.Tensor
             "compile_pipeline": manifest["library"]["pipeline"]}
 
 
-def _tokens_per_image(model: nn.Module, image: torch.Tensor) -> int:
+def tokens_per_image(model: nn.Module, image: torch.Tensor) -> int:
     """Rows per image at the first decision Linear (patches + prefix tokens), seen by a forward hook."""
     linear_names = [n for n, k in layer_kinds(model).items() if k == "linear"]
     if not linear_names:
@@ -550,5 +550,5 @@ def _summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "moe": manifest.get("moe"), "manifest_sha256": art.manifest_digest(out)}
 
 
-__all__ = ["calibrate_capacity", "choose_shift_primitives", "export", "load_model", "no_prediction_reason",
+__all__ = ["calibrate_capacity", "choose_shift_primitives", "export", "load_model", "no_prediction_reason", "tokens_per_image",
            "val_tensors"]

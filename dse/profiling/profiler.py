@@ -38,7 +38,7 @@ from dse.fileio import atomic_write_text, file_lock
 from dse.hardware import energy
 from dse.hardware.device import describe_device, versions
 from dse.hardware.energy import AnalyticalEnergyModel
-from dse.profiling import eager, nonprim
+from dse.profiling import eager, nonprim, reference
 from dse.profiling.inventory import TORCH_BASELINE, Inventory, compact_names
 from dse.profiling.store import Key, ProfileStore, format_rows, load_profile, passes_of, row_key
 from kernels import Timing
@@ -557,8 +557,10 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
     present = sum(1 for s in specs if initial[s.key] >= passes)
     source = energy.select_source(target_json, list(settings.energy))
     measured, by_other, failed = 0, 0, []
+    speed: list[float] = []  # the host-speed reference, before and after the rows (dse.profiling.reference)
     try:
         if todo:
+            speed.append(reference.time_reference(target_json))
             measurer = Measurer(settings, kernels.resolve_target(target_json), source, slug,
                                 eager_probe=inventory.eager_probe)
             for pass_no in range(1, passes + 1):
@@ -578,10 +580,12 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
                         continue
                     store.add(row, replace=done == 0, merge=done > 0)
                     measured += 1
+        if measured:
+            speed.append(reference.time_reference(target_json))
     finally:
         source.close()
         if measured:
-            store.touch()
+            store.touch({reference.META_KEY: reference.record(speed, load_1m())} if speed else None)
     final = {row_key(r): r for r in store.rows()}
     rows = [final[s.key] for s in specs if s.key in final]
     return ProfileRun(store.path, len(specs), present, measured, by_other, failed, time.perf_counter() - started,

@@ -504,15 +504,17 @@ class ProfileStore:
             if not self.path.exists():
                 self._write_rows([], list(COLUMNS))
 
-    def touch(self) -> None:
+    def touch(self, extra: Mapping[str, Any] | None = None) -> None:
         """Record that rows were just measured with this run's settings (``updated``, ``settings``) and for
-        which model (the label given to :meth:`open`)."""
+        which model (the label given to :meth:`open`); ``extra`` entries (e.g. the host-speed reference,
+        :mod:`dse.profiling.reference`) replace their keys."""
         with file_lock(self.path):
             meta = read_meta(self.path)
             models = list(meta.get("models") or [])
             if self._model and self._model not in models:
                 models.append(self._model)
-            self._write_meta({**meta, "settings": self.header["settings"], "updated": _now(), "models": models})
+            self._write_meta({**meta, **dict(extra or {}), "settings": self.header["settings"], "updated": _now(),
+                              "models": models})
 
     def keys(self) -> set[Key]:
         with file_lock(self.path):

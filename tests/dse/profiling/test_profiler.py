@@ -12,7 +12,7 @@ import kernels
 import models
 from dse.cli import main
 from dse.hardware.energy import AnalyticalEnergyModel
-from dse.profiling import nonprim
+from dse.profiling import nonprim, reference
 from dse.profiling.inventory import build_inventory
 from dse.profiling.profiler import (
     COLD_SAMPLES_PER_REPEAT,
@@ -87,11 +87,11 @@ def test_trials_make_untuned_kernel_rows_missing():
 
 
 def _count_builds(monkeypatch) -> dict[str, int]:
-    counts = {"kernels": 0, "ops": 0}
+    counts = {"kernels": 0, "ops": 0, "reference": 0}
     real_build, real_op = kernels.build, nonprim.build_op
 
     def build(*a, **kw):
-        counts["kernels"] += 1
+        counts["reference" if tuple(a[:5]) == reference.KERNEL else "kernels"] += 1
         return real_build(*a, **kw)
 
     def build_op(*a, **kw):
@@ -118,6 +118,11 @@ def test_rerun_measures_only_missing_rows_and_force_measures_all(tmp_path, monke
     assert first.measured == len(specs) and first.present == 0 and not first.failed
     assert counts["kernels"] == len(tvm_rows)
     prof = load_profile(first.path)
+    # the host-speed reference, timed before and after the rows, is stored with the profile
+    assert counts["reference"] == 2
+    ref = reference.stored(prof.meta)
+    assert ref is not None and len(ref["samples_ms"]) == 2
+    assert ref["latency_ms"] == pytest.approx(sum(ref["samples_ms"]) / 2) and ref["latency_ms"] > 0
     assert {row_key(r) for r in prof.frame.to_dict("records")} == {s.key for s in specs}
     # every row labelled; analytical energy equals the model's estimate for the kernel's shape
     model = AnalyticalEnergyModel()
@@ -151,9 +156,11 @@ def test_rerun_measures_only_missing_rows_and_force_measures_all(tmp_path, monke
     unchanged = {row_key(r): r["measured_at"] for r in load_profile(first.path).frame.to_dict("records")}
     assert all(unchanged[row_key(r)] == r["measured_at"] for r in kept)
 
-    counts["kernels"] = 0
+    counts["kernels"] = counts["reference"] = 0
+    before = reference.stored(load_profile(first.path).meta)
     third = profile_model(tiny_inventory, settings, tmp_path, progress=False)
     assert third.measured == 0 and counts["kernels"] == 0
+    assert counts["reference"] == 0 and reference.stored(load_profile(first.path).meta) == before  # nothing timed
 
     forced = profile_model(tiny_inventory, settings, tmp_path, force=True, progress=False)
     assert forced.measured == len(specs) and counts["kernels"] == len(tvm_rows)

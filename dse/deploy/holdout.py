@@ -1,0 +1,193 @@
+"""Held-out assignments: whole compiled models against the cost model's prediction (``dse cost --validate``).
+
+The held-out shapes of :mod:`dse.cost.validate` check single kernels; what the search relies on is the sum: a
+whole model, compiled, for assignments the cost model priced but nobody measured. Here:
+
+1. ``count`` random assignments (seeded) of the dense model, each drawn with its own mixing weights over the
+   choices (a Dirichlet draw per assignment, then a choice per layer), so they range from nearly dense to
+   nearly all shift/add and their latencies spread enough to rank. Only choices the profile can price are
+   drawn. MoE layers get the equilibrium Mult share of their experts' costs as static capacity, so the graph
+   routes exactly what the prediction assumes.
+2. Each is reparameterised (no training: latency does not depend on the weights' values), compiled as
+   ``dse export`` compiles (the same shift-primitive rule from the same profile, :func:`dse.deploy.graph.to_relax`,
+   :func:`kernels.relax_pipeline.compile_relax`) and kept in memory.
+3. All of them are timed interleaved (:func:`dse.deploy.bench.interleaved_rounds`): ``rounds`` rounds, each a
+   block of calls of every model in turn, so the host's drift hits them alike; the measured latency is the
+   median of all calls, the spread the range of the round medians over that median.
+4. Inside each model every packed call is timed by the VM's instrument hook (:mod:`kernels.instrument`): the
+   project's kernels against their profile rows (:func:`dse.cost.fidelity.compare_kernels`).
+5. The host-speed reference kernel (:mod:`dse.profiling.reference`) is timed before and after, against its
+   time when the profile was measured, for the drift-corrected errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import kernels
+from dse.config import Config
+from dse.cost.fidelity import POISON_FACTOR, assignment_summary, compare_kernels
+from dse.cost.model import CostTable, ModelCost
+from dse.cost.sources import model_cost
+from dse.deploy import graph
+from dse.deploy.artifact import Artifact
+from dse.deploy.bench import interleaved_rounds
+from dse.deploy.export import choose_shift_primitives, shift_shapes, tokens_per_image
+from dse.hardware.threads import use_all_cores
+from dse.profiling import reference
+from dse.profiling.profiler import load_1m
+from dse.training.finetune import reparam_options
+from kernels.instrument import floor_ms, time_calls
+from kernels.relax_pipeline import compile_relax
+from models.assignment import Assignment
+from models.hamming import fit_hamming
+from models.moe import set_moe_capacity
+from models.reparam import reparameterize
+
+log = logging.getLogger(__name__)
+
+
+def priced_choices(mc: ModelCost) -> dict[str, tuple[str, ...]]:
+    """``{layer: choices the profile can price}``, model order."""
+    return {name: tuple(c for j, c in enumerate(mc.choices[kind]) if np.isfinite(mc.lat[i, j]))
+            for i, (name, kind) in enumerate(zip(mc.layers, mc.kinds))}
+
+
+def random_assignments(mc: ModelCost, count: int, seed: int) -> list[Assignment]:
+    """``count`` distinct random assignments (module docstring, step 1), MoE capacity set."""
+    rng = np.random.default_rng(seed)
+    choices = priced_choices(mc)
+    out: list[Assignment] = []
+    seen: set[tuple[str, ...]] = set()
+    for _ in range(50 * count):
+        if len(out) == count:
+            break
+        weights = {kind: rng.dirichlet(np.ones(len(mc.choices[kind]))) for kind in ("linear", "attention")}
+        picks = {}
+        for name, kind in zip(mc.layers, mc.kinds):
+            allowed = choices[name]
+            w = np.array([weights[kind][mc.choices[kind].index(c)] for c in allowed])
+            picks[name] = str(rng.choice(allowed, p=w / w.sum()))
+        key = tuple(picks[n] for n in mc.layers)
+        if key in seen:
+            continue
+        seen.add(key)
+        linear = {n: c for n, c in picks.items() if mc.kinds[mc.index[n]] == "linear"}
+        capacity = {n: round(mc.equilibrium_share(n), 4) for n, c in linear.items() if c == "moe"}
+        out.append(Assignment(attention={n: c for n, c in picks.items() if mc.kinds[mc.index[n]] == "attention"},
+                              linear=linear, capacity=capacity))
+    return out
+
+
+def compile_assignment(cfg: Config, dense: nn.Module, plan: Assignment, images: torch.Tensor, target: Any,
+                       table: CostTable) -> tuple[Artifact, graph.RelaxGraph]:
+    """``dense`` reparameterised for ``plan`` and compiled for ``target`` as ``dse export`` compiles it, run in
+    memory (module docstring, step 2)."""
+    tgt = kernels.resolve_target(target)
+    torch.manual_seed(cfg.seed)  # router initialisation
+    model = reparameterize(dense, plan, costs=None, **reparam_options(cfg)).eval()
+    fit_hamming(model, images)
+    if plan.capacity:
+        set_moe_capacity(model, dict(plan.capacity))
+    shapes = shift_shapes(model, len(images) * tokens_per_image(model, images[:1]))
+    choices = choose_shift_primitives(shapes, tgt, table, None)
+    form = graph.export_form(model, lambda name, _layer: choices[name]["primitive"])
+    g = graph.to_relax(form, images.contiguous(), tgt)
+    exe = compile_relax(g.mod, tgt)
+    device = kernels.targets.device_for(tgt)
+    return Artifact.in_memory(exe, [g.params[n] for n in g.param_names], g.input_shape, g.input_dtype, device), g
+
+
+def kernel_times(artifact: Artifact, g: graph.RelaxGraph, inp: Any, runs: int) -> dict[str, Any]:
+    """The project's kernels timed inside the model (step 4): ``kernels`` (primitive, shape, calls per forward,
+    median ms of one call) and the forward's instrumented time split into those kernels and everything else."""
+    times = time_calls(artifact.vm, lambda: artifact._call(inp), runs)
+    rows = []
+    for name, prim in sorted(g.kernel_calls.items()):
+        if name not in times:  # a kernel the compiler dropped (dead code) or renamed
+            log.info("kernel %s was not seen in the compiled model's calls", name)
+            continue
+        t = times[name]
+        rows.append({"primitive": prim, **dict(zip("bmkn", g.kernel_shapes[name])), "calls": t.calls_per_run,
+                     "in_model_ms": t.median_ms, "function": name})
+    in_kernels = sum(times[r["function"]].per_run_ms for r in rows)
+    return {"kernels": rows, "kernels_ms": in_kernels,
+            "other_ms": sum(t.per_run_ms for t in times.values()) - in_kernels, "hook_floor_ms": floor_ms(times)}
+
+
+def _counts(plan: Assignment) -> dict[str, int]:
+    counts = dict.fromkeys(("msa", "hamming", "mult", "shift", "moe"), 0)
+    counts.update(plan.counts())
+    return counts
+
+
+def validate_assignments(cfg: Config, profile: Any, dense: nn.Module, inventory: Any, *, count: int = 8,
+                         seed: int = 0, rounds: int = 3, per_round: int = 30, kernel_runs: int = 20,
+                         poison_factor: float = POISON_FACTOR) -> dict[str, Any]:
+    """Predicted vs measured latency of ``count`` compiled held-out assignments (module docstring).
+
+    Returns ``assignments`` (one row each), ``summary`` (:func:`dse.cost.fidelity.assignment_summary`),
+    ``kernels`` and ``in_context`` (:func:`dse.cost.fidelity.compare_kernels` over every model's kernels, one row
+    per kernel shape: the median over the models that run it) and the host-speed reference."""
+    use_all_cores()
+    target = cfg.profile.target
+    table = CostTable(profile)
+    mc = model_cost(table, cfg.cost, inventory, "tvm")
+    plans = random_assignments(mc, count, seed)
+    images = torch.randn(inventory.batch, *inventory.input_size, generator=torch.Generator().manual_seed(seed))
+    compiled, compile_s = [], []
+    for i, plan in enumerate(plans):
+        t0 = time.perf_counter()
+        compiled.append(compile_assignment(cfg, dense, plan, images, target, table))
+        compile_s.append(time.perf_counter() - t0)
+        log.info("compiled held-out assignment %d/%d (%s) in %.1f s", i + 1, len(plans), _counts(plan), compile_s[-1])
+    tgt = kernels.resolve_target(target)
+    speed = [reference.time_reference(tgt)]
+    inputs = [art.device_input(images.numpy()) for art, _ in compiled]
+    fns = {str(i): (lambda art=art, inp=inp: art._call(inp).numpy()) for i, ((art, _), inp)
+           in enumerate(zip(compiled, inputs))}
+    loads = [load_1m()]
+    samples = interleaved_rounds(fns, per_round=per_round, warmup=3, rounds=max(2, rounds))
+    loads.append(load_1m())
+    speed.append(reference.time_reference(tgt))
+    now_ms = statistics.median(speed)
+    ratio = reference.speed_ratio(profile.meta, now_ms)
+
+    rows, per_kernel = [], {}
+    for i, (plan, (art, g), inp) in enumerate(zip(plans, compiled, inputs)):
+        blocks = samples[str(i)]
+        measured = float(np.median([v for block in blocks for v in block]))
+        round_medians = [float(np.median(block)) for block in blocks]
+        predicted = float(mc.predict(plan).latency_ms)
+        inside = kernel_times(art, g, inp, kernel_runs)
+        for k in inside["kernels"]:
+            per_kernel.setdefault((k["primitive"], k["b"], k["m"], k["k"], k["n"]), []).append(k)
+        rows.append({
+            "assignment": i, **_counts(plan), "predicted_ms": predicted, "measured_ms": measured,
+            "rel_error": (predicted - measured) / measured,
+            "corrected_error": None if ratio is None else (predicted * ratio - measured) / measured,
+            "spread": (max(round_medians) - min(round_medians)) / measured,
+            "round_medians_ms": round_medians, "in_model_kernels_ms": inside["kernels_ms"],
+            "in_model_other_ms": inside["other_ms"], "hook_floor_ms": inside["hook_floor_ms"],
+            "compile_s": compile_s[i], "plan": plan.to_dict(),
+        })
+    merged = [{"primitive": key[0], **dict(zip("bmkn", key[1:])), "calls": ks[0]["calls"], "models": len(ks),
+               "in_model_ms": float(np.median([k["in_model_ms"] for k in ks]))} for key, ks in sorted(per_kernel.items())]
+    kernel_rows, factors = compare_kernels(merged, table, factor=poison_factor)
+    return {
+        "assignments": rows, "summary": assignment_summary(rows, ratio), "kernels": kernel_rows,
+        "in_context": factors, "poison_factor": poison_factor, "rounds": max(2, rounds), "per_round": per_round,
+        "reference": {"kernel": list(reference.KERNEL), "now_ms": now_ms, "now_samples_ms": speed,
+                      "then": reference.stored(profile.meta), "speed_ratio": ratio},
+        "load_1m": max((v for v in loads if v is not None), default=None),
+    }
+
+
+__all__ = ["compile_assignment", "kernel_times", "priced_choices", "random_assignments", "validate_assignments"]
