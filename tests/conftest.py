@@ -15,6 +15,7 @@ import kernels
 from dse.checkpoints import build_dense
 from dse.config import Config
 from dse.hardware.device import describe_device
+from dse.profiling import profiler
 from dse.profiling.inventory import build_inventory
 from dse.profiling.profiler import plan
 from dse.profiling.store import format_rows, meta_path, profile_path
@@ -24,6 +25,15 @@ os.environ.setdefault("CI", "true")  # no progress bars in test output
 # No test reads the profiles committed for some host CPU: the default profile root is an empty folder of the
 # session's (subprocesses inherit it). A test that needs a profile writes one (the `profile_root` fixtures).
 os.environ["DSE_PROFILE_DIR"] = tempfile.mkdtemp(prefix="dse-profiles-")
+
+
+@pytest.fixture(autouse=True)
+def quiet_host(monkeypatch):
+    """Rows measured in a test record a quiet host and are measured once: whether the test machine happens to
+    be loaded (the profiler re-measures rows taken under load, and preempted timings) must not change what a
+    test sees. The tests of that hygiene set the load and the timings themselves."""
+    monkeypatch.setattr(profiler, "load_1m", lambda: 0.25)
+    monkeypatch.setattr(profiler, "PREEMPTED_RATIO", float("inf"))
 
 
 def run_dse(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):

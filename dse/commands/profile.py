@@ -11,6 +11,7 @@ from dse.commands.registry import command
 from dse.errors import StageError
 from dse.profiling.inventory import compact_names, inventory_for_config
 from dse.profiling.profiler import (
+    PREEMPTED_RATIO,
     Settings,
     check_target_runnable,
     compile_model,
@@ -104,6 +105,11 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
     energy = {"model": "analytical model (45 nm op/byte energies: an ASIC projection, not a measurement of "
                        "this machine)", "rapl": "RAPL (CPU package, measured)", "nvml": "NVML (GPU, measured)"}
     lines.append(f"energy: {energy.get(run.energy_source, run.energy_source)}")
+    if run.busy_before:
+        lines.append(f"{run.busy_before} stored row(s) had been measured under load: measured again now")
+    if run.remeasured:
+        lines.append(f"{run.remeasured} row(s) measured again: their median was over {PREEMPTED_RATIO:g}x their "
+                     "fastest sample (other work took the CPU); each keeps its fastest attempt")
     busy = load_warning(rows, run.cores)
     if busy:
         lines.append(f"warning: {busy}")
@@ -140,7 +146,8 @@ def run(args: argparse.Namespace):
     run_ = profile_model(inv, settings, root, force=args.force, progress=progress, label=None)
     text = _summary_text(run_, run_.rows)
     result = {"profile": str(run_.path), "planned": run_.planned, "present": run_.present, "measured": run_.measured,
-              "measured_by_other": run_.by_other, "failed": run_.failed, "seconds": round(run_.seconds, 2),
+              "measured_by_other": run_.by_other, "remeasured_preempted": run_.remeasured,
+              "remeasured_busy": run_.busy_before, "failed": run_.failed, "seconds": round(run_.seconds, 2),
               "energy_source": run_.energy_source, "target": run_.target_slug, "summary": summary_rows(run_)}
     if run_.failed:
         # the measured rows are saved: show them before the error line

@@ -218,6 +218,7 @@ class Measurer:
         self.torch_device = "cuda" if self.is_cuda else "cpu"
         # the model's forward on an empty batch (Inventory.eager_probe): what a ``framework`` row times
         self.eager_probe = eager_probe
+        self.remeasured = 0  # rows measured again because their timings looked preempted
 
     @property
     def measured_energy(self) -> bool:
@@ -342,14 +343,26 @@ class Measurer:
                                       idle_w=self.idle_power_w())
         return float(reading.energy_mj_per_call)
 
-    def measure(self, spec: RowSpec) -> dict[str, Any]:
-        """Measure one row; returns it in the store's column layout."""
+    def _runnable(self, spec: RowSpec) -> _Runnable:
         if spec.backend == "torch":
-            runnable = self._torch(spec)
-        elif spec.kind == "nonprim":
-            runnable = self._tvm_nonprim(spec)
-        else:
-            runnable = self._tvm_kernel(spec)
+            return self._torch(spec)
+        if spec.kind == "nonprim":
+            return self._tvm_nonprim(spec)
+        return self._tvm_kernel(spec)
+
+    def measure(self, spec: RowSpec) -> dict[str, Any]:
+        """Measure one row (again, up to :data:`MEASURE_TRIES` times, while its timings look preempted:
+        :func:`preempted`); returns it in the store's column layout."""
+        runnable = self._runnable(spec)
+        for _ in range(MEASURE_TRIES - 1):
+            why = preempted(runnable.timing)
+            if why is None:
+                break
+            log.info("%s/%s %s: %s; measuring it again", spec.primitive, spec.backend, spec.shape, why)
+            self.remeasured += 1
+            again = self._runnable(spec)
+            if again.timing.median_ms < runnable.timing.median_ms:
+                runnable = again
         energy = self._energy_mj(spec, runnable)
         timing = runnable.timing
         return {
@@ -372,18 +385,41 @@ class Measurer:
 
 
 BUSY_LOAD_PER_CORE = 1.25  # the profiler's own threads keep up to one per core busy: only more means other work
+PREEMPTED_RATIO = 3.0  # a median this many times the fastest sample: most samples lost the CPU to other work
+MEASURE_TRIES = 3
+
+
+def preempted(timing: Any) -> str | None:
+    """Why ``timing`` looks like other work took the CPU in the middle of most samples (its median far above
+    its fastest sample: a kernel's own spread on a quiet host stays well inside :data:`PREEMPTED_RATIO`;
+    under load, medians landed on multiples of the scheduler's time slice, e.g. a 0.09 ms LayerNorm
+    stored at 8 ms), else None."""
+    samples = getattr(timing, "results_ms", ())
+    if not samples:
+        return None
+    fastest = min(samples)
+    if fastest > 0 and timing.median_ms > PREEMPTED_RATIO * fastest:
+        return (f"median {timing.median_ms:.3g} ms is {timing.median_ms / fastest:.1f}x its fastest sample "
+                f"({fastest:.3g} ms)")
+    return None
+
+
+def busy(row: Mapping[str, Any], cores: int | None) -> bool:
+    """Whether ``row`` was measured while other work ran (its ``load_1m`` above the cores' share)."""
+    load = row.get("load_1m")
+    return bool(cores) and load is not None and load == load and float(load) > BUSY_LOAD_PER_CORE * cores
 
 
 def load_warning(rows: list[dict[str, Any]], cores: int | None) -> str | None:
     """Why ``rows`` should not be trusted when other work ran while they were measured (their stored
     ``load_1m`` above :data:`BUSY_LOAD_PER_CORE` per core), else None."""
     loads = [float(r["load_1m"]) for r in rows if r.get("load_1m") is not None and r["load_1m"] == r["load_1m"]]
-    if not loads or not cores or max(loads) <= BUSY_LOAD_PER_CORE * cores:
+    n_busy = sum(busy(r, cores) for r in rows)
+    if not n_busy:
         return None
-    busy = sum(x > BUSY_LOAD_PER_CORE * cores for x in loads)
-    return (f"the 1-min load average reached {max(loads):.1f} on {cores} cores while {busy} of these {len(loads)} "
-            "rows were measured: other work was running and their timings are too slow; re-measure on a quiet "
-            "machine (`dse profile --force`)")
+    return (f"the 1-min load average reached {max(loads):.1f} on {cores} cores while {n_busy} of these {len(loads)} "
+            "rows were measured: other work was running and their timings are too slow; they are not reused: the "
+            "next `dse profile` (or `dse run`) measures them again — on a quiet machine")
 
 
 def load_1m() -> float | None:
@@ -433,6 +469,8 @@ class ProfileRun:
     specs: list[RowSpec]
     cores: int | None
     passes: int = 1
+    remeasured: int = 0  # rows measured again because their timings looked preempted (Measurer.measure)
+    busy_before: int = 0  # stored rows measured under load, measured again now
 
 
 _TARGET_CACHE = ".targets.json"
@@ -493,9 +531,10 @@ def _resolve_target(spec: Any, root: str | Path, device: Any, *, use_cache: bool
     return target_json, slug, False
 
 
-def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int) -> bool:
-    """Whether an existing row answers this run: present and, for TVM kernels, tuned with >= ``trials``."""
-    if row is None:
+def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int, cores: int | None = None) -> bool:
+    """Whether an existing row answers this run: present, not measured under load (:func:`busy`) and, for TVM
+    kernels, tuned with >= ``trials``."""
+    if row is None or busy(row, cores):
         return False
     if spec.backend == "tvm" and spec.kind == "kernel" and trials > 0:
         return int(row.get("tuned_trials", 0)) >= trials
@@ -531,9 +570,10 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
 
     def have(row: Mapping[str, Any] | None, spec: RowSpec) -> int:
         """Passes of ``row`` that count for this run (0: missing, or a TVM kernel tuned with too few trials)."""
-        return passes_of(row) if _satisfied(row, spec, settings.trials) else 0
+        return passes_of(row) if _satisfied(row, spec, settings.trials, device.cores) else 0
 
-    def open_store(use_cache: bool) -> tuple[ProfileStore, dict[Key, int], list[RowSpec], dict[str, Any], str, bool]:
+    def open_store(use_cache: bool) -> tuple[ProfileStore, dict[Key, int], list[RowSpec], dict[str, Any], str, bool,
+                                             int]:
         target_json, slug, cached = _resolve_target(settings.target, root, device, use_cache=use_cache)
         store = ProfileStore(root, device.as_dict(), target_json, slug, versions(), settings.header())
         store.open(force=force, model=label)
@@ -545,18 +585,22 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
                            if k not in planned and r["primitive"] != eager.FRAMEWORK]
         # --force re-measures this model's rows, not what others put into the profile
         initial = {s.key: 0 if force and s.key in planned else have(existing.get(s.key), s) for s in candidates}
+        busy_before = sum(1 for s in candidates if s.key in existing and busy(existing[s.key], device.cores))
+        if busy_before and not force:
+            log.warning("%d stored rows were measured under load (1-min load above %.2f per core): measuring them "
+                        "again", busy_before, BUSY_LOAD_PER_CORE)
         todo = [s for s in candidates if initial[s.key] < passes]
-        return store, initial, todo, target_json, slug, cached
+        return store, initial, todo, target_json, slug, cached, busy_before
 
-    store, initial, todo, target_json, slug, cached = open_store(use_cache=not force)
+    store, initial, todo, target_json, slug, cached, busy_before = open_store(use_cache=not force)
     if todo and cached:  # about to measure: never on the strength of a cached resolution
         fresh_json, fresh_slug, _ = _resolve_target(settings.target, root, device, use_cache=False)
         if (fresh_json, fresh_slug) != (target_json, slug):
             log.warning("cached target resolution %s was stale (now %s); using the fresh one", slug, fresh_slug)
-            store, initial, todo, target_json, slug, _ = open_store(use_cache=False)
+            store, initial, todo, target_json, slug, _, busy_before = open_store(use_cache=False)
     present = sum(1 for s in specs if initial[s.key] >= passes)
     source = energy.select_source(target_json, list(settings.energy))
-    measured, by_other, failed = 0, 0, []
+    measured, by_other, failed, remeasured = 0, 0, [], 0
     speed: list[float] = []  # the host-speed reference, before and after the rows (dse.profiling.reference)
     try:
         if todo:
@@ -582,6 +626,7 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
                     measured += 1
         if measured:
             speed.append(reference.time_reference(target_json))
+            remeasured = measurer.remeasured
     finally:
         source.close()
         if measured:
@@ -589,7 +634,7 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
     final = {row_key(r): r for r in store.rows()}
     rows = [final[s.key] for s in specs if s.key in final]
     return ProfileRun(store.path, len(specs), present, measured, by_other, failed, time.perf_counter() - started,
-                      source.name, slug, rows, specs, device.cores, passes)
+                      source.name, slug, rows, specs, device.cores, passes, remeasured, busy_before if not force else 0)
 
 
 def compile_model(inventory: Inventory, settings: Settings, *, progress: bool = True) -> dict[str, Any]:

@@ -324,3 +324,46 @@ def test_passes_remeasure_every_row_and_keep_the_median(tmp_path, monkeypatch, t
     assert profile_model(inv, fast(nonprim=True, passes=3), tmp_path, progress=False).measured == 0 and not order
     forced = profile_model(inv, fast(nonprim=True, passes=2), tmp_path, force=True, progress=False)
     assert forced.measured == 2 * 4 and all(passes_of(r) == 2 for r in forced.rows)  # this model's rows only
+
+
+def test_preempted_timings_are_told_from_a_kernels_own_spread(monkeypatch):
+    from dse.profiling import profiler
+
+    monkeypatch.setattr(profiler, "PREEMPTED_RATIO", 3.0)
+    quiet = kernels.Timing.from_seconds([1.0e-3, 1.1e-3, 1.3e-3, 2.0e-3, 1.2e-3], 1)
+    assert profiler.preempted(quiet) is None
+    # the median (8 ms) is 8x the fastest sample: most samples lost the CPU
+    loaded = kernels.Timing.from_seconds([1.0e-3, 8.0e-3, 8.0e-3, 16.0e-3, 8.0e-3], 1)
+    assert "8.0x its fastest sample" in profiler.preempted(loaded)
+
+
+def test_a_preempted_row_is_measured_again_and_keeps_its_fastest_attempt(monkeypatch, tiny_inventory):
+    from dse.profiling import profiler
+
+    monkeypatch.setattr(profiler, "PREEMPTED_RATIO", 3.0)
+    attempts = iter([[1.0e-3, 8.0e-3, 8.0e-3], [1.0e-3, 1.1e-3, 1.2e-3]])
+
+    def runnable(self, spec):
+        return profiler._Runnable(kernels.Timing.from_seconds(next(attempts), 1), lambda: None, lambda: None,
+                                  "default", 0)
+
+    monkeypatch.setattr(Measurer, "_runnable", runnable)
+    spec = next(s for s in plan(tiny_inventory, include_nonprim=False) if s.backend == "tvm")
+    measurer = Measurer(fast(), kernels.resolve_target("cpu"), AnalyticalEnergyModel(), "slug")
+    row = measurer.measure(spec)
+    assert row["latency_ms"] == pytest.approx(1.1) and measurer.remeasured == 1
+
+
+def test_rows_measured_under_load_are_not_reused(monkeypatch, tmp_path, tiny_inventory):
+    """A row stored while the 1-min load exceeded the cores' share is measured again by the next run (and a
+    row measured on a quiet host is reused as before)."""
+    from dse.profiling import profiler
+
+    monkeypatch.setattr(profiler, "load_1m", lambda: 99.0)
+    first = profile_model(tiny_inventory, fast(), tmp_path, progress=False)
+    assert profiler.load_warning(first.rows, first.cores) is not None
+    monkeypatch.setattr(profiler, "load_1m", lambda: 0.25)
+    second = profile_model(tiny_inventory, fast(), tmp_path, progress=False)
+    assert second.busy_before == first.measured == second.measured > 0
+    assert profiler.load_warning(second.rows, second.cores) is None
+    assert profile_model(tiny_inventory, fast(), tmp_path, progress=False).measured == 0
