@@ -78,6 +78,10 @@ def _device_of(module: nn.Module) -> torch.device:
 class HammingAttention(nn.Module):
     """Replaces a timm ViT ``Attention``: reuses its ``qkv``/``proj`` (which may be Shift or MoE layers)."""
 
+    # timm's ``fused_attn`` of the Attention replaced: whether this layer's msa form runs as one
+    # F.scaled_dot_product_attention in eager PyTorch (the layer inventory prices that form from it)
+    msa_fused_attn: bool = False
+
     def __init__(self, qkv: nn.Module, proj: nn.Module, num_heads: int, head_dim: int, *, nbits: int = 16,
                  seed: int = 0, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
                  norm: nn.Module | None = None, gate: nn.Module | None = None, proj_drop: nn.Module | None = None):
@@ -116,10 +120,12 @@ class HammingAttention(nn.Module):
             if not hasattr(attn, name):
                 raise ModelError(f"{type(attn).__name__} has no '{name}'; HammingAttention replaces timm "
                                  "ViT Attention (qkv/proj) only")
-        return cls(attn.qkv, attn.proj, attn.num_heads, attn.head_dim, nbits=nbits, seed=seed,
-                   q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-                   norm=getattr(attn, "norm", None), gate=getattr(attn, "gate", None),
-                   proj_drop=getattr(attn, "proj_drop", None))
+        out = cls(attn.qkv, attn.proj, attn.num_heads, attn.head_dim, nbits=nbits, seed=seed,
+                  q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                  norm=getattr(attn, "norm", None), gate=getattr(attn, "gate", None),
+                  proj_drop=getattr(attn, "proj_drop", None))
+        out.msa_fused_attn = bool(getattr(attn, "fused_attn", False))
+        return out
 
     # ---- projections (overridden for PVT) --------------------------------------------------------------
     def _project(self, x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
@@ -309,8 +315,10 @@ class PvtHammingAttention(HammingAttention):
             if not hasattr(attn, name):
                 raise ModelError(f"{type(attn).__name__} has no '{name}'; PvtHammingAttention replaces timm "
                                  "PVTv2 Attention (q/kv/proj) only")
-        return cls(attn.q, attn.kv, attn.proj, attn.num_heads, attn.head_dim, sr=attn.sr, norm=attn.norm,
-                   pool=attn.pool, act=attn.act, proj_drop=attn.proj_drop, nbits=nbits, seed=seed)
+        out = cls(attn.q, attn.kv, attn.proj, attn.num_heads, attn.head_dim, sr=attn.sr, norm=attn.norm,
+                  pool=attn.pool, act=attn.act, proj_drop=attn.proj_drop, nbits=nbits, seed=seed)
+        out.msa_fused_attn = bool(getattr(attn, "fused_attn", False))
+        return out
 
     def _project(self, x: torch.Tensor, feat_size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         B, N, C = x.shape

@@ -64,12 +64,15 @@ def _list_text(entries: list[dict[str, Any]], root) -> str:
 
 def _shape_text(inv) -> str:
     kernel_groups: dict[tuple, list[str]] = defaultdict(list)
+    def only(it) -> str:  # an item one backend alone runs (a fused attention's sdpa, and the ops it fuses)
+        return f" ({it.backend} only)" if it.backend else ""
+
     for it in inv.items:
         if it.kind != "nonprim":
-            kernel_groups[(it.kind, it.choice or "-", "|".join(it.primitives), *it.shape)].append(it.name)
+            kernel_groups[(it.kind, (it.choice or "-") + only(it), "|".join(it.primitives), *it.shape)].append(it.name)
     nonprim_groups: dict[tuple, list[str]] = defaultdict(list)
     for it in inv.nonprim():
-        nonprim_groups[(it.op, it.choice or "always", *it.shape)].append(it.name)
+        nonprim_groups[(it.op, (it.choice or "always") + only(it), *it.shape)].append(it.name)
 
     krows = [{"kind": k[0], "choice": k[1], "primitives": k[2], "b": k[3], "m": k[4], "k": k[5], "n": k[6],
               "layers": compact_names(names)} for k, names in kernel_groups.items()]

@@ -20,8 +20,10 @@ Layers of lookup:
      this interpolates linearly between them; per-call fixed overheads of two smaller expert calls
      are not modelled). ``s`` is the assignment's static capacity if given, else the equilibrium
      share of the balance loss (tokens in inverse proportion to expert cost);
-   * attention ``msa`` -> ``bmm`` scores + ``softmax`` + ``bmm`` context; ``hamming`` -> ``hash`` of
-     queries and keys + ``matadd`` kv + ``matadd`` qkv_out + the normalise/mix step (``hamming_mix``);
+   * attention ``msa`` -> ``bmm`` scores + ``softmax`` + ``bmm`` context (on the torch backend, for an
+     attention eager PyTorch fuses, the one ``sdpa`` call it runs instead: :class:`AttentionWork`);
+     ``hamming`` -> ``hash`` of queries and keys + ``matadd`` kv + ``matadd`` qkv_out + the normalise/mix step
+     (``hamming_mix``);
    * plus the non-primitive work that runs whatever the choice (norms, GELU, residual adds, Linear
      biases, head split/merge, position and patch embedding, head), as the inventory lists it.
 
@@ -53,13 +55,12 @@ from dse.errors import AssignmentError, ProfileError, TargetUnavailableError
 from dse.hardware.device import describe_device
 from dse.profiling import store
 from dse.profiling.inventory import TORCH_BASELINE
-from dse.profiling.store import profile_path
+from dse.profiling.store import BACKENDS, profile_path
 from kernels.cpu_schedules import tile_padding
 from models.moe import equilibrium_share
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("tvm", "torch")
 METRICS = ("latency", "energy", "mix")
 LINEAR_CHOICES = ("mult", "shift", "moe")
 ATTENTION_CHOICES = ("msa", "hamming")
@@ -379,10 +380,15 @@ class LinearWork:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionWork:
-    """A decision attention: the calls each choice makes (products and their softmax / hashing)."""
+    """A decision attention: the calls each choice makes (products and their softmax / hashing).
+
+    ``calls``: what the compiled model runs, and eager PyTorch too unless ``eager`` names the choice;
+    ``eager``: per choice, the calls eager PyTorch makes instead (a fused attention's one ``sdpa`` for msa).
+    """
 
     name: str
     calls: Mapping[str, tuple[Call, ...]]  # {"msa": (...), "hamming": (...)}
+    eager: Mapping[str, tuple[Call, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,8 +422,9 @@ class ModelWork:
         for it in inventory.linears():
             linears.append(LinearWork(it.name, it.b, it.m, it.k, it.n))
             linear_names.add(it.name)
-        att_calls: dict[str, dict[str, list[Call]]] = {name: {c: [] for c in ATTENTION_CHOICES}
-                                                       for name in inventory.attention}
+        # attention -> backend -> choice -> calls
+        att_calls: dict[str, dict[str, dict[str, list[Call]]]] = {
+            name: {bk: {c: [] for c in ATTENTION_CHOICES} for bk in BACKENDS} for name in inventory.attention}
         fixed: list[tuple[str, Call]] = []
         framework: list[tuple[str, Call]] = []
         moe: dict[str, list[Call]] = {}
@@ -426,12 +433,16 @@ class ModelWork:
             if it.kind == "linear":
                 continue
             call = Call(it.primitives[0], it.b, it.m, it.k, it.n)
-            if it.kind == "framework":
+            if it.layer in att_calls and it.choice in ATTENTION_CHOICES:
+                for bk in BACKENDS if it.backend is None else (it.backend,):
+                    att_calls[it.layer][bk][it.choice].append(call)
+            elif it.backend is not None:
+                raise ProfileError(f"the inventory gives {it.name} to backend '{it.backend}' alone, which the cost "
+                                   "model only knows for attention; update dse.cost.model")
+            elif it.kind == "framework":
                 framework.append((it.name, call))
             elif it.choice is None:
                 fixed.append((it.name, call))
-            elif it.layer in att_calls and it.choice in ATTENTION_CHOICES:
-                att_calls[it.layer][it.choice].append(call)
             elif it.layer in linear_names and it.choice == "moe":
                 moe.setdefault(it.layer, []).append(call)
             elif it.layer in linear_names and it.choice == "shift":
@@ -439,8 +450,10 @@ class ModelWork:
             else:
                 raise ProfileError(f"the inventory lists {it.name} under choice '{it.choice}' of layer "
                                    f"'{it.layer}', which the cost model does not know; update dse.cost.model")
-        attention = tuple(AttentionWork(name, {c: tuple(v) for c, v in calls.items()})
-                          for name, calls in att_calls.items())
+        attention = tuple(
+            AttentionWork(name, {c: tuple(v) for c, v in calls["tvm"].items()},
+                          {c: tuple(v) for c, v in calls["torch"].items() if v != calls["tvm"][c]})
+            for name, calls in att_calls.items())
         return cls(tuple(linears), attention, tuple(fixed), {k: tuple(v) for k, v in moe.items()},
                    {k: tuple(v) for k, v in requant.items()}, int(inventory.batch), str(inventory.model),
                    tuple(framework))
@@ -595,6 +608,7 @@ class ModelCost:
         self._missing: dict[tuple[str, str], str] = {}
         # MoE parts per Linear: (mult, shift, router + dispatch)
         self._moe_parts: dict[str, tuple[Estimate, Estimate, Estimate]] = {}
+        self._eager_fallback_logged = False
         for i, lw in enumerate(work.linears):
             self._price_linear(i, lw)
         for j, aw in enumerate(work.attention):
@@ -670,11 +684,29 @@ class ModelCost:
 
     def _price_attention(self, i: int, aw: AttentionWork) -> None:
         for choice in ATTENTION_CHOICES:
-            calls = aw.calls.get(choice)
+            calls = self._eager_calls(aw, choice) if self.cost_model.backend == "torch" else aw.calls.get(choice)
             if calls is None:
                 self._missing[(aw.name, choice)] = f"the inventory has no '{choice}' form for {aw.name}"
                 continue
             self._try(i, "attention", choice, lambda calls=calls: (self.cost_model.estimate_many(calls), ""))
+
+    def _eager_calls(self, aw: AttentionWork, choice: str) -> tuple[Call, ...] | None:
+        """The calls eager PyTorch makes for ``choice``: its own form (a fused attention's ``sdpa``) where the
+        profile has rows for it, else the compiled model's calls (logged once): a profile from before fused
+        attention was profiled prices eager attention as the ops it fuses."""
+        eager = aw.eager.get(choice)
+        if eager is None:
+            return aw.calls.get(choice)
+        missing = sorted({c.primitive for c in eager if not self.cost_model.can_price(c.primitive)})
+        if not missing:
+            return eager
+        if not self._eager_fallback_logged:
+            self._eager_fallback_logged = True
+            log.info("the profile has no torch rows for %s, which eager PyTorch runs for %s's %s; pricing it as "
+                     "the unfused ops (%s) instead, which overestimates long sequences (re-run `dse profile` for "
+                     "the model to add the rows)", ", ".join(missing), self.work.model or "this model", choice,
+                     ", ".join(c.primitive for c in aw.calls.get(choice, ())))
+        return aw.calls.get(choice)
 
     # ---- MoE ---------------------------------------------------------------------------------------
     @property

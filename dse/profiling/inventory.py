@@ -21,6 +21,11 @@ hamming       qkv_out     matadd (B·H, N, 2nb, d+1)   mask c_ext(Q)ᵀ[b, 2nb, 
 (models/hamming.py: each code is used with its complement, 2·nb columns, and a ones column is
 appended to V so that the normaliser comes out of the same two products.)
 
+Eager PyTorch does not always run what the compiled model runs: timm's ``Attention`` with ``fused_attn`` set
+(the default on PyTorch 2) computes msa as one ``F.scaled_dot_product_attention``, which on CPU never stores
+the N×Nk scores. For such an attention the msa products and softmax are marked ``backend="tvm"`` and an
+``sdpa`` item (:mod:`dse.profiling.nonprim`) marked ``backend="torch"`` stands for them in eager PyTorch.
+
 Non-primitive work (norms, GELU, softmax, residual adds, head reshapes, hashing, MoE router and
 dispatch, patch embedding, head) is listed per occurrence with the op names and shapes of
 :mod:`dse.profiling.nonprim`. Each :class:`WorkItem` says which assignment layer and choice it belongs to
@@ -46,6 +51,7 @@ import models
 from dse.checkpoints import build_dense
 from dse.errors import ModelError
 from dse.profiling import eager
+from dse.profiling.store import BACKENDS
 from models.assignment import layer_kinds
 
 log = logging.getLogger(__name__)
@@ -74,7 +80,8 @@ class WorkItem:
     ``primitives``: the profile primitives that can implement it.
     ``layer``/``choice``: the assignment layer whose choice decides whether this runs, and the choice it
     runs under (``None``: always). ``block``: ``blocks.3`` / ``stages.1.blocks.0``, None for model-level
-    work (patch embedding, final norm, head).
+    work (patch embedding, final norm, head). ``backend``: the only backend that runs it (``tvm``: the compiled
+    model, ``torch``: eager PyTorch), ``None`` for both.
     """
 
     name: str
@@ -88,10 +95,15 @@ class WorkItem:
     layer: str | None = None
     choice: str | None = None
     block: str | None = None
+    backend: str | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (self.b, self.m, self.k, self.n)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return BACKENDS if self.backend is None else (self.backend,)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -109,6 +121,7 @@ class AttentionInfo:
     tokens: int  # queries per image
     key_tokens: int  # keys per image (fewer than tokens under PVT's spatial reduction)
     nbits: int
+    fused: bool = False  # eager PyTorch runs msa as one F.scaled_dot_product_attention (timm's fused_attn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +136,7 @@ class ShapeGroup:
     n: int
     names: tuple[str, ...]
     choices: tuple[str, ...]  # the choices under which any of them runs ("" for always)
+    backends: tuple[str, ...] = BACKENDS  # the backends on which any of them runs
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -130,7 +144,7 @@ class ShapeGroup:
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["names"], d["choices"] = list(self.names), list(self.choices)
+        d["names"], d["choices"], d["backends"] = list(self.names), list(self.choices), list(self.backends)
         return d
 
 
@@ -168,7 +182,8 @@ class Inventory:
         out = []
         for (prim, kind, b, m, k, n), members in groups.items():
             choices = tuple(dict.fromkeys(it.choice or "" for it in members))
-            out.append(ShapeGroup(prim, kind, b, m, k, n, tuple(it.name for it in members), choices))
+            backends = tuple(bk for bk in BACKENDS if any(bk in it.backends for it in members))
+            out.append(ShapeGroup(prim, kind, b, m, k, n, tuple(it.name for it in members), choices, backends))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,7 +330,10 @@ class _InventoryBuilder:
         H, d = int(mod.num_heads), int(mod.head_dim)
         kv = self.seen.get(f"{aname}.kv")
         Nk = int(kv.inp[1]) if kv is not None and kv.inp is not None and "kv" in self.modules[aname]._modules else N
-        self.attention[aname] = AttentionInfo(aname, H, d, N, Nk, self.nbits)
+        # timm's Attention (ViT and PVT) in eager PyTorch; a Hamming attention keeps the flag of the one it replaced
+        fused = bool(getattr(mod, "fused_attn", getattr(mod, "msa_fused_attn", False)))
+        self.attention[aname] = AttentionInfo(aname, H, d, N, Nk, self.nbits, fused)
+        msa_backend = "tvm" if fused else None  # fused: eager PyTorch runs the sdpa item below instead
         blk, BH, c2 = _block_of(aname), B * H, 2 * self.nbits
         # the attention core runs between the input projections and the output projection
         proj = self.seen.get(f"{aname}.proj")
@@ -329,18 +347,22 @@ class _InventoryBuilder:
                 b, m, k, n = products[pname]
                 at = o + (0.3 if choice == "msa" else 0.2) + 0.02 * i
                 self.add(at, name=f"{aname}.{pname}", kind="product", op=pname, primitives=(prim,),
-                         b=b, m=m, k=k, n=n, layer=aname, choice=choice, block=blk)
+                         b=b, m=m, k=k, n=n, layer=aname, choice=choice, block=blk,
+                         backend=msa_backend if choice == "msa" else None)
 
-        def nonprim(suffix: str, op: str, shape: tuple[int, int, int, int], choice: str | None, at: float) -> None:
+        def nonprim(suffix: str, op: str, shape: tuple[int, int, int, int], choice: str | None, at: float,
+                    backend: str | None = None) -> None:
             self.add(at, name=f"{aname}.{suffix}", kind="nonprim", op=op, primitives=(op,), b=shape[0],
-                     m=shape[1], k=shape[2], n=shape[3], layer=aname, choice=choice, block=blk)
+                     m=shape[1], k=shape[2], n=shape[3], layer=aname, choice=choice, block=blk, backend=backend)
 
         if "qkv" in mod._modules:  # ViT: one fused projection, [B, N, 3·H·d] -> 3 x [B, H, N, d]
             nonprim("split_heads", "split_heads", (B, N, 3 * H * d, 3 * H), None, o + 0.05)
         else:  # PVT: q from the tokens, k/v from the (spatially reduced) key tokens
             nonprim("split_heads_q", "split_heads", (B, N, H * d, H), None, o + 0.05)
             nonprim("split_heads_kv", "split_heads", (B, Nk, 2 * H * d, 2 * H), None, o + 0.06)
-        nonprim("softmax", "softmax", (BH, N, Nk, Nk), "msa", o + 0.31)
+        nonprim("softmax", "softmax", (BH, N, Nk, Nk), "msa", o + 0.31, msa_backend)
+        if fused:
+            nonprim("sdpa", "sdpa", (BH, N, d, Nk), "msa", o + 0.3, "torch")
         nonprim("hash_q", "hash", (BH, N, d, c2), "hamming", o + 0.1)
         nonprim("hash_k", "hash", (BH, Nk, d, c2), "hamming", o + 0.11)
         nonprim("mix", "hamming_mix", (BH, N, d + 1, d), "hamming", o + 0.25)

@@ -10,6 +10,11 @@ op             (b, m, k, n)                     work
 layernorm      (1, tokens, C, C)                LayerNorm over the last axis (affine)
 gelu           (1, tokens, H, H)                exact (erf) GELU
 softmax        (B·heads, Nq, Nk, Nk)            ``softmax(scale·s)`` over the key axis (scale folded in)
+sdpa           (B·heads, Nq, d, Nk)             the whole softmax attention ``softmax(q·kᵀ/√d)·v`` on
+                                                ``q[b, Nq, d]``, ``k, v[b, Nk, d]`` -> ``[b, Nq, d]``: one
+                                                fused ``F.scaled_dot_product_attention`` in PyTorch (what
+                                                timm's ``Attention`` runs when ``fused_attn``), the two
+                                                products and the softmax in TVM
 residual       (1, tokens, C, C)                ``x + y``
 bias           (1, tokens, n, n)                ``x + bias[n]`` (a Linear's bias after its kernel)
 pos_embed      (B, N, C, C)                     ``x + pos[1, N, C]`` (the class-token concat is not timed)
@@ -248,6 +253,43 @@ register(NonPrimOp(
     relax_fn=lambda emit, s, x, pos: __import__("tvm").relax.op.add(x, pos),
     op_counts=lambda s: _counts(0, s[0] * s[1] * s[2], _bytes(2 * s[0] * s[1] * s[2], s[1] * s[2])),
     check=lambda s: None if s[2] == s[3] else "pos_embed keeps the width (k == n)",
+))
+
+
+def _sdpa_inputs(s: Shape, rng: np.random.Generator) -> list[np.ndarray]:
+    b, m, d, nk = s
+    return [_f32(rng, b, m, d), _f32(rng, b, nk, d), _f32(rng, b, nk, d)]
+
+
+def _sdpa_torch(shape: Shape, q, k, v):
+    import torch.nn.functional as F
+
+    # [1, b, N, d]: 4-D, as timm passes [B, H, N, d]; on CPU this is the flash kernel, which never stores the scores
+    return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+
+
+def _sdpa_relax(emit, shape: Shape, q, k, v):
+    from tvm import relax
+
+    scores = emit(relax.op.matmul(q, relax.op.permute_dims(k, [0, 2, 1])))  # [b, N, Nk]
+    scaled = emit(relax.op.multiply(scores, _const(shape[2] ** -0.5)))
+    return relax.op.matmul(emit(relax.op.nn.softmax(scaled, axis=-1)), v)  # [b, N, d]
+
+
+def _sdpa_counts(s: Shape) -> dict[str, int]:
+    b, m, d, nk = s
+    scores = b * m * nk  # two products of b·m·nk·d multiply-adds around a softmax of the scores
+    return _counts(2 * scores * d + (2 + _EXP_OPS) * scores, 2 * scores * d + (3 + _EXP_OPS) * scores,
+                   _bytes(b * m * d, 2 * b * nk * d, b * m * d))  # fused: the scores never reach DRAM
+
+
+register(NonPrimOp(
+    name="sdpa",
+    summary="softmax attention softmax(q·kᵀ/√d)·v: (b, m, k, n) = (B·heads, Nq, d, Nk)",
+    inputs=_sdpa_inputs,
+    torch_fn=_sdpa_torch,
+    relax_fn=_sdpa_relax,
+    op_counts=_sdpa_counts,
 ))
 
 

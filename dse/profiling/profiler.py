@@ -12,6 +12,10 @@ What is measured for an inventory (:mod:`dse.profiling.inventory`):
   PyTorch Hamming attention computes — backend ``torch``, same primitive name;
 * each non-primitive op (:mod:`dse.profiling.nonprim`) in PyTorch and compiled with TVM Relax for the target.
 
+An item the inventory gives to one backend (``WorkItem.backend``) is measured on that backend alone: a fused
+attention's ``sdpa`` in PyTorch only (the compiled model never runs it, and its TVM form costs seconds to time
+at long sequences), the msa products and softmax it stands for in TVM only.
+
 Latency is the median (and p90) of ``repeat`` repeats, each the mean of back-to-back calls lasting at
 least ``min_repeat_ms`` (TVM's ``time_evaluator``; :func:`time_callable` does the same for PyTorch,
 with ``torch_threads`` intra-op threads). Energy per call comes from the first usable source of
@@ -82,12 +86,13 @@ def plan(inventory: Inventory, *, include_nonprim: bool = True) -> list[RowSpec]
         specs[spec.key] = dataclasses.replace(spec, names=names)
 
     for g in inventory.shape_groups(("linear", "product")):
-        dtype = kernels.get(g.primitive).default_dtype
-        add(RowSpec(g.primitive, "tvm", *g.shape, dtype, "kernel", g.names))
-        add(RowSpec(TORCH_BASELINE[g.primitive], "torch", *g.shape, "float32", "kernel", g.names))
+        if "tvm" in g.backends:
+            add(RowSpec(g.primitive, "tvm", *g.shape, kernels.get(g.primitive).default_dtype, "kernel", g.names))
+        if "torch" in g.backends:
+            add(RowSpec(TORCH_BASELINE[g.primitive], "torch", *g.shape, "float32", "kernel", g.names))
     if include_nonprim:
         for g in inventory.shape_groups(("nonprim",)):
-            for backend in ("tvm", "torch"):
+            for backend in g.backends:
                 add(RowSpec(g.primitive, backend, *g.shape, "float32", "nonprim", g.names))
         for g in inventory.shape_groups(("framework",)):  # eager PyTorch only (dse.profiling.eager)
             add(RowSpec(g.primitive, "torch", *g.shape, "float32", "framework", g.names))

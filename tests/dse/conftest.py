@@ -159,6 +159,24 @@ def expected_objectives() -> Callable[..., tuple[float, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Attention as eager PyTorch runs it
+
+
+def _unfused(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with timm's ``fused_attn`` off on every attention: eager PyTorch then runs softmax attention as
+    its two products and the softmax (what the compiled model runs), not one ``F.scaled_dot_product_attention``."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model
+
+
+@pytest.fixture(scope="session")
+def unfused() -> Callable[[torch.nn.Module], torch.nn.Module]:
+    return _unfused
+
+
+# ---------------------------------------------------------------------------------------------------
 # Fine-tune: a tiny config, distinct expert costs per layer, a cost-table stand-in for a profile
 
 FINETUNE_TINY = ["data.img_size=16", "data.augment=false",

@@ -483,7 +483,7 @@ def test_inventory_work_is_partitioned_by_choice():
     assert [lw.name for lw in work.linears] == [it.name for it in inv.linears()]
     counted = len(work.linears) + len(work.fixed) + sum(map(len, work.moe.values()))
     counted += sum(map(len, work.requant.values())) + len(work.framework)
-    counted += sum(len(c) for aw in work.attention for c in aw.calls.values())
+    counted += sum(len(c) for aw in work.attention for c in (*aw.calls.values(), *aw.eager.values()))
     assert counted == len(inv.items)  # every work item lands in exactly one place
     assert [c.primitive for _, c in work.framework] == ["framework"]
     assert {c.primitive for calls in work.moe.values() for c in calls} == {"router", "dispatch"}
@@ -491,6 +491,7 @@ def test_inventory_work_is_partitioned_by_choice():
     (aw,) = work.attention
     assert [c.primitive for c in aw.calls["msa"]] == ["bmm", "softmax", "bmm"]
     assert sorted(c.primitive for c in aw.calls["hamming"]) == ["hamming_mix", "hash", "hash", "matadd", "matadd"]
+    assert {c: [x.primitive for x in v] for c, v in aw.eager.items()} == {"msa": ["sdpa"]}  # timm's fused_attn
 
 
 def test_dense_torch_prediction_is_the_sum_of_its_rows():
@@ -500,15 +501,60 @@ def test_dense_torch_prediction_is_the_sum_of_its_rows():
     inv = build_inventory(model, batch=2, nbits=8)
     rows = _plan_profile(inv)
     mc = CostModel(Profile.from_rows(rows, {}), backend="torch").for_model(inv)
+    assert mc.predict(Assignment.uniform(model)).latency_ms == pytest.approx(_eager_dense_sum(inv, rows))
+    assert {r.estimate.source for r in mc.per_layer(Assignment.uniform(model))} == {"measured"}
+
+
+def _eager_dense_sum(inventory, rows):
+    """The dense model in eager PyTorch, summed by hand from the torch rows: matmul Linears, and the items of
+    the msa choice and of no choice that eager PyTorch runs (a fused attention's sdpa, not its products)."""
     by_key = {(r["primitive"], r["backend"], r["batch"], r["m"], r["k"], r["n"]): r["latency_ms"] for r in rows}
     expect = 0.0
-    for it in inv.items:  # the dense model: matmul Linears, msa products, and work that always runs
+    for it in inventory.items:
         if it.kind == "linear":
             expect += by_key[("matmul", "torch", *it.shape)]
-        elif it.choice in (None, "msa"):
+        elif it.choice in (None, "msa") and it.backend in (None, "torch"):
             expect += by_key[(it.primitives[0], "torch", *it.shape)]
-    assert mc.predict(Assignment.uniform(model)).latency_ms == pytest.approx(expect)
-    assert {r.estimate.source for r in mc.per_layer(Assignment.uniform(model))} == {"measured"}
+    return expect
+
+
+def test_fused_attention_is_priced_as_its_sdpa_row_on_the_torch_backend_only(unfused, caplog):
+    """timm's fused attention: eager msa = the sdpa row (plus the work every choice shares); the compiled model
+    keeps bmm + softmax + bmm. A profile from before sdpa rows prices eager msa as those three ops, said once."""
+    import models
+    from dse.profiling.inventory import build_inventory
+
+    def vit():
+        return models.create("vit_digits", img_size=16, embed_dim=48, depth=2, num_heads=3)
+
+    def attention_ms(rows, backend, inventory):
+        mc = CostModel(Profile.from_rows(rows, {}), backend=backend).for_model(inventory)
+        return mc, sum(r.estimate.latency_ms for r in mc.per_layer(dense) if r.kind == "attention")
+
+    def rows_ms(rows, backend, items):
+        by_key = {(r["primitive"], r["backend"], r["batch"], r["m"], r["k"], r["n"]): r["latency_ms"] for r in rows}
+        return sum(by_key[(it.primitives[0], backend, *it.shape)] for it in items)
+
+    model = vit()
+    dense = Assignment.uniform(model)
+    inv = build_inventory(model, batch=2, nbits=8)
+    rows = _plan_profile(inv)
+    msa = [it for it in inv.items if it.choice == "msa"]
+    sdpa, unfused_ops = [it for it in msa if it.backend == "torch"], [it for it in msa if it.backend == "tvm"]
+    assert [it.op for it in sdpa] == ["sdpa"] * 2
+    assert sorted(it.op for it in unfused_ops) == ["context", "context", "scores", "scores", "softmax", "softmax"]
+    torch_cost, eager_ms = attention_ms(rows, "torch", inv)
+    assert eager_ms == pytest.approx(rows_ms(rows, "torch", sdpa))
+    shared = sum(r.estimate.latency_ms for r in torch_cost.per_layer(dense) if r.kind != "attention")
+    assert torch_cost.predict(dense).latency_ms == pytest.approx(rows_ms(rows, "torch", sdpa) + shared)
+    assert attention_ms(rows, "tvm", inv)[1] == pytest.approx(rows_ms(rows, "tvm", unfused_ops))
+    # an old profile, planned when every attention ran unfused: no sdpa row
+    old = _plan_profile(build_inventory(unfused(vit()), batch=2, nbits=8))
+    assert not [r for r in old if r["primitive"] == "sdpa"]
+    with caplog.at_level("INFO", logger="dse.cost.model"):
+        assert attention_ms(old, "torch", inv)[1] == pytest.approx(rows_ms(old, "torch", unfused_ops))
+    said = [r.getMessage() for r in caplog.records if "sdpa" in r.getMessage()]
+    assert len(said) == 1 and "unfused" in said[0]  # once for the model, not per attention
 
 
 def test_eager_framework_time_is_added_on_the_torch_backend_only():

@@ -102,6 +102,7 @@ def test_pvt_v2_stages_and_spatial_reduction():
         assert items[(f"{attn}.q", "linear")].shape == (1, 2 * N, C, C)
         assert items[(f"{attn}.kv", "linear")].shape == (1, 2 * 4, C, 2 * C)
         assert items[(f"{attn}.scores", "product")].shape == (2 * H, N, d, 4)
+        assert items[(f"{attn}.sdpa", "nonprim")].shape == (2 * H, N, d, 4)  # timm's PVT attention is fused too
         assert items[(f"{attn}.kv", "product")].shape == (2 * H, 32, 4, d + 1)
         assert items[(f"stages.{s}.blocks.0.mlp.dwconv", "nonprim")].shape == (2, N, mlp_ratio[s] * C, 9)
     assert items[("stages.0.blocks.0.attn.sr", "nonprim")].shape == (1, 2 * 4, 32 * 8 * 8, 32)
@@ -114,8 +115,9 @@ def test_reparameterised_model_has_the_same_inventory():
     a = build_inventory(dense, batch=2)
     with kernel_ops("off"):  # PyTorch references: sizing needs no compiled kernels
         b = build_inventory(sam, batch=2)
-    assert [(it.name, it.kind, it.shape, it.choice) for it in a.items if it.kind != "framework"] == \
-           [(it.name, it.kind, it.shape, it.choice) for it in b.items if it.kind != "framework"]
+    assert [(it.name, it.kind, it.shape, it.choice, it.backend) for it in a.items if it.kind != "framework"] == \
+           [(it.name, it.kind, it.shape, it.choice, it.backend) for it in b.items if it.kind != "framework"]
+    assert a.attention == b.attention  # a Hamming attention keeps the fused flag of the softmax one it replaced
     # eager overhead is the model's own: the MoE experts and gates are more modules to call
     assert a.of_kind("framework")[0].m < b.of_kind("framework")[0].m
 
@@ -134,6 +136,27 @@ def test_framework_item_counts_module_calls_and_probes_an_empty_batch():
         h.remove()
     assert (item.b, item.m, item.k, item.n, item.choice) == (1, len(calls), 1, 1, None)
     assert inv.eager_probe().shape == (0, 10)  # the same model, on no images
+
+
+def test_fused_attention_runs_as_one_sdpa_in_eager_pytorch_only(unfused):
+    """timm's Attention with ``fused_attn`` runs F.scaled_dot_product_attention: eager PyTorch's msa is one sdpa
+    call, the compiled model's the two products and the softmax; with ``fused_attn`` off both run the latter."""
+    B, N, H, d = 2, 65, 3, 32
+    fused = build_inventory(models.create("vit_digits", depth=1), batch=B)
+    msa = {it.op: (it.shape, it.backend) for it in fused.items if it.choice == "msa"}
+    assert msa == {"scores": ((B * H, N, d, N), "tvm"), "context": ((B * H, N, N, d), "tvm"),
+                   "softmax": ((B * H, N, N, N), "tvm"), "sdpa": ((B * H, N, d, N), "torch")}
+    assert fused.attention["blocks.0.attn"].fused
+    plain = build_inventory(unfused(models.create("vit_digits", depth=1)), batch=B)
+    msa = {it.op: (it.shape, it.backend) for it in plain.items if it.choice == "msa"}
+    assert msa == {"scores": ((B * H, N, d, N), None), "context": ((B * H, N, N, d), None),
+                   "softmax": ((B * H, N, N, N), None)}
+    assert not plain.attention["blocks.0.attn"].fused
+    # the work both backends share is the same
+    assert [it for it in fused.items if it.choice != "msa" and it.kind != "framework"] == \
+           [it for it in plain.items if it.choice != "msa" and it.kind != "framework"]
+    (group,) = [g for g in fused.shape_groups(("nonprim",)) if g.primitive == "sdpa"]
+    assert group.backends == ("torch",)
 
 
 def test_both_attention_choices_listed_and_json_round_trips():

@@ -11,7 +11,8 @@ from dse.profiling import nonprim
 
 # A small valid shape per op (the (b, m, k, n) convention of each op's docstring in dse/profiling/nonprim.py).
 SHAPES = {
-    "layernorm": (1, 24, 16, 16), "gelu": (1, 24, 32, 32), "softmax": (6, 9, 9, 9), "residual": (1, 24, 16, 16),
+    "layernorm": (1, 24, 16, 16), "gelu": (1, 24, 32, 32), "softmax": (6, 9, 9, 9), "sdpa": (6, 9, 8, 5),
+    "residual": (1, 24, 16, 16),
     "bias": (1, 24, 32, 32), "pos_embed": (2, 9, 16, 16), "split_heads": (2, 9, 48, 6), "merge_heads": (2, 9, 16, 2),
     "hash": (4, 9, 8, 8), "hamming_mix": (4, 9, 9, 8), "requant": (1, 24, 16, 32), "quantize": (1, 24, 16, 16), "embed": (1, 32, 48, 16),
     "conv": (1, 32, 27, 16), "head": (1, 2, 16, 10), "router": (1, 24, 16, 2), "dispatch": (1, 24, 16, 32),

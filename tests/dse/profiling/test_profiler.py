@@ -36,8 +36,9 @@ TINY_SET = ["--set", "model.kwargs={img_size: 16, patch_size: 8, embed_dim: 16, 
 
 
 @pytest.fixture(scope="module")
-def tiny_inventory():
-    return build_inventory(models.create("vit_digits", **TINY), batch=2, name="tiny")
+def tiny_inventory(unfused):
+    """Attention as its two products and softmax on both backends (``fused_attn`` off): a row of each kind."""
+    return build_inventory(unfused(models.create("vit_digits", **TINY)), batch=2, name="tiny")
 
 
 def fast(**kw) -> Settings:
@@ -60,6 +61,17 @@ def test_plan_covers_every_primitive_and_baseline(tiny_inventory):
     for op in ("layernorm", "gelu", "softmax", "residual", "hash", "router", "dispatch", "embed", "head"):
         assert {s.backend for s in specs if s.primitive == op} == {"tvm", "torch"}
     assert not any(s.kind == "nonprim" for s in plan(tiny_inventory, include_nonprim=False))
+    assert not any(s.primitive == "sdpa" for s in specs)  # eager PyTorch runs the products and softmax
+
+
+def test_plan_times_fused_attention_as_sdpa_in_pytorch_only():
+    """timm's fused attention: eager PyTorch runs one sdpa, the compiled model the products and the softmax."""
+    specs = plan(build_inventory(models.create("vit_digits", **TINY), batch=2, name="tiny"))
+    BH, N, d = 4, 5, 8
+    by_prim = {p: {(s.backend, s.shape) for s in specs if s.primitive == p} for p in ("sdpa", "bmm", "softmax")}
+    assert by_prim == {"sdpa": {("torch", (BH, N, d, N))},
+                       "bmm": {("tvm", (BH, N, d, N)), ("tvm", (BH, N, N, d))},
+                       "softmax": {("tvm", (BH, N, N, N))}}
 
 
 def test_time_callable_times_what_it_runs():
@@ -167,8 +179,8 @@ def test_rerun_measures_only_missing_rows_and_force_measures_all(tmp_path, monke
     assert len(load_profile(first.path)) == len(specs)
 
 
-def test_nonprim_rows_measured_once(tmp_path, monkeypatch):
-    inv = build_inventory(models.create("vit_digits", **TINY), batch=1, name="tiny")
+def test_nonprim_rows_measured_once(tmp_path, monkeypatch, unfused):
+    inv = build_inventory(unfused(models.create("vit_digits", **TINY)), batch=1, name="tiny")
     inv.items = [it for it in inv.items if it.op in ("layernorm", "softmax")]  # two ops keep it quick
     counts = _count_builds(monkeypatch)
     run = profile_model(inv, fast(nonprim=True), tmp_path, progress=False)
@@ -293,14 +305,14 @@ def test_framework_row_times_the_models_empty_batch_forward(tmp_path):
     assert ",,," in run.path.read_text().splitlines()[1]  # energy_mj, energy_source, idle_power_w: all empty
 
 
-def test_passes_remeasure_every_row_and_keep_the_median(tmp_path, monkeypatch, tiny_inventory):
+def test_passes_remeasure_every_row_and_keep_the_median(tmp_path, monkeypatch, unfused):
     """--passes N: every row of the plan and every non-framework row others put in the profile gets N
     passes, a whole pass apart; a rerun measures only missing passes."""
     import numpy as np
 
     from dse.profiling.store import passes_of
 
-    inv = build_inventory(models.create("vit_digits", **TINY), batch=2, name="tiny")
+    inv = build_inventory(unfused(models.create("vit_digits", **TINY)), batch=2, name="tiny")
     inv.items = [it for it in inv.items if it.op in ("layernorm", "scores")]  # four rows keep it quick
     specs = plan(inv)
     first = profile_model(inv, fast(nonprim=True), tmp_path, progress=False)
