@@ -74,7 +74,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         if busy:
             log.warning("profile: %s", busy)
         return {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
-                "seconds": round(run.seconds, 1), "energy_source": run.energy_source, "load_warning": busy}
+                "seconds": round(run.seconds, 1), "energy_source": run.energy_source, "load_warning": busy,
+                "rerun": busy}  # the next run measures the loaded rows again (dse.profiling.profiler.busy)
 
     prof_key = fingerprint("profile", section(cfg, "model", "data", "profile"))
     prof = run_stage("profile", root / "profile", prof_key, [], cfg, do_profile)

@@ -32,7 +32,8 @@ class StageResult:
 
 def run_stage(name: str, folder: Path, key: str, outputs: Iterable[str], cfg: Config,
               fn: Callable[[Path], dict[str, Any]]) -> StageResult:
-    """Run ``fn(folder)`` unless ``folder/stage.json`` records the same key and all outputs exist."""
+    """Run ``fn(folder)`` unless ``folder/stage.json`` records the same key and all outputs exist, and its
+    summary asks for no rerun (``"rerun"``: why the result should not be reused, e.g. rows measured under load)."""
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "stage.json"
     outputs = list(outputs)
@@ -41,7 +42,8 @@ def run_stage(name: str, folder: Path, key: str, outputs: Iterable[str], cfg: Co
             done = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError):
             done = {}
-        if done.get("key") == key and all((folder / o).exists() for o in outputs):
+        if done.get("key") == key and all((folder / o).exists() for o in outputs) and \
+                not done.get("summary", {}).get("rerun"):
             log.info("stage %s: inputs unchanged, reusing %s", name, folder)
             return StageResult(name, folder, key, True, 0.0, done.get("summary", {}), float(done.get("seconds", 0.0)))
     t0 = time.perf_counter()
