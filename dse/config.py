@@ -85,6 +85,9 @@ class ProfileConfig:
     torch_threads: int = 2  # intra-op threads of the PyTorch baseline rows (0 = torch's default)
     nonprim: bool = True  # also profile the non-primitive work (norms, GELU, softmax, ...)
     passes: int = 1  # measure every row this many times, a whole run apart; a row keeps their median
+    # a stored row measured while the 1-min load exceeded this per core is measured again, not reused (a host
+    # that is never quieter can raise it; the profiler's own threads keep up to one per core busy)
+    busy_load_per_core: float = 1.25
 
     @property
     def tuning_dir(self) -> Path:
@@ -289,6 +292,7 @@ def _validate(cfg: Config) -> None:
         "profile.batch": cfg.profile.batch,
         "profile.repeat": cfg.profile.repeat,
         "profile.passes": cfg.profile.passes,
+        "profile.busy_load_per_core": cfg.profile.busy_load_per_core,
         "bench.batch": cfg.bench.batch,
         "export.batch": cfg.export.batch,
         "export.repeat": cfg.export.repeat,

@@ -113,7 +113,7 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
     if run.remeasured:
         lines.append(f"{run.remeasured} row(s) measured again: their median was over {PREEMPTED_RATIO:g}x their "
                      "fastest sample (other work took the CPU); each keeps its fastest attempt")
-    busy = load_warning(rows, run.cores)
+    busy = load_warning(rows, run.cores, run.busy_load_per_core)
     if busy:
         lines.append(f"warning: {busy}")
     if run.failed:

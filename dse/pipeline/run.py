@@ -70,7 +70,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
     def do_profile(out: Path) -> dict[str, Any]:
         run = profile_model(inv, Settings.from_config(cfg.profile), cfg.profile.dir, progress=progress)
-        busy = load_warning(run.rows, run.cores)  # rows reused from an earlier, loaded run too
+        busy = load_warning(run.rows, run.cores, cfg.profile.busy_load_per_core)  # rows reused from a loaded run too
         if busy:
             log.warning("profile: %s", busy)
         return {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,

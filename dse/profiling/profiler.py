@@ -125,11 +125,12 @@ class Settings:
     nonprim: bool = True
     passes: int = 1  # times each row is measured, a whole run apart (store.merge_passes)
     tuning_dir: str | None = None  # MetaSchedule records (None: kernels.tuning's default root)
+    busy_load_per_core: float = 1.25  # stored rows measured above this 1-min load per core are measured again
 
     @classmethod
     def from_config(cls, p: Any) -> Settings:
         return cls(p.target, p.repeat, p.min_repeat_ms, p.trials, tuple(p.energy), p.energy_window_s,
-                   p.torch_threads, p.nonprim, p.passes, str(p.tuning_dir))
+                   p.torch_threads, p.nonprim, p.passes, str(p.tuning_dir), p.busy_load_per_core)
 
     def header(self) -> dict[str, Any]:
         """What goes into the profile's .yaml (the last run's settings)."""
@@ -409,17 +410,17 @@ def preempted(timing: Any) -> str | None:
     return None
 
 
-def busy(row: Mapping[str, Any], cores: int | None) -> bool:
-    """Whether ``row`` was measured while other work ran (its ``load_1m`` above the cores' share)."""
+def busy(row: Mapping[str, Any], cores: int | None, per_core: float = BUSY_LOAD_PER_CORE) -> bool:
+    """Whether ``row`` was measured while other work ran (its ``load_1m`` above ``per_core`` per core)."""
     load = row.get("load_1m")
-    return bool(cores) and load is not None and load == load and float(load) > BUSY_LOAD_PER_CORE * cores
+    return bool(cores) and load is not None and load == load and float(load) > per_core * cores
 
 
-def load_warning(rows: list[dict[str, Any]], cores: int | None) -> str | None:
+def load_warning(rows: list[dict[str, Any]], cores: int | None, per_core: float = BUSY_LOAD_PER_CORE) -> str | None:
     """Why ``rows`` should not be trusted when other work ran while they were measured (their stored
-    ``load_1m`` above :data:`BUSY_LOAD_PER_CORE` per core), else None."""
+    ``load_1m`` above ``per_core`` per core), else None."""
     loads = [float(r["load_1m"]) for r in rows if r.get("load_1m") is not None and r["load_1m"] == r["load_1m"]]
-    n_busy = sum(busy(r, cores) for r in rows)
+    n_busy = sum(busy(r, cores, per_core) for r in rows)
     if not n_busy:
         return None
     return (f"the 1-min load average reached {max(loads):.1f} on {cores} cores while {n_busy} of these {len(loads)} "
@@ -476,6 +477,7 @@ class ProfileRun:
     passes: int = 1
     remeasured: int = 0  # rows measured again because their timings looked preempted (Measurer.measure)
     busy_before: int = 0  # stored rows measured under load, measured again now
+    busy_load_per_core: float = BUSY_LOAD_PER_CORE  # the run's threshold for "under load"
 
 
 _TARGET_CACHE = ".targets.json"
@@ -536,10 +538,11 @@ def _resolve_target(spec: Any, root: str | Path, device: Any, *, use_cache: bool
     return target_json, slug, False
 
 
-def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int, cores: int | None = None) -> bool:
+def _satisfied(row: Mapping[str, Any] | None, spec: RowSpec, trials: int, cores: int | None = None,
+               busy_per_core: float = BUSY_LOAD_PER_CORE) -> bool:
     """Whether an existing row answers this run: present, not measured under load (:func:`busy`) and, for TVM
     kernels, tuned with >= ``trials``."""
-    if row is None or busy(row, cores):
+    if row is None or busy(row, cores, busy_per_core):
         return False
     if spec.backend == "tvm" and spec.kind == "kernel" and trials > 0:
         return int(row.get("tuned_trials", 0)) >= trials
@@ -575,7 +578,7 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
 
     def have(row: Mapping[str, Any] | None, spec: RowSpec) -> int:
         """Passes of ``row`` that count for this run (0: missing, or a TVM kernel tuned with too few trials)."""
-        return passes_of(row) if _satisfied(row, spec, settings.trials, device.cores) else 0
+        return passes_of(row) if _satisfied(row, spec, settings.trials, device.cores, settings.busy_load_per_core) else 0
 
     def open_store(use_cache: bool) -> tuple[ProfileStore, dict[Key, int], list[RowSpec], dict[str, Any], str, bool,
                                              int]:
@@ -590,10 +593,11 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
                            if k not in planned and r["primitive"] != eager.FRAMEWORK]
         # --force re-measures this model's rows, not what others put into the profile
         initial = {s.key: 0 if force and s.key in planned else have(existing.get(s.key), s) for s in candidates}
-        busy_before = sum(1 for s in candidates if s.key in existing and busy(existing[s.key], device.cores))
+        busy_before = sum(1 for s in candidates
+                          if s.key in existing and busy(existing[s.key], device.cores, settings.busy_load_per_core))
         if busy_before and not force:
             log.warning("%d stored rows were measured under load (1-min load above %.2f per core): measuring them "
-                        "again", busy_before, BUSY_LOAD_PER_CORE)
+                        "again", busy_before, settings.busy_load_per_core)
         todo = [s for s in candidates if initial[s.key] < passes]
         return store, initial, todo, target_json, slug, cached, busy_before
 
@@ -639,7 +643,8 @@ def profile_model(inventory: Inventory, settings: Settings, root: str | Path, *,
     final = {row_key(r): r for r in store.rows()}
     rows = [final[s.key] for s in specs if s.key in final]
     return ProfileRun(store.path, len(specs), present, measured, by_other, failed, time.perf_counter() - started,
-                      source.name, slug, rows, specs, device.cores, passes, remeasured, busy_before if not force else 0)
+                      source.name, slug, rows, specs, device.cores, passes, remeasured, busy_before if not force else 0,
+                      settings.busy_load_per_core)
 
 
 def compile_model(inventory: Inventory, settings: Settings, *, progress: bool = True) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from models.assignment import Assignment
 TINY = [
     "model.kwargs={depth: 2, embed_dim: 48, num_heads: 2}", "data.img_size=16", "data.augment=false",
     "pretrain.epochs=2", "pretrain.warmup_epochs=0", "profile.repeat=2", "profile.min_repeat_ms=1",
-    "profile.torch_threads=1", "search.trials=60", "search.population=20", "search.stage_b_candidates=1",
+    "profile.torch_threads=1", "profile.busy_load_per_core=1000", "search.trials=60", "search.population=20", "search.stage_b_candidates=1",
     "search.stage_b_epochs=1", "search.sensitivity_samples=64", "finetune.epochs=1", "finetune.warmup_epochs=0",
     "export.val_images=32", "export.repeat=3", "export.cuda_arch=null", "bench.repeat=3", "bench.warmup=1",
     "bench.torch_compile=false",
