@@ -119,6 +119,62 @@ def cost_section(model_name: str = "deit_tiny_patch16_224", batch: int = 8) -> l
     ]
 
 
+# Conv kernels of kernels.conv_kernels, by PrimFunc name prefix (TOPI's fallback keeps "conv2d" in its name)
+_CONV_FUNCS = ("dse_im2col", "dse_conv_", "dse_depthwise", "shiftadd_matmul", "conv2d")
+
+
+@section("convs")
+def convs_section(model_name: str = "pvt_v2_b0", batch: int = 8, img_size: int = 224) -> list[str]:
+    """A conv-heavy model dense: PyTorch eager (``inference_mode``, all cores) against the same model compiled
+    by the exporter's path (``graph.to_relax`` of the export form, ``compile_relax``: what ``dse bench``'s
+    "dense (TVM)" contestant runs), timed interleaved; then where the compiled forward's time goes, from the
+    VM's instrument hook, with the conv kernels (:mod:`kernels.conv_kernels`) and the GEMMs summed apart."""
+    import torch
+
+    from dse.deploy import graph
+    from dse.deploy.artifact import Artifact
+    from dse.deploy.bench import interleaved
+    from dse.hardware.threads import use_all_cores
+    from kernels.instrument import time_calls
+    from kernels.relax_pipeline import compile_relax_recorded
+
+    use_all_cores()  # before the first parallel loop of TVM's pool
+    torch.manual_seed(0)
+    model = models.create(model_name, num_classes=10).eval()
+    x = torch.randn(batch, 3, img_size, img_size)
+    t0 = time.perf_counter()
+    g = graph.to_relax(graph.export_form(model), x, "cpu")
+    compiled = compile_relax_recorded(g.mod, "cpu")
+    compile_s = time.perf_counter() - t0
+    art = Artifact.in_memory(compiled.executable, [g.params[n] for n in g.param_names], tuple(x.shape), "float32")
+    inp = art.device_input(x.numpy())
+    with torch.inference_mode():
+        err = float(np.abs(art.run(x.numpy()) - model(x).numpy()).max())
+
+    def eager() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    stats = interleaved({"eager": eager, "tvm": lambda: art._call(inp).numpy()}, repeat=15, warmup=2)
+    calls = time_calls(art.vm, lambda: art._call(inp).numpy(), 5)
+    total = sum(t.per_run_ms for t in calls.values())
+    lines = [f"{model_name} dense, batch {batch}, {img_size} px, {torch.get_num_threads()} torch threads; compiled by "
+             f"the {compiled.pipeline} pipeline in {compile_s:.0f} s; max |logit error| {err:.1e}",
+             f"PyTorch eager:  median {stats['eager'].median_ms:8.1f} ms (p90 {stats['eager'].p90_ms:.1f})",
+             f"TVM compiled:   median {stats['tvm'].median_ms:8.1f} ms (p90 {stats['tvm'].p90_ms:.1f})",
+             f"inside the compiled forward (sum of calls {total:.1f} ms):"]
+    for prefix in _CONV_FUNCS:
+        group = [t for t in calls.values() if prefix in t.name]
+        if group:
+            share = sum(t.per_run_ms for t in group)
+            lines.append(f"  {prefix + '*':18s} {share:8.2f} ms  ({len(group)} functions)")
+    lines.append("  slowest conv kernels:")
+    convs = sorted((t for t in calls.values() if any(p in t.name for p in _CONV_FUNCS[:3] + _CONV_FUNCS[4:])),
+                   key=lambda t: -t.per_run_ms)
+    lines += [f"    {t.per_run_ms:8.2f} ms  x{t.calls_per_run:.0f}  {t.name}" for t in convs[:8]]
+    return lines
+
+
 @section("validate")
 def validate_section(count: int | None = None) -> list[str]:
     """One prediction of the embedded model and the wall time of ``dse cost --validate``'s held-out assignments

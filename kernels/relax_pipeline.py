@@ -3,9 +3,9 @@
 The exporter compiles a whole model with it (:mod:`dse.deploy.graph`) and the profiler compiles single
 non-primitive ops with it (:mod:`dse.profiling.nonprim`), so the cost model prices what the exporter
 compiles. Everything that is not one of the project's kernels is legalised, fused (``FuseOps``/``FuseTIR``)
-and scheduled: LayerNorm and softmax by :mod:`kernels.row_kernels`, GELU with TOPI's vectorisable
-``fast_erf``, the MoE's row gathers made fusible, then two CPU rules (:func:`schedule_rules`): softmax-like
-row reductions computed row by row under a parallel loop, and a parallel + vectorised rule for the rest.
+and scheduled: convolutions by :mod:`kernels.conv_kernels` (CPU), LayerNorm and softmax by
+:mod:`kernels.row_kernels`, GELU with TOPI's vectorisable ``fast_erf``, the MoE's row gathers made
+fusible, then two CPU rules (:func:`schedule_rules`): softmax-like row reductions computed row by row under a parallel loop, and a parallel + vectorised rule for the rest.
 On CUDA the fused functions go through dlight's GPU rules.
 """
 
@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from kernels import row_kernels
+from kernels import conv_kernels, row_kernels
 from kernels.errors import KernelError
 from kernels.targets import resolve_target, target_slug, vector_lanes
 from kernels.torch_ops import FIXED_MAX, FIXED_MIN
@@ -317,6 +317,8 @@ def relax_pipeline(target: tvm.target.Target) -> Any:
     backend = relax.backend.cuda.pipeline if target.kind.name == "cuda" else relax.backend.cpu_generic.pipeline
     cpu_only = [] if target.kind.name == "cuda" else [row_kernels.row_kernels_pass(target)]
     legalize = [
+        # convs to im2col + pre-packed GEMM / the depthwise kernel, ahead of the lift so their weight packs move
+        *([] if target.kind.name == "cuda" else [conv_kernels.conv_kernels_pass(target)]),
         # parameter-only work (weight packing, weight transposes) moves to ``main_transform_params``, which
         # the loader runs once (dse.deploy.artifact); a no-op for functions without ``num_input``
         relax.transform.LiftTransformParams(),

@@ -395,7 +395,9 @@ class _Converters:
 
     def convolution(self, node: Any, imp: Any) -> Any:
         """A patch embedding (2-D conv, stride = kernel, no padding/dilation/groups) as a GEMM over
-        patches; any other convolution keeps the frontend's lowering."""
+        patches, recorded as a ``matmul`` kernel of the model; any other convolution keeps the frontend's
+        ``conv2d``, which the compile pipeline lowers to im2col + GEMM or its depthwise kernel
+        (:mod:`kernels.conv_kernels`)."""
         from tvm import relax
 
         bb = imp.block_builder

@@ -40,7 +40,8 @@ dwconv         (B, N, C, kh·kw)                 ``[B, N, C]`` -> depthwise conv
 =============  ===============================  ======================================================
 
 ``embed`` and ``conv`` are timed as their im2col GEMM: exact for non-overlapping patches (kernel =
-stride, a reshape away from a GEMM), an approximation for PVT's overlapping convs.
+stride, a reshape away from a GEMM); for PVT's overlapping convs the compiled model runs this GEMM too
+(:mod:`kernels.conv_kernels`) after an im2col gather the row does not time.
 
 For each op: ``inputs`` makes seeded NumPy inputs, ``torch_fn`` is the PyTorch computation (what the
 dense model runs), ``relax_fn`` emits the same computation into a Relax function that
