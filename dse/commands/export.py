@@ -52,7 +52,7 @@ def run(args: argparse.Namespace):
     pred = summary.get("prediction") or {}
     if pred.get("available"):
         lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {energy_text(pred['energy_mj'], '.3f')} per batch "
-                     f"({pred.get('source', 'unstated')})")
+                     f"(costs {pred.get('source', 'unstated')}; energy: {pred.get('energy_source', 'unstated')})")
     elif pred:
         lines.append(f"cost model: no prediction ({no_prediction_reason(pred)})")
     moe = summary.get("moe")

@@ -47,7 +47,7 @@ import models
 from dse.checkpoints import architecture, build_from_architecture, load_finetuned
 from dse.config import Config, config_to_dict
 from dse.cost import model as cost
-from dse.cost.sources import model_cost
+from dse.cost.sources import energy_label, model_cost
 from dse.deploy import artifact as art
 from dse.deploy import graph
 from dse.errors import CheckpointError, ConfigError, ShiftAddError
@@ -294,7 +294,8 @@ def predict_cost(cfg: Config, model: nn.Module, plan: Assignment, batch: int, ta
         priced = model_cost(table, cfg.cost, build_inventory(model, batch=batch))
         pred = priced.predict(plan)
         return {"available": True, "latency_ms": float(pred.latency_ms), "energy_mj": float(pred.energy_mj),
-                "source": priced.source(plan)}  # measured, or which figures are regressed
+                "energy_source": energy_label(priced),  # nvml/rapl measured, or model (analytical)
+                "source": priced.source(plan)}  # the costs' provenance: measured, or which figures are regressed
     except ShiftAddError as exc:
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
 
