@@ -391,7 +391,8 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
     form = graph.export_form(model, lambda name, _layer: choices[name]["primitive"])
 
     t0 = time.perf_counter()
-    g = graph.to_relax(form, x_val[:batch].contiguous(), tgt, tune_trials=ex.tune_trials,
+    example = full_batch(x_val, batch)
+    g = graph.to_relax(form, example.contiguous(), tgt, tune_trials=ex.tune_trials,
                        tuning_dir=cfg.profile.tuning_dir)
     log.info("imported the traced model into Relax in %.1f s", time.perf_counter() - t0)
     compiled = compile_relax_recorded(g.mod, tgt)
@@ -426,7 +427,7 @@ def export(cfg: Config, checkpoint: str | Path, out: str | Path, *, target: Any 
         cuda_table, cuda_reason = profile_table(cfg, cuda_tgt, None)
         cuda_choices = choose_shift_primitives(shapes, cuda_tgt, cuda_table, cuda_reason, ex.shift_primitive)
         cuda_form = graph.export_form(model, lambda name, _layer: cuda_choices[name]["primitive"])
-        summary["cuda"] = export_compile_only(cuda_form, plan, x_val[:batch], out / f"cuda-{arch}",
+        summary["cuda"] = export_compile_only(cuda_form, plan, example, out / f"cuda-{arch}",
                                               cuda_tgt, cuda_choices, manifest)
         log.info("compiled the CUDA companion in %.1f s", time.perf_counter() - t0)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -520,6 +521,12 @@ def relative_logit_errors(logits: np.ndarray, ref: np.ndarray, batch: int) -> li
             for i in range(0, len(ref), batch)]
 
 
+def full_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The first ``batch`` images of ``x`` [N, C, H, W], cycling through them when there are fewer: the compiled
+    graph is static, so a validation set smaller than one batch still makes one."""
+    return x[torch.arange(batch) % len(x)]
+
+
 def _check_on_device(out: Path, manifest: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
                      ref: torch.Tensor, repeat: int) -> dict[str, Any]:
     loaded = art.Artifact.load(out)
@@ -528,7 +535,7 @@ def _check_on_device(out: Path, manifest: dict[str, Any], x: torch.Tensor, y: to
     errs = relative_logit_errors(logits, ref_np, loaded.batch)
     batch = loaded.batch
     agree = float((logits.argmax(1) == ref_np.argmax(1)).mean())
-    timing = loaded.time(x[:batch].numpy(), repeat=repeat)
+    timing = loaded.time(full_batch(x, batch).numpy(), repeat=repeat)
     manifest = dict(manifest)
     manifest["accuracy"] = {**manifest["accuracy"], "compiled_val_acc": accuracy(logits, y), "top1_agreement": agree,
                             "max_rel_logit_err": max(errs), "median_rel_logit_err": float(np.median(errs))}

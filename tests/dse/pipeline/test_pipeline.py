@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
+from PIL import Image
 
+import models
 from dse.pipeline.run import _skip_finetune, accuracy_table
 from models.assignment import Assignment
 
@@ -125,7 +129,6 @@ def test_report_profile_table_is_this_models_rows(run):
 
 def test_a_given_checkpoint_is_evaluated_once_and_new_weights_under_its_name_rerun_every_stage(
         run, run_cli, tmp_path):
-    import torch
 
     out, args, _ = run
     ckpt = tmp_path / "user.pt"
@@ -148,5 +151,48 @@ def test_a_given_checkpoint_is_evaluated_once_and_new_weights_under_its_name_rer
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name] = state[name] + 0.01  # other weights under the same file name
     torch.save(weights, ckpt)
+    assert stages() == {"pretrain": False, "profile": True, "search": False, "finetune": False, "export": False,
+                        "bench": False}
+
+
+def _image_folder(root, rng) -> None:
+    """Two classes of 16-px PNGs (bright top half vs bright bottom half), 6 train and 3 val images each."""
+    for split, count in (("train", 6), ("val", 3)):
+        for label in ("top", "bottom"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                img = rng.integers(0, 60, size=(16, 16, 3), dtype=np.uint8)
+                rows = slice(0, 8) if label == "top" else slice(8, 16)
+                img[rows] += 150
+                Image.fromarray(img).save(folder / f"{i}.png")
+
+
+def test_imagefolder_with_a_user_checkpoint_end_to_end_and_a_changed_image_reruns_what_depends_on_it(
+        tmp_path, run_cli):
+    """A user's ImageFolder and checkpoint through every stage; then one changed image (same file name) reruns
+    every stage that reads the data, and only those."""
+    _image_folder(tmp_path / "data", np.random.default_rng(0))
+    ckpt = tmp_path / "user.pt"
+    torch.manual_seed(0)
+    torch.save({"model": models.create("vit_digits", img_size=16, depth=2, embed_dim=48, num_heads=2,
+                                       num_classes=2).state_dict()}, ckpt)
+    sets = [*TINY, f"profile.dir={tmp_path / 'profiles'}", "data.name=imagefolder", f"data.path={tmp_path / 'data'}",
+            "data.workers=0", "model.num_classes=2", f"model.checkpoint={ckpt}", "export.val_images=null"]
+    args = ["run", "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)], "--json"]
+
+    def stages() -> dict[str, bool]:
+        done = run_cli(*args, timeout=1500)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return {s["name"]: s["reused"] for s in json.loads((tmp_path / "run" / "run.json").read_text())["stages"]}
+
+    assert not any(stages().values())
+    metrics = pd.read_csv(tmp_path / "run" / "dense" / "metrics.csv")
+    assert list(metrics["epoch"]) == [0] and 0.0 <= metrics["val_acc"][0] <= 100.0  # evaluated on the 6 val images
+    manifest = yaml.safe_load((tmp_path / "run" / "export" / "artifact" / "manifest.yaml").read_text())
+    assert manifest["accuracy"]["val_images"] == 6 and manifest["accuracy"]["top1_agreement"] == 1.0
+    assert manifest["input"]["shape"][1:] == [3, 16, 16]
+    img = tmp_path / "data" / "val" / "top" / "0.png"
+    Image.fromarray(255 - np.asarray(Image.open(img))).save(img)  # other pixels, same name and size class
     assert stages() == {"pretrain": False, "profile": True, "search": False, "finetune": False, "export": False,
                         "bench": False}
