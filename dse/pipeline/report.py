@@ -431,8 +431,8 @@ def _search_section(root: Path) -> Section:
     s = Section("Search: Pareto front")
     pareto = _read_csv(root / "search" / "pareto.csv")
     if pareto is not None and not pareto.empty:
-        cols = [c for c in ("trial", "source", "baseline", "latency_ms", "energy_mj", "cost_source", "risk", "accuracy",
-                            "feasible", "chosen") if c in pareto.columns]
+        cols = [c for c in ("trial", "source", "baseline", "latency_ms", "energy_mj", "energy_source", "cost_source",
+                            "risk", "accuracy", "feasible", "chosen") if c in pareto.columns]
         s.tables.append(("Front, baselines and stage-B candidates", pareto[cols].head(20).to_dict("records")))
         if "cost_source" in pareto.columns:
             regressed = pareto[pareto["cost_source"] != provenance.MEASURED]
@@ -499,9 +499,11 @@ def _cost_provenance(s: Section, costs: Any) -> None:
     counts = ", ".join(f"{n} {source}" for source, n in (costs.get("sources") or {}).items())
     s.text.append(f"MoE expert costs ({costs.get('metric')} per token): {counts}"
                   + (" (cost.strict: only measured costs accepted)." if costs.get("strict") else "."))
+    # per-token costs are tiny (1e-4 ms): shown with significant digits, not the tables' fixed decimals
     s.tables.append(("MoE expert costs and their provenance", [
-        {"layer": name, "mult": c["mult"], "shift": c["shift"], "equilibrium": c.get("equilibrium_share"),
-         "provenance": provenance.describe(c.get("provenance"))} for name, c in costs["layers"].items()]))
+        {"layer": name, "mult": f"{c['mult']:.4g}", "shift": f"{c['shift']:.4g}",
+         "equilibrium": c.get("equilibrium_share"), "provenance": provenance.describe(c.get("provenance"))}
+        for name, c in costs["layers"].items()]))
 
 
 def _accuracy_section(summary: dict[str, Any], plots: Path) -> Section:

@@ -438,7 +438,8 @@ class _InventoryBuilder:
         try:
             calls = eager.count_module_calls(self.model, probe)
         except Exception as exc:  # a model that cannot run an empty batch: priced without its eager overhead
-            log.info("no eager framework row for %s (its forward rejects an empty batch: %s)", name, exc)
+            log.info("no eager framework row for %s (its forward rejects an empty batch: %s)",
+                     name or type(self.model).__name__, exc)
             return None
         self.add(math.inf, name=eager.FRAMEWORK, kind="framework", op=eager.FRAMEWORK,
                  primitives=(eager.FRAMEWORK,), b=1, m=calls, k=1, n=1)
