@@ -127,7 +127,7 @@ def _conv_geometry(call: Any) -> dict[str, Any] | None:
     a = call.attrs
     if (xs is None or ws is None or len(xs) != 4 or len(ws) != 4 or str(x.ty.dtype) != "float32"
             or str(w.ty.dtype) != "float32" or a.data_layout != "NCHW" or a.kernel_layout != "OIHW"
-            or a.out_layout != "NCHW" or str(a.out_dtype) not in ("", "void", "float32")
+            or a.out_layout != "NCHW" or str(a.out_dtype) not in ("", "void", "None", "float32")
             or any(int(d) != 1 for d in a.dilation)):
         return None
     top, left, bottom, right = (int(p) for p in a.padding)

@@ -74,3 +74,14 @@ def test_op_compiles_with_the_exporters_schedules(name):
     mod = nonprim.relax_module(name, nonprim.check_shape(name, SHAPES[name]), target)
     with target:
         tvm.compile(mod, target=target, relax_pipeline=relax_pipeline.relax_pipeline(target))
+
+
+def test_dwconv_row_times_the_exporters_depthwise_kernel():
+    """The profiled depthwise conv (PVT v2's MLP) runs the kernel the exporter swaps in, not TOPI's conv (its
+    Relax form once carried out_dtype=None, which the conv pass did not recognise: rows 9x the in-model time)."""
+    from kernels import relax_pipeline
+    from kernels.compiled import library_functions
+
+    target = relax_pipeline.resolve_target("cpu")
+    exe = relax_pipeline.compile_relax(nonprim.relax_module("dwconv", SHAPES["dwconv"], target), target)
+    assert any(f.startswith("dse_depthwise_") for f in library_functions(exe))
