@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kernels.cpu_schedules import PrepackedGemm, prepacked_gemm
+from kernels.relax_passes import mutator_pass
 from kernels.targets import vector_lanes
 
 if TYPE_CHECKING:
@@ -219,12 +220,4 @@ def conv_kernels_pass(target: tvm.target.Target) -> Any:
             y = bb.emit(relax.call_tir(gv, [x_nhwc, k_hwc], relax.TensorType((bsz, height, width, c), "float32")))
             return relax.op.permute_dims(y, [0, 3, 1, 2])
 
-    @tvm.transform.module_pass(opt_level=0, name="ShiftAddConvKernels")
-    def _pass(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        mutator = _Mutator(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return mutator_pass("ShiftAddConvKernels", _Mutator)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernels import conv_kernels, row_kernels
 from kernels.errors import KernelError
+from kernels.relax_passes import mutator_pass
 from kernels.targets import resolve_target, target_slug, vector_lanes
 from kernels.torch_ops import FIXED_MAX, FIXED_MIN
 
@@ -277,15 +278,7 @@ def _fast_gelu_pass() -> Any:
                 return self.builder_.call_te(gelu_te, call.args[0], primfunc_name_hint="gelu")
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="FastGelu")
-    def _pass(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        mutator = _Mutator(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
-
-    return _pass
+    return mutator_pass("FastGelu", _Mutator)
 
 
 def _fusible_gathers_pass() -> Any:

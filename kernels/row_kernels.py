@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kernels.relax_passes import mutator_pass
 from kernels.targets import vector_lanes
 
 if TYPE_CHECKING:
@@ -246,7 +247,6 @@ def row_kernels_pass(target: tvm.target.Target) -> Any:
     """Relax pass (CPU): last-axis float32 LayerNorms and softmaxes with static shapes become calls of
     :func:`layer_norm_primfunc` / :func:`softmax_primfunc`; a softmax's ``_safe_softmax`` guard (see
     :func:`_is_softmax_guard`) folds into the kernel, which applies the same rule."""
-    import tvm
     from tvm import relax
 
     lanes = vector_lanes(target)
@@ -312,13 +312,7 @@ def row_kernels_pass(target: tvm.target.Target) -> Any:
             return self._call(("layer_norm", rows, c, eps, vec), f"dse_layer_norm_r{rows}_c{c}",
                               lambda: layer_norm_primfunc(rows, c, eps, vec), list(call.args), shape)
 
-    @tvm.transform.module_pass(opt_level=0, name="ShiftAddRowKernels")
-    def _pass(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        mutator = _Mutator(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.bound = _bindings(func)
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
+    def prepare(mutator: Any, func: Any) -> None:
+        mutator.bound = _bindings(func)
 
-    return _pass
+    return mutator_pass("ShiftAddRowKernels", _Mutator, prepare)
