@@ -56,6 +56,7 @@ def render(result: dict) -> str:
         f"energy source: {'; '.join(sources)}",
         *[f"no prediction for {r['model']}: {r['no_prediction']}" for r in result["rows"] if r.get("no_prediction")],
         f"top-1 agreement with the dense model on this batch: {100 * result['top1_agreement_with_dense']:.1f}%",
+        *([f"warning: {result['load_warning']}"] if result.get("load_warning") else []),
     ])
     if result["torch_compile_s"] is not None:
         text += f"\ntorch.compile took {result['torch_compile_s']:.1f} s"

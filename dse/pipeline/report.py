@@ -527,6 +527,8 @@ def _bench_section(root: Path, plots: Path) -> Section:
             s.text.append("dense (TVM) is the dense checkpoint exported by the same TVM pipeline with every layer "
                           "mult/msa: the exported design's speed-up over it is the reparameterisation's own gain, "
                           "its speed-up over PyTorch also holds the compiler's.")
+        if bench.get("load_warning"):
+            s.text.append(f"**Warning:** {bench['load_warning']}.")
         s.tables.append(("Latency (same inputs, same batch, one run)", bench["rows"]))
         lat = {r["model"]: r.get("median_ms") for r in bench["rows"]}
         pred = {r["model"]: r.get("predicted_ms") for r in bench["rows"]}

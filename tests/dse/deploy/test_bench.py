@@ -244,3 +244,10 @@ def test_bench_prediction_error_is_against_the_measured_median(benched):
     for row in priced:
         expected = 100.0 * (row["predicted_ms"] - row["median_ms"]) / row["median_ms"]
         assert row["prediction_error_pct"] == pytest.approx(expected)
+
+
+def test_a_bench_under_load_says_so():
+    from dse.deploy.bench import _load_warning
+
+    assert _load_warning(1.0, 2) is None and _load_warning(None, 2) is None
+    assert "3.0 on 2 cores" in _load_warning(3.0, 2)  # above 1.25 per core
