@@ -49,6 +49,8 @@ def run(args: argparse.Namespace):
                      f"{summary['max_rel_logit_err']:.2e}); latency {summary['latency_ms']:.2f} ms per batch")
     else:
         lines.append(f"compile-only (not run here); PyTorch val top-1 {summary['pytorch_val_acc']:.2f}%")
+    if summary.get("load_warning"):
+        lines.append(f"warning: {summary['load_warning']}")
     pred = summary.get("prediction") or {}
     if pred.get("available"):
         lines.append(f"cost model: {pred['latency_ms']:.2f} ms, {energy_text(pred['energy_mj'], '.3f')} per batch "

@@ -54,7 +54,7 @@ from dse.hardware import energy as en
 from dse.hardware.device import describe_device, versions
 from dse.hardware.threads import set_threads, torch_threads, tvm_threads
 from dse.profiling.inventory import build_inventory
-from dse.profiling.profiler import BUSY_LOAD_PER_CORE, busy, load_1m
+from dse.profiling.profiler import busy_host_warning, load_1m
 from models.assignment import Assignment
 
 log = logging.getLogger(__name__)
@@ -362,20 +362,10 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
             "predicted_ms": predictions["dense_tvm"], "artifact": str(dense_art.folder), "built": dense_built,
             "compiled_val_acc": (dense_art.manifest.get("accuracy") or {}).get("compiled_val_acc")},
         "threads": {"torch": torch.get_num_threads(), "tvm": tvm_threads()},
-        "load_1m": (load := load_1m()), "load_warning": _load_warning(load, device.get("cores")),
+        "load_1m": (load := load_1m()), "load_warning": busy_host_warning(load, device.get("cores"), "dse bench"),
         "torch_compile_s": compile_s, "artifact": str(artifact_dir), "dense_checkpoint": dense_path,
         "top1_agreement_with_dense": agree, "prediction_profile": predictions.get("profile"),
     }
-
-
-def _load_warning(load: float | None, cores: int | None) -> str | None:
-    """Why these timings are not a quiet host's (the 1-min load above the profiler's busy threshold), else None:
-    interleaving keeps the contestants' ratios fair, but their absolute times and prediction errors are not."""
-    if not busy({"load_1m": load}, cores):
-        return None
-    return (f"the 1-min load average was {load:.1f} on {cores} cores (above {BUSY_LOAD_PER_CORE:g} per core): other "
-            "work ran during the bench; the speed-ups stand (interleaved), the absolute times and prediction errors "
-            "do not; rerun `dse bench` on a quiet host")
 
 
 def _device(manifest: dict[str, Any]) -> dict[str, Any]:

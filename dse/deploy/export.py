@@ -56,7 +56,7 @@ from dse.hardware.device import describe_device, versions
 from dse.hardware.threads import set_torch_threads, tvm_threads, use_all_cores
 from dse.profiling import store
 from dse.profiling.inventory import build_inventory
-from dse.profiling.profiler import load_1m
+from dse.profiling.profiler import busy_host_warning, load_1m
 from dse.training.data import load_data
 from dse.training.finetune import reparam_options
 from kernels.compiled import library_functions
@@ -539,8 +539,9 @@ def _check_on_device(out: Path, manifest: dict[str, Any], x: torch.Tensor, y: to
     manifest = dict(manifest)
     manifest["accuracy"] = {**manifest["accuracy"], "compiled_val_acc": accuracy(logits, y), "top1_agreement": agree,
                             "max_rel_logit_err": max(errs), "median_rel_logit_err": float(np.median(errs))}
-    manifest["latency"] = {"measured": timing.as_dict(), "batch": batch,
-                           "threads": tvm_threads(), "load_1m": load_1m()}
+    load = load_1m()
+    manifest["latency"] = {"measured": timing.as_dict(), "batch": batch, "threads": tvm_threads(), "load_1m": load,
+                           "load_warning": busy_host_warning(load, describe_device("cpu").cores, "dse export")}
     manifest["run_on_device"] = True
     return manifest
 
@@ -555,6 +556,7 @@ def _summary(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "pytorch_val_acc": acc.get("pytorch_val_acc"), "compiled_val_acc": acc.get("compiled_val_acc"),
             "top1_agreement": acc.get("top1_agreement"), "max_rel_logit_err": acc.get("max_rel_logit_err"),
             "latency_ms": lat.get("median_ms"), "prediction": manifest.get("prediction"),
+            "load_warning": (manifest.get("latency") or {}).get("load_warning"),
             "moe": manifest.get("moe"), "manifest_sha256": art.manifest_digest(out)}
 
 

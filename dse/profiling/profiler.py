@@ -428,6 +428,17 @@ def load_warning(rows: list[dict[str, Any]], cores: int | None, per_core: float 
             "next `dse profile` (or `dse run`) measures them again — on a quiet machine")
 
 
+def busy_host_warning(load: float | None, cores: int | None, command: str) -> str | None:
+    """Why a measurement taken at 1-min load ``load`` is not a quiet host's (above :data:`BUSY_LOAD_PER_CORE`
+    per core), else None: interleaved contestants keep fair ratios, but absolute times and prediction errors
+    do not hold."""
+    if not busy({"load_1m": load}, cores):
+        return None
+    return (f"the 1-min load average was {load:.1f} on {cores} cores (above {BUSY_LOAD_PER_CORE:g} per core): other "
+            "work ran meanwhile; ratios of interleaved timings stand, absolute times and prediction errors do not; "
+            f"rerun `{command}` on a quiet host")
+
+
 def load_1m() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)

@@ -247,7 +247,7 @@ def test_bench_prediction_error_is_against_the_measured_median(benched):
 
 
 def test_a_bench_under_load_says_so():
-    from dse.deploy.bench import _load_warning
+    from dse.profiling.profiler import busy_host_warning
 
-    assert _load_warning(1.0, 2) is None and _load_warning(None, 2) is None
-    assert "3.0 on 2 cores" in _load_warning(3.0, 2)  # above 1.25 per core
+    assert busy_host_warning(1.0, 2, "dse bench") is None and busy_host_warning(None, 2, "dse bench") is None
+    assert "3.0 on 2 cores" in busy_host_warning(3.0, 2, "dse bench")  # above 1.25 per core
