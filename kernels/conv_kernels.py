@@ -21,19 +21,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kernels.cpu_schedules import PrepackedGemm, prepacked_gemm
-from kernels.relax_passes import mutator_pass
+from kernels.relax_passes import OPAQUE, add_func_once, mutator_pass, static_shape
 from kernels.targets import vector_lanes
 
 if TYPE_CHECKING:
     import tvm
 
-_OPAQUE = 8  # relax op_pattern kOpaque: fusion leaves a scheduled kernel whole
-
-
 def _kernel(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc as a Relax module takes it: opaque to fusion, left alone by dlight."""
     func = func.without_attr("global_symbol") if func.attrs is not None and "global_symbol" in func.attrs else func
-    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", _OPAQUE)
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
 
 
 def depthwise_primfunc(b: int, h: int, w: int, c: int, kh: int, kw: int, lanes: int) -> tvm.tirx.PrimFunc:
@@ -114,17 +111,10 @@ def im2col_primfunc(shape: tuple[int, int, int, int], kernel: tuple[int, int], s
     return _kernel(sch.mod["main"])
 
 
-def _static_shape(expr: Any) -> list[int] | None:
-    try:
-        return [int(v) for v in expr.ty.shape]
-    except (TypeError, ValueError, AttributeError):
-        return None  # symbolic or unknown shape
-
-
 def _conv_geometry(call: Any) -> dict[str, Any] | None:
     """Shapes and attributes of a float32 NCHW/OIHW 2-D conv with static shapes and no dilation, else None."""
     x, w = call.args
-    xs, ws = _static_shape(x), _static_shape(w)
+    xs, ws = static_shape(x), static_shape(w)
     a = call.attrs
     if (xs is None or ws is None or len(xs) != 4 or len(ws) != 4 or str(x.ty.dtype) != "float32"
             or str(w.ty.dtype) != "float32" or a.data_layout != "NCHW" or a.kernel_layout != "OIHW"
@@ -158,9 +148,7 @@ def conv_kernels_pass(target: tvm.target.Target) -> Any:
             self.gemms: dict[tuple[int, int, int], PrepackedGemm] = {}
 
         def _func(self, key: tuple, name: str, make: Any) -> Any:
-            if key not in self.funcs:
-                self.funcs[key] = self.builder_.add_func(make(), name)
-            return self.funcs[key]
+            return add_func_once(self.builder_, self.funcs, key, name, make)
 
         def visit_call_(self, call: Any) -> Any:  # noqa: N802 (TVM's visitor protocol)
             call = super().visit_call_(call)

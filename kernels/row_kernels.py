@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kernels.relax_passes import mutator_pass
+from kernels.relax_passes import OPAQUE, add_func_once, mutator_pass, static_shape
 from kernels.targets import vector_lanes
 
 if TYPE_CHECKING:
     import tvm
 
-_OPAQUE = 8  # relax op_pattern kOpaque: fusion leaves a scheduled kernel whole
 
 
 def fast_exp(v: Any) -> Any:
@@ -123,7 +122,7 @@ def softmax_primfunc(rows: int, c: int, lanes: int) -> tvm.tirx.PrimFunc:
                     for ln in T.vectorized(lanes):
                         y[r, last + ln] = T.Select(acc[0] == T.float32(0), T.float32(0), tail_e[ln] * acc[0])
 
-    return softmax.with_attr("op_pattern", _OPAQUE)
+    return softmax.with_attr("op_pattern", OPAQUE)
 
 
 def layer_norm_primfunc(rows: int, c: int, eps: float, lanes: int) -> tvm.tirx.PrimFunc:
@@ -165,14 +164,7 @@ def layer_norm_primfunc(rows: int, c: int, eps: float, lanes: int) -> tvm.tirx.P
         sch.reorder(outer, lane)
         sch.vectorize(lane)
         sch.decompose_reduction(blk, outer)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", _OPAQUE)
-
-
-def _static_shape(expr: Any) -> list[int] | None:
-    try:
-        return [int(v) for v in expr.ty.shape]
-    except (TypeError, ValueError, AttributeError):
-        return None  # symbolic or unknown shape
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
 
 
 def _op_name(value: Any) -> str | None:
@@ -211,7 +203,7 @@ def _is_softmax_guard(where: Any, bound: dict[Any, Any]) -> Any:
 
     cond, zeros, s = where.args
     sm = value(s)
-    if _op_name(sm) != "relax.nn.softmax" or int(sm.attrs.axis) not in (-1, len(_static_shape(sm) or [0]) - 1):
+    if _op_name(sm) != "relax.nn.softmax" or int(sm.attrs.axis) not in (-1, len(static_shape(sm) or [0]) - 1):
         return None
     x = sm.args[0]
     z = value(zeros)
@@ -219,7 +211,7 @@ def _is_softmax_guard(where: Any, bound: dict[Any, Any]) -> Any:
         return None
     reduced = chain(cond, "relax.logical_not", "relax.astype")
     mx = value(reduced) if reduced is not None else None
-    if _op_name(mx) != "relax.max" or [int(a) for a in mx.attrs.axis] not in ([-1], [len(_static_shape(x) or [0]) - 1]):
+    if _op_name(mx) != "relax.max" or [int(a) for a in mx.attrs.axis] not in ([-1], [len(static_shape(x) or [0]) - 1]):
         return None
     eq = chain(mx.args[0], "relax.astype", "relax.logical_not")
     eq = value(eq) if eq is not None else None
@@ -259,15 +251,14 @@ def row_kernels_pass(target: tvm.target.Target) -> Any:
             self.bound: dict[Any, Any] = {}
 
         def _call(self, key: tuple, name: str, make: Any, args: list[Any], shape: list[int]) -> Any:
-            if key not in self.funcs:
-                self.funcs[key] = self.builder_.add_func(make(), name)
+            gv = add_func_once(self.builder_, self.funcs, key, name, make)
             rows, c = int(np.prod(shape[:-1])), shape[-1]
             x2 = [self.builder_.emit(relax.op.reshape(args[0], (rows, c))), *args[1:]]
-            out = self.builder_.emit(relax.call_tir(self.funcs[key], x2, relax.TensorType((rows, c), "float32")))
+            out = self.builder_.emit(relax.call_tir(gv, x2, relax.TensorType((rows, c), "float32")))
             return relax.op.reshape(out, shape)
 
         def _softmax(self, x: Any) -> Any:
-            shape = _static_shape(x)
+            shape = static_shape(x)
             if shape is None or str(x.ty.dtype) != "float32" or shape[-1] < lanes:
                 return None
             rows, c = int(np.prod(shape[:-1])), shape[-1]
@@ -285,7 +276,7 @@ def row_kernels_pass(target: tvm.target.Target) -> Any:
             call = super().visit_call_(call)
             name = _op_name(call)
             if name == "relax.nn.softmax":
-                shape = _static_shape(call.args[0])
+                shape = static_shape(call.args[0])
                 if shape is not None and int(call.attrs.axis) in (-1, len(shape) - 1):
                     out = self._softmax(call.args[0])
                     if out is not None:
@@ -296,7 +287,7 @@ def row_kernels_pass(target: tvm.target.Target) -> Any:
 
         def _layer_norm(self, call: Any) -> Any:
             x = call.args[0]
-            shape = _static_shape(x)
+            shape = static_shape(x)
             if shape is None:
                 return call
             axes = [int(a) % len(shape) for a in call.attrs.axes]
