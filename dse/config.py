@@ -88,6 +88,9 @@ class ProfileConfig:
     # a stored row measured while the 1-min load exceeded this per core is measured again, not reused (a host
     # that is never quieter can raise it; the profiler's own threads keep up to one per core busy)
     busy_load_per_core: float = 1.25
+    # whole compiled models (random assignments and the corner designs) timed after the rows to fit the in-context
+    # factors of dse.cost.calibration; 0 = no calibration (TVM targets this machine can run only)
+    calibration_models: int = 6
 
     @property
     def tuning_dir(self) -> Path:
@@ -106,6 +109,9 @@ class CostConfig:
     # each primitive's rows before its held-out shapes (0 = neither: compare with the stored profile only)
     validate_assignments: int = 8  # ... and random assignments compiled whole and timed interleaved (0 = none)
     poison_factor: float = 1.5  # ... a profile row whose in-model/profiled ratio strays this far from the usual one
+    # apply the profile's in-context factors for the model (dse.cost.calibration) to TVM predictions; false prices
+    # the compiled model as the sum of its kernels and ops profiled alone
+    calibrated: bool = True
 
 
 @dataclass
@@ -320,6 +326,7 @@ def _validate(cfg: Config) -> None:
         "finetune.lr": cfg.finetune.lr,
         "profile.min_repeat_ms": cfg.profile.min_repeat_ms,
         "cost.validate_assignments": cfg.cost.validate_assignments,
+        "profile.calibration_models": cfg.profile.calibration_models,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -36,7 +36,9 @@ def render(result: dict) -> str:
     rows = [{"model": r["model"], "median ms": r["median_ms"], "p90 ms": r["p90_ms"],
              "x eager": r["speedup_vs_eager"], "energy mJ": r["energy_mj"],
              "predicted ms": r["predicted_ms"],
-             "pred. error %": r["prediction_error_pct"]} for r in result["rows"]]
+             "pred. error %": r["prediction_error_pct"],
+             "at host speed now %": r.get("prediction_error_now_pct")} for r in result["rows"]]
+    speed = result.get("host_speed") or {}
     sources = sorted({r["energy_source"] for r in result["rows"]})
     gains = [f"{result[key]:.2f}x vs {name}" for key, name in (
         ("speedup_vs_dense_tvm", "dense (TVM): the reparameterisation's own gain"),
@@ -54,6 +56,10 @@ def render(result: dict) -> str:
         f"batch {result['batch']} ({result['inputs']}), {result['repeat']} calls each, interleaved; threads: torch "
         f"{result['threads']['torch']}, TVM {result['threads']['tvm']}; load average {result['load_1m']}",
         f"energy source: {'; '.join(sources)}",
+        f"host speed: reference kernel {speed['now_ms']:.4f} ms now"
+        + (f" vs {speed['then']['latency_ms']:.4f} ms when the profile was measured: the host runs "
+           f"{speed['ratio']:.2f}x the time it did then (the last column: prediction x that ratio vs measured)"
+           if speed.get("ratio") else " (the profile has no reference timing: drift unknown)") if speed else "",
         *[f"no prediction for {r['model']}: {r['no_prediction']}" for r in result["rows"] if r.get("no_prediction")],
         f"top-1 agreement with the dense model on this batch: {100 * result['top1_agreement_with_dense']:.1f}%",
         *([f"warning: {result['load_warning']}"] if result.get("load_warning") else []),

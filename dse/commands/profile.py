@@ -8,6 +8,7 @@ from typing import Any
 
 from dse.commands.common import config_from_args, table
 from dse.commands.registry import command
+from dse.deploy.calibrate import ensure_calibration
 from dse.errors import StageError
 from dse.profiling.inventory import compact_names, inventory_for_config
 from dse.profiling.profiler import (
@@ -124,6 +125,22 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _calibration_text(fitted, models: list[dict[str, Any]], fresh: bool, count: int) -> str:
+    if fitted is None:
+        return "in-context calibration: off (profile.calibration_models = 0): TVM models are priced as the sum of " \
+               "their kernels and ops profiled alone"
+    if not fresh:
+        return f"in-context calibration (stored, rows unchanged): {fitted.describe()}"
+    rows = [{"msa": m["msa"], "hamming": m["hamming"], "mult": m["mult"], "shift": m["shift"], "moe": m["moe"],
+             "measured_ms": m["measured_ms"], "uncalibrated_ms": m["uncalibrated_ms"],
+             "calibrated_ms": m["calibrated_ms"], "error": f"{100 * m['uncalibrated_error']:+.1f}% -> "
+                                                             f"{100 * m['calibrated_error']:+.1f}%"} for m in models]
+    ratio = "unknown" if fitted.speed_ratio is None else f"{fitted.speed_ratio:.2f}"
+    return "\n".join([f"in-context calibration: {count} whole compiled models timed interleaved (host speed vs the "
+                      f"rows: {ratio}, divided out): {fitted.describe()}",
+                      table(rows, floatfmt="{:.4g}")])
+
+
 @command("profile", "measure latency and energy of every primitive x layer shape of a model on a target", _args)
 def run(args: argparse.Namespace):
     cfg = _config(args)
@@ -152,6 +169,11 @@ def run(args: argparse.Namespace):
               "measured_by_other": run_.by_other, "remeasured_preempted": run_.remeasured,
               "remeasured_busy": run_.busy_before, "failed": run_.failed, "seconds": round(run_.seconds, 2),
               "energy_source": run_.energy_source, "target": run_.target_slug, "summary": summary_rows(run_)}
+    if not run_.failed:
+        fitted, models, fresh = ensure_calibration(cfg, run_.path, inv, refit=run_.measured > 0 or args.force)
+        text += "\n\n" + _calibration_text(fitted, models, fresh, cfg.profile.calibration_models)
+        result["calibration"] = None if fitted is None else {**fitted.as_meta(), "fitted_now": fresh,
+                                                             "models": models or fitted.models}
     if run_.failed:
         # the measured rows are saved: show them before the error line
         print(json.dumps(result, indent=2, default=str) if args.json else text)

@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 
 import kernels
+from dse.cost import calibration as calib
+from dse.cost.calibration import Calibration
 from dse.cost.regression import CostLaw, PadFn, fit_law
 from dse.errors import AssignmentError, ProfileError, TargetUnavailableError
 from dse.hardware.device import describe_device
@@ -507,7 +509,7 @@ class CostModel:
     """Prices calls from one profile on one backend; :meth:`for_model` precomputes a model's table."""
 
     def __init__(self, profile: Any, backend: str = "tvm", metric: str = "latency",
-                 mix_alpha: float = 0.5):
+                 mix_alpha: float = 0.5, calibrated: bool = True):
         if backend not in BACKENDS:
             raise ProfileError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}")
         if metric not in METRICS:
@@ -516,11 +518,12 @@ class CostModel:
         self.backend = backend
         self.metric = metric
         self.mix_alpha = float(mix_alpha)
+        self.calibrated = bool(calibrated)
         self._warned_partial = False
 
     @classmethod
     def from_config(cls, profile: Any, cost_cfg: Any, backend: str = "tvm") -> CostModel:
-        return cls(profile, backend, cost_cfg.metric, cost_cfg.mix_alpha)
+        return cls(profile, backend, cost_cfg.metric, cost_cfg.mix_alpha, cost_cfg.calibrated)
 
     def _backend_call(self, call: Call) -> Call:
         if self.backend == "torch" and call.primitive in TORCH_BASELINE:
@@ -569,8 +572,17 @@ class CostModel:
 
     def for_model(self, inventory: Any) -> ModelCost:
         """Precompute (latency, energy) per decision layer per choice for ``inventory`` (a layer inventory
-        from :mod:`dse.profiling.inventory` or a :class:`ModelWork`)."""
-        return ModelCost(self, ModelWork.from_inventory(inventory))
+        from :mod:`dse.profiling.inventory` or a :class:`ModelWork`), with the profile's in-context factors for
+        this model and batch (:mod:`dse.cost.calibration`) when it has them, the backend is ``tvm`` and
+        ``calibrated`` is set."""
+        work = ModelWork.from_inventory(inventory)
+        found = None
+        if self.calibrated and self.backend == "tvm":
+            found = calib.stored(getattr(self.table.profile, "meta", None), work.model, work.batch)
+            if found is None:
+                log.debug("the profile has no in-context calibration for %s at batch %d: kernels priced as "
+                          "profiled alone", work.model, work.batch)
+        return ModelCost(self, work, found)
 
 
 def fastest_shift_primitive(profile: Any, b: int, m: int, k: int, n: int, backend: str = "tvm") -> str:
@@ -587,12 +599,17 @@ class ModelCost:
     ``lat[i, c]``/``en[i, c]`` hold layer ``i``'s cost under choice ``c`` (NaN where the profile cannot
     price that choice on this backend; MoE at its equilibrium share for the configured metric);
     ``fixed`` is the choice-independent work. Pricing an assignment sums one entry per layer.
+
+    With a ``calibration`` every latency is its group's in-context factor times the profiled one
+    (:mod:`dse.cost.calibration`; a layer's group is its choice, the fixed work is ``fixed``); ``raw_lat`` and
+    ``raw_fixed`` keep the figures as profiled, and :meth:`components` splits a prediction into its groups.
     """
 
-    def __init__(self, model: CostModel, work: ModelWork):
+    def __init__(self, model: CostModel, work: ModelWork, calibration: Calibration | None = None):
         self.cost_model = model
         self.work = work
         self.metric = model.metric
+        self.calibration = calibration
         self.layers: list[str] = [lw.name for lw in work.linears] + [aw.name for aw in work.attention]
         self.kinds: list[str] = ["linear"] * len(work.linears) + ["attention"] * len(work.attention)
         self.index: dict[str, int] = {name: i for i, name in enumerate(self.layers)}
@@ -602,8 +619,10 @@ class ModelCost:
         width = max(len(LINEAR_CHOICES), len(ATTENTION_CHOICES))
         n = len(self.layers)
         self.lat = np.full((n, width), np.nan)
+        self.raw_lat = np.full((n, width), np.nan)
         self.en = np.full((n, width), np.nan)
         self._est: dict[tuple[str, str], Estimate] = {}
+        self._raw_est: dict[tuple[str, str], Estimate] = {}
         self._detail: dict[tuple[str, str], str] = {}
         self._missing: dict[tuple[str, str], str] = {}
         # MoE parts per Linear: (mult, shift, router + dispatch)
@@ -618,6 +637,8 @@ class ModelCost:
                                                              for label, call in work.fixed]
         if model.backend == "torch":
             self.fixed_items += self._framework(work.framework)
+        self.raw_fixed = total(e for _, _, e in self.fixed_items)
+        self.fixed_items = [(label, op, self._calibrated(e, "fixed")) for label, op, e in self.fixed_items]
         self.fixed = total(e for _, _, e in self.fixed_items)
         self.lat_flat = self.lat.ravel()
         self.en_flat = self.en.ravel()
@@ -652,10 +673,17 @@ class ModelCost:
             out.append((label, call.primitive, Estimate(hit[0], hit[1]).scaled(call.count)))
         return out
 
-    def _set(self, i: int, kind: str, choice: str, est: Estimate, detail: str = "") -> None:
+    def _calibrated(self, est: Estimate, group: str) -> Estimate:
+        if self.calibration is None:
+            return est
+        return dataclasses.replace(est, latency_ms=est.latency_ms * self.calibration.factor(group))
+
+    def _set(self, i: int, kind: str, choice: str, raw: Estimate, detail: str = "") -> None:
         c = self._col[kind][choice]
-        self.lat[i, c], self.en[i, c] = est.latency_ms, est.energy_mj
+        est = self._calibrated(raw, choice)
+        self.lat[i, c], self.en[i, c], self.raw_lat[i, c] = est.latency_ms, est.energy_mj, raw.latency_ms
         self._est[(self.layers[i], choice)] = est
+        self._raw_est[(self.layers[i], choice)] = raw
         self._detail[(self.layers[i], choice)] = detail
 
     def _try(self, i: int, kind: str, choice: str, price) -> None:
@@ -677,7 +705,7 @@ class ModelCost:
             except ProfileError as exc:
                 self._missing[(lw.name, "moe")] = str(exc)
                 return
-            mult, shift = self._est[key], self._est[(lw.name, "shift")]
+            mult, shift = self._raw_est[key], self._raw_est[(lw.name, "shift")]
             self._moe_parts[lw.name] = (mult, shift, overhead)
             share = self.equilibrium_share(lw.name)
             self._set(i, "linear", "moe", moe_expected(mult, shift, overhead, share), f"mult share {share:.2f}")
@@ -784,6 +812,9 @@ class ModelCost:
 
     def moe_cost(self, layer_name: str, share: float | None = None) -> Estimate:
         """Expected cost of the MoE form of ``layer_name`` at Mult share ``share`` (default: equilibrium)."""
+        return self._calibrated(self._raw_moe(layer_name, share), "moe")
+
+    def _raw_moe(self, layer_name: str, share: float | None) -> Estimate:
         if layer_name not in self._moe_parts:
             self.moe_expert_costs(layer_name)  # raises the reason
         mult, shift, overhead = self._moe_parts[layer_name]
@@ -881,7 +912,27 @@ class ModelCost:
         else ``regression``, ``mixed`` or ``partial`` (:class:`Estimate`)."""
         return total(r.estimate for r in self.per_layer(assignment)).source
 
+    def choice_names(self, assignment: Any) -> tuple[str, ...]:
+        """The choice of every decision layer, model order (unnamed layers take the dense choice)."""
+        return tuple(self.choices[kind][int(flat) % self._width]
+                     for flat, kind in zip(self.choice_indices(assignment), self.kinds))
+
+    def components(self, assignment: Any) -> dict[str, float]:
+        """The uncalibrated latency of ``assignment`` split into the calibration's groups
+        (:data:`dse.cost.calibration.GROUPS`: the fixed work, then the layers under each choice), in ms."""
+        out = dict.fromkeys(calib.GROUPS, 0.0)
+        out["fixed"] = self.raw_fixed.latency_ms
+        for flat, kind in zip(self.choice_indices(assignment), self.kinds):
+            i, c = divmod(int(flat), self._width)
+            out[self.choices[kind][c]] += float(self.raw_lat[i, c])
+        for name, share in (getattr(assignment, "capacity", None) or {}).items():
+            out["moe"] += self._raw_moe(name, share).latency_ms - self._raw_est[(name, "moe")].latency_ms
+        if not all(math.isfinite(v) for v in out.values()):
+            self._raise_missing(self.choice_indices(assignment))
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {"layers": len(self.layers), "backend": self.cost_model.backend, "metric": self.metric,
                 "fixed_latency_ms": self.fixed.latency_ms, "fixed_energy_mj": self.fixed.energy_mj,
+                "calibration": None if self.calibration is None else self.calibration.as_meta(),
                 "unpriced": sorted(f"{n}:{c}" for n, c in self._missing)}

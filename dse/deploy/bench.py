@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,7 @@ from torch import nn
 import models
 from dse.checkpoints import build_from_architecture
 from dse.config import Config, config_from_dict, config_to_dict, save_config
-from dse.cost.model import check_profile, read_profile
+from dse.cost.model import CostTable, check_profile, read_profile
 from dse.cost.sources import model_cost
 from dse.deploy import artifact as art
 from dse.deploy.export import export, no_prediction_reason, profile_table, val_tensors
@@ -53,6 +54,7 @@ from dse.fileio import atomic_write_text, fingerprint, sha256_file
 from dse.hardware import energy as en
 from dse.hardware.device import describe_device, versions
 from dse.hardware.threads import set_threads, torch_threads, tvm_threads
+from dse.profiling import reference
 from dse.profiling.inventory import build_inventory
 from dse.profiling.profiler import busy_host_warning, load_1m
 from models.assignment import Assignment
@@ -327,9 +329,13 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         fns["compiled"] = run_compiled
     with torch.no_grad():
         agree = float((loaded.run(images).argmax(1) == model(x).numpy().argmax(1)).mean())
-    stats = interleaved(fns, repeat=b.repeat, warmup=b.warmup, budget_s=b.budget_s)
+    stats, speed = reference.around(manifest["target"], lambda: interleaved(fns, repeat=b.repeat, warmup=b.warmup,
+                                                                          budget_s=b.budget_s))
     energies = energy(manifest, model, x, fns, dense_art.manifest if dense_art is not None else None)
-    predictions, no_prediction = _predictions(cfg, manifest, model, profile)
+    predictions, no_prediction, table = _predictions(cfg, manifest, model, profile)
+    # the host's speed now against when the profile's rows were measured: a prediction times it is what the
+    # rows would say on the host as it runs now (README, "The host's speed moves")
+    ratio = None if table is None else reference.speed_ratio(table.profile.meta, statistics.median(speed))
     if dense_art is not None:
         predictions["dense_tvm"] = _artifact_prediction(dense_art.manifest)
         if predictions["dense_tvm"] is None:
@@ -344,7 +350,9 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
             "model": labels[name], "median_ms": s.median_ms, "p90_ms": s.p90_ms,
             "speedup_vs_eager": median["eager"] / s.median_ms, **energies[name],
             "predicted_ms": pred, "prediction_error_pct": None if pred is None else
-            100.0 * (pred - s.median_ms) / s.median_ms, "no_prediction": None if pred is not None else
+            100.0 * (pred - s.median_ms) / s.median_ms,
+            "prediction_error_now_pct": None if pred is None or ratio is None else
+            100.0 * (pred * ratio - s.median_ms) / s.median_ms, "no_prediction": None if pred is not None else
             no_prediction.get(name, "unknown"), "contestant": name,
         })
 
@@ -365,6 +373,9 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         "load_1m": (load := load_1m()), "load_warning": busy_host_warning(load, device.get("cores"), "dse bench"),
         "torch_compile_s": compile_s, "artifact": str(artifact_dir), "dense_checkpoint": dense_path,
         "top1_agreement_with_dense": agree, "prediction_profile": predictions.get("profile"),
+        "host_speed": {"reference_kernel": list(reference.KERNEL), "now_ms": statistics.median(speed),
+                       "now_samples_ms": speed, "then": None if table is None else reference.stored(table.profile.meta),
+                       "ratio": ratio},
     }
 
 
@@ -385,8 +396,8 @@ def _artifact_prediction(manifest: dict[str, Any]) -> float | None:
 
 
 def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profile: str | Path | None
-                 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """(predicted ms per contestant, why there is none for the others)."""
+                 ) -> tuple[dict[str, Any], dict[str, str], CostTable | None]:
+    """(predicted ms per contestant, why there is none for the others, the profile's table if there is one)."""
     out: dict[str, Any] = {"tvm": _artifact_prediction(manifest)}
     why = {"compiled": "the cost model prices TVM kernels and eager PyTorch, not torch.compile"}
     if out["tvm"] is None:
@@ -396,14 +407,14 @@ def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profil
     out["profile"] = reason
     if table is None:
         why["eager"] = f"no profile to price it ({reason})"
-        return out, why
+        return out, why, None
     try:
         inventory = build_inventory(dense, batch=int(manifest["input"]["batch"]))
         out["eager"] = float(model_cost(table, cfg.cost, inventory, "torch").predict(Assignment()).latency_ms)
     except ShiftAddError as exc:
         why["eager"] = f"no torch-backend prediction: {exc}"
         log.info("%s", why["eager"])
-    return out, why
+    return out, why, table
 
 
 __all__ = ["bench", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved", "interleaved_rounds"]

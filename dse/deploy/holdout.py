@@ -22,9 +22,11 @@ whole model, compiled, for assignments the cost model priced but nobody measured
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,7 @@ from torch import nn
 import kernels
 from dse.config import Config
 from dse.cost.fidelity import POISON_FACTOR, assignment_summary, compare_kernels
-from dse.cost.model import CostTable, ModelCost
+from dse.cost.model import CostModel, CostTable, ModelCost
 from dse.cost.sources import model_cost
 from dse.deploy import graph
 from dse.deploy.artifact import Artifact
@@ -60,12 +62,21 @@ def priced_choices(mc: ModelCost) -> dict[str, tuple[str, ...]]:
             for i, (name, kind) in enumerate(zip(mc.layers, mc.kinds))}
 
 
-def random_assignments(mc: ModelCost, count: int, seed: int) -> list[Assignment]:
-    """``count`` distinct random assignments (module docstring, step 1), MoE capacity set."""
+def with_capacity(mc: ModelCost, attention: dict[str, str], linear: dict[str, str]) -> Assignment:
+    """The assignment, its MoE layers given the equilibrium Mult share of their experts' costs as static capacity
+    (so the compiled graph routes what the prediction assumes)."""
+    capacity = {n: round(mc.equilibrium_share(n), 4) for n, c in linear.items() if c == "moe"}
+    return Assignment(attention=attention, linear=linear, capacity=capacity)
+
+
+def random_assignments(mc: ModelCost, count: int, seed: int, exclude: Iterable[tuple[str, ...]] = ()
+                       ) -> list[Assignment]:
+    """``count`` distinct random assignments (module docstring, step 1), MoE capacity set, none of them one of
+    ``exclude`` (:meth:`ModelCost.choice_names` of assignments, e.g. the calibration's models)."""
     rng = np.random.default_rng(seed)
     choices = priced_choices(mc)
     out: list[Assignment] = []
-    seen: set[tuple[str, ...]] = set()
+    seen: set[tuple[str, ...]] = set(exclude)
     for _ in range(50 * count):
         if len(out) == count:
             break
@@ -79,11 +90,33 @@ def random_assignments(mc: ModelCost, count: int, seed: int) -> list[Assignment]
         if key in seen:
             continue
         seen.add(key)
-        linear = {n: c for n, c in picks.items() if mc.kinds[mc.index[n]] == "linear"}
-        capacity = {n: round(mc.equilibrium_share(n), 4) for n, c in linear.items() if c == "moe"}
-        out.append(Assignment(attention={n: c for n, c in picks.items() if mc.kinds[mc.index[n]] == "attention"},
-                              linear=linear, capacity=capacity))
+        out.append(with_capacity(mc, {n: c for n, c in picks.items() if mc.kinds[mc.index[n]] == "attention"},
+                                 {n: c for n, c in picks.items() if mc.kinds[mc.index[n]] == "linear"}))
     return out
+
+
+def calibration_seed(cfg: Config) -> int:
+    """The calibration's own seed, apart from the validation's (``cfg.seed``), so held-out means held out."""
+    return cfg.seed + 7919
+
+
+def calibration_plans(mc: ModelCost, count: int, seed: int) -> list[Assignment]:
+    """The models :mod:`dse.deploy.calibrate` fits the in-context factors on: the corners first (dense; every
+    Linear shift; every Linear MoE with Hamming attention; Hamming attention with mult Linears — each group
+    at its largest), then random assignments (seed ``seed``) up to ``count``. Only choices the profile prices."""
+    priced = priced_choices(mc)
+
+    def uniform(attention: str, linear: str) -> Assignment | None:
+        picks = {n: (attention if k == "attention" else linear) for n, k in zip(mc.layers, mc.kinds)}
+        if any(c not in priced[n] for n, c in picks.items()):
+            return None
+        return with_capacity(mc, {n: c for n, c in picks.items() if mc.kinds[mc.index[n]] == "attention"},
+                             {n: c for n, c in picks.items() if mc.kinds[mc.index[n]] == "linear"})
+
+    corners = [p for p in (uniform("msa", "mult"), uniform("msa", "shift"), uniform("hamming", "moe"),
+                           uniform("hamming", "mult")) if p is not None][:count]
+    keys = [mc.choice_names(p) for p in corners]
+    return corners + random_assignments(mc, count - len(corners), seed, exclude=keys)
 
 
 def compile_assignment(cfg: Config, dense: nn.Module, plan: Assignment, images: torch.Tensor, target: Any,
@@ -105,6 +138,46 @@ def compile_assignment(cfg: Config, dense: nn.Module, plan: Assignment, images: 
     return Artifact.in_memory(exe, [g.params[n] for n in g.param_names], g.input_shape, g.input_dtype, device), g
 
 
+@dataclasses.dataclass
+class Timed:
+    """Compiled models timed interleaved (:func:`time_compiled`)."""
+
+    compiled: list[tuple[Artifact, graph.RelaxGraph]]
+    inputs: list[Any]
+    samples: list[list[list[float]]]  # [model][round][call] ms
+    compile_s: list[float]
+    reference_ms: float  # the host-speed reference kernel around the timing (median)
+    reference_samples: list[float]
+    load_1m: float | None
+
+    def measured_ms(self) -> list[float]:
+        """Median of every call of each model."""
+        return [float(np.median([v for block in blocks for v in block])) for blocks in self.samples]
+
+
+def time_compiled(cfg: Config, dense: nn.Module, plans: list[Assignment], inventory: Any, table: CostTable, *,
+                  seed: int, rounds: int, per_round: int, what: str) -> Timed:
+    """Each plan compiled (step 2), then all timed interleaved (step 3) between two timings of the host-speed
+    reference kernel (step 5)."""
+    target = cfg.profile.target
+    images = torch.randn(inventory.batch, *inventory.input_size, generator=torch.Generator().manual_seed(seed))
+    compiled, compile_s = [], []
+    for i, plan in enumerate(plans):
+        t0 = time.perf_counter()
+        compiled.append(compile_assignment(cfg, dense, plan, images, target, table))
+        compile_s.append(time.perf_counter() - t0)
+        log.info("compiled %s %d/%d (%s) in %.1f s", what, i + 1, len(plans), choice_counts(plan), compile_s[-1])
+    inputs = [art.device_input(images.numpy()) for art, _ in compiled]
+    fns = {str(i): (lambda art=art, inp=inp: art._call(inp).numpy()) for i, ((art, _), inp)
+           in enumerate(zip(compiled, inputs))}
+    loads = [load_1m()]
+    samples, speed = reference.around(kernels.resolve_target(target), lambda: interleaved_rounds(
+        fns, per_round=per_round, warmup=3, rounds=max(2, rounds)))
+    loads.append(load_1m())
+    return Timed(compiled, inputs, [samples[str(i)] for i in range(len(plans))], compile_s,
+                 statistics.median(speed), speed, max((v for v in loads if v is not None), default=None))
+
+
 def kernel_times(artifact: Artifact, g: graph.RelaxGraph, inp: Any, runs: int) -> dict[str, Any]:
     """The project's kernels timed inside the model (step 4): ``kernels`` (primitive, shape, calls per forward,
     median ms of one call) and the forward's instrumented time split into those kernels and everything else."""
@@ -122,7 +195,7 @@ def kernel_times(artifact: Artifact, g: graph.RelaxGraph, inp: Any, runs: int) -
             "other_ms": sum(t.per_run_ms for t in times.values()) - in_kernels, "hook_floor_ms": floor_ms(times)}
 
 
-def _counts(plan: Assignment) -> dict[str, int]:
+def choice_counts(plan: Assignment) -> dict[str, int]:
     counts = dict.fromkeys(("msa", "hamming", "mult", "shift", "moe"), 0)
     counts.update(plan.counts())
     return counts
@@ -137,57 +210,51 @@ def validate_assignments(cfg: Config, profile: Any, dense: nn.Module, inventory:
     ``kernels`` and ``in_context`` (:func:`dse.cost.fidelity.compare_kernels` over every model's kernels, one row
     per kernel shape: the median over the models that run it) and the host-speed reference."""
     use_all_cores()
-    target = cfg.profile.target
     table = CostTable(profile)
     mc = model_cost(table, cfg.cost, inventory, "tvm")
-    plans = random_assignments(mc, count, seed)
-    images = torch.randn(inventory.batch, *inventory.input_size, generator=torch.Generator().manual_seed(seed))
-    compiled, compile_s = [], []
-    for i, plan in enumerate(plans):
-        t0 = time.perf_counter()
-        compiled.append(compile_assignment(cfg, dense, plan, images, target, table))
-        compile_s.append(time.perf_counter() - t0)
-        log.info("compiled held-out assignment %d/%d (%s) in %.1f s", i + 1, len(plans), _counts(plan), compile_s[-1])
-    tgt = kernels.resolve_target(target)
-    speed = [reference.time_reference(tgt)]
-    inputs = [art.device_input(images.numpy()) for art, _ in compiled]
-    fns = {str(i): (lambda art=art, inp=inp: art._call(inp).numpy()) for i, ((art, _), inp)
-           in enumerate(zip(compiled, inputs))}
-    loads = [load_1m()]
-    samples = interleaved_rounds(fns, per_round=per_round, warmup=3, rounds=max(2, rounds))
-    loads.append(load_1m())
-    speed.append(reference.time_reference(tgt))
-    now_ms = statistics.median(speed)
-    ratio = reference.speed_ratio(profile.meta, now_ms)
+    raw = CostModel(table, "tvm", cfg.cost.metric, cfg.cost.mix_alpha, calibrated=False).for_model(inventory)
+    taken = [raw.choice_names(p) for p in calibration_plans(raw, cfg.profile.calibration_models, calibration_seed(cfg))]
+    plans = random_assignments(mc, count, seed, exclude=taken)
+    timed = time_compiled(cfg, dense, plans, inventory, table, seed=seed, rounds=rounds, per_round=per_round,
+                          what="held-out assignment")
+    ratio = reference.speed_ratio(profile.meta, timed.reference_ms)
 
     rows, per_kernel = [], {}
-    for i, (plan, (art, g), inp) in enumerate(zip(plans, compiled, inputs)):
-        blocks = samples[str(i)]
+    for i, (plan, (art, g), inp) in enumerate(zip(plans, timed.compiled, timed.inputs)):
+        blocks = timed.samples[i]
         measured = float(np.median([v for block in blocks for v in block]))
         round_medians = [float(np.median(block)) for block in blocks]
         predicted = float(mc.predict(plan).latency_ms)
+        uncalibrated = float(raw.predict(plan).latency_ms)
         inside = kernel_times(art, g, inp, kernel_runs)
         for k in inside["kernels"]:
             per_kernel.setdefault((k["primitive"], k["b"], k["m"], k["k"], k["n"]), []).append(k)
         rows.append({
-            "assignment": i, **_counts(plan), "predicted_ms": predicted, "measured_ms": measured,
-            "rel_error": (predicted - measured) / measured,
+            "assignment": i, **choice_counts(plan), "predicted_ms": predicted, "measured_ms": measured,
+            "rel_error": (predicted - measured) / measured, "uncalibrated_ms": uncalibrated,
+            "uncalibrated_error": (uncalibrated - measured) / measured,
             "corrected_error": None if ratio is None else (predicted * ratio - measured) / measured,
             "spread": (max(round_medians) - min(round_medians)) / measured,
             "round_medians_ms": round_medians, "in_model_kernels_ms": inside["kernels_ms"],
             "in_model_other_ms": inside["other_ms"], "hook_floor_ms": inside["hook_floor_ms"],
-            "compile_s": compile_s[i], "plan": plan.to_dict(),
+            "compile_s": timed.compile_s[i], "plan": plan.to_dict(),
         })
     merged = [{"primitive": key[0], **dict(zip("bmkn", key[1:])), "calls": ks[0]["calls"], "models": len(ks),
                "in_model_ms": float(np.median([k["in_model_ms"] for k in ks]))} for key, ks in sorted(per_kernel.items())]
     kernel_rows, factors = compare_kernels(merged, table, factor=poison_factor)
+    summary = assignment_summary(rows, ratio)
+    uncal = assignment_summary([{**r, "predicted_ms": r["uncalibrated_ms"]} for r in rows], ratio)
+    summary["uncalibrated"] = {k: v for k, v in uncal.items() if k not in ("count", "speed_ratio", "max_spread")}
     return {
-        "assignments": rows, "summary": assignment_summary(rows, ratio), "kernels": kernel_rows,
+        "assignments": rows, "summary": summary, "kernels": kernel_rows,
+        "calibration": None if mc.calibration is None else mc.calibration.as_meta(),
         "in_context": factors, "poison_factor": poison_factor, "rounds": max(2, rounds), "per_round": per_round,
-        "reference": {"kernel": list(reference.KERNEL), "now_ms": now_ms, "now_samples_ms": speed,
-                      "then": reference.stored(profile.meta), "speed_ratio": ratio},
-        "load_1m": max((v for v in loads if v is not None), default=None),
+        "reference": {"kernel": list(reference.KERNEL), "now_ms": timed.reference_ms,
+                      "now_samples_ms": timed.reference_samples, "then": reference.stored(profile.meta),
+                      "speed_ratio": ratio},
+        "load_1m": timed.load_1m,
     }
 
 
-__all__ = ["compile_assignment", "kernel_times", "priced_choices", "random_assignments", "validate_assignments"]
+__all__ = ["Timed", "calibration_plans", "calibration_seed", "choice_counts", "compile_assignment", "kernel_times",
+           "priced_choices", "random_assignments", "time_compiled", "validate_assignments", "with_capacity"]

@@ -298,6 +298,16 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def merge_meta_entry(csv_path: str | Path, section: str, key: str, value: Any) -> None:
+    """Set ``meta[section][key] = value`` in a profile's ``.yaml`` under its lock, keeping every other entry
+    (e.g. one model's calibration beside another's, :mod:`dse.cost.calibration`)."""
+    with file_lock(Path(csv_path)):
+        meta = read_meta(Path(csv_path))
+        entries = dict(meta.get(section) or {})
+        entries[key] = value
+        atomic_write_text(meta_path(csv_path), yaml.safe_dump({**meta, section: entries}, sort_keys=False))
+
+
 # ---------------------------------------------------------------------------------------------------
 # the loaded profile
 

@@ -1,0 +1,81 @@
+"""Calibrating a profile on its device: a handful of whole compiled models against their uncalibrated prediction.
+
+The last step of profiling a model (``dse profile``, the profile stage of ``dse run``): the models of
+:func:`dse.deploy.holdout.calibration_plans` — the corner designs, then seeded random assignments — are compiled as
+``dse export`` compiles them, timed interleaved between two timings of the host-speed reference kernel, brought to
+the host speed of the profile's rows, and the in-context factors of :mod:`dse.cost.calibration` are fitted on them
+and stored in the profile's metadata under ``calibration.<model>@<batch>``. Every cost model built from the
+profile for that model and batch uses them from then on (``cost.calibrated``).
+
+The validation's held-out assignments (``dse cost --validate``) are drawn with another seed and never include a
+calibration model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dse.checkpoints import build_dense
+from dse.config import Config
+from dse.cost import calibration
+from dse.cost.calibration import Calibration
+from dse.cost.model import CostModel, CostTable
+from dse.deploy.holdout import calibration_plans, calibration_seed, choice_counts, time_compiled
+from dse.hardware.threads import use_all_cores
+from dse.profiling import reference, store
+
+log = logging.getLogger(__name__)
+
+
+def calibrate_profile(cfg: Config, profile_csv: str | Path, dense: nn.Module, inventory: Any, *,
+                      count: int | None = None, rounds: int = 2, per_round: int = 20) -> tuple[Calibration, list[dict]]:
+    """Fit and store the in-context factors of ``inventory``'s model on the profile ``profile_csv`` (module
+    docstring); returns them and one row per calibration model (choice counts, uncalibrated and calibrated
+    prediction, measured ms at the profile's host speed)."""
+    started = time.perf_counter()
+    use_all_cores()
+    count = cfg.profile.calibration_models if count is None else count
+    profile = store.load_profile(profile_csv)
+    table = CostTable(profile)
+    raw = CostModel(table, "tvm", cfg.cost.metric, cfg.cost.mix_alpha, calibrated=False).for_model(inventory)
+    plans = calibration_plans(raw, count, calibration_seed(cfg))
+    timed = time_compiled(cfg, dense, plans, inventory, table, seed=calibration_seed(cfg), rounds=rounds,
+                          per_round=per_round, what="calibration model")
+    ratio = reference.speed_ratio(profile.meta, timed.reference_ms)
+    # measured now, brought to the speed the rows were measured at (a slow minute is not a factor)
+    measured = [m / ratio if ratio else m for m in timed.measured_ms()]
+    components = [raw.components(p) for p in plans]
+    fitted = calibration.fit(components, measured, model=inventory.model, batch=inventory.batch, speed_ratio=ratio)
+    store.merge_meta_entry(profile_csv, calibration.META_KEY, calibration.key(inventory.model, inventory.batch),
+                           fitted.as_meta())
+    rows = []
+    for plan, comp, m in zip(plans, components, measured):
+        uncal = sum(comp.values())
+        cal = sum(fitted.factor(g) * v for g, v in comp.items())
+        rows.append({**choice_counts(plan), "uncalibrated_ms": uncal, "calibrated_ms": cal, "measured_ms": m,
+                     "uncalibrated_error": (uncal - m) / m, "calibrated_error": (cal - m) / m})
+    log.info("%s (%.1f s, host speed ratio %s)", fitted.describe(), time.perf_counter() - started,
+             "unknown" if ratio is None else f"{ratio:.2f}")
+    return fitted, rows
+
+
+def ensure_calibration(cfg: Config, profile_csv: str | Path, inventory: Any, *, refit: bool
+                       ) -> tuple[Calibration | None, list[dict], bool]:
+    """(calibration, its models' rows, whether it was fitted now) for the profile stage: fitted when ``refit`` (rows
+    were just measured) or when the profile has none for this model and batch; None when
+    ``profile.calibration_models`` is 0. The weights do not matter to latency: the config's model as built."""
+    if cfg.profile.calibration_models <= 0:
+        return None, [], False
+    found = calibration.stored(store.load_profile(profile_csv).meta, inventory.model, inventory.batch)
+    if found is not None and not refit:
+        return found, [], False
+    fitted, rows = calibrate_profile(cfg, profile_csv, build_dense(cfg), inventory)
+    return fitted, rows, True
+
+
+__all__ = ["calibrate_profile", "ensure_calibration"]
