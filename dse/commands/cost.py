@@ -243,7 +243,8 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
             "within_15": s["within_15"], "rmspe": s["rmspe"], "law_loo_rmspe": s.get("law_loo_rmspe"),
             "drift": s.get("drift"), "repeat": s.get("repeatability"),
             "corr_within_15": s["drift_corrected_within_15"],
-            "sbs_within_15": s.get("side_by_side_within_15"), "sbs_rmspe": s.get("side_by_side_rmspe")}
+            "sbs_within_15": s.get("side_by_side_within_15"), "sbs_rmspe": s.get("side_by_side_rmspe"),
+            "gbt_rmspe": s.get("learned_rmspe"), "better": s.get("better")}
            for key, s in summary.items() if key != "all"]
     text = "\n".join([
         f"cost model validation: {cfg.model.name} (batch {inventory.batch}), profile {profile.path}",
@@ -253,9 +254,12 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
         *([f"  side by side (each primitive's profiled rows re-measured and its law refitted just before its "
            f"held-out shapes; the method's own error): {format_figure(summary['all'], 'side_by_side_')}"]
           if "side_by_side_rmspe" in summary["all"] else []),
+        _learned_text(summary["all"]),
         table(per, floatfmt="{:.3f}"),
         "  (law_loo_rmspe: the law's leave-one-out error on the profile; drift: now/profiled speed; repeat: RMS "
-        "difference of one shape measured twice now, the noise floor; corr: drift-corrected; sbs: side by side)",
+        "difference of one shape measured twice now, the noise floor; corr: drift-corrected; sbs: side by side; "
+        "gbt: the learned regressor; better: the lower RMSPE of law and gbt on these shapes; the cost model "
+        "prices with the law)",
         f"dense PyTorch model, {dense['threads']} threads: predicted {dense['predicted_ms']:.3f} ms from "
         f"{dense['rows_measured']} measured + {dense['rows_predicted']} predicted rows, measured "
         f"{dense['measured_ms']:.3f} ms (median of {dense['runs']} runs"
@@ -274,6 +278,15 @@ def _validate(cfg, args: argparse.Namespace) -> dict[str, Any]:
     return {"text": text, "json": {"model": cfg.model.name, "profile": str(profile.path), "holdout": summary,
                                    "dense_model": dense, "shapes": [r.as_dict() for r in shapes],
                                    "assignments": held}}
+
+
+def _learned_text(s: dict[str, Any]) -> str:
+    """The held-out shapes' line for the learned regressor, with the law's RMSPE on the same shapes."""
+    head = "  learned regressor (gradient-boosted trees on the law's features): "
+    if "learned_rmspe" not in s:
+        return head + "no primitive has enough profile rows to fit it"
+    return (head + f"{format_figure(s, 'learned_')} (the law on the same shapes: RMSPE "
+            f"{100 * s['learned_law_rmspe']:.1f}%; better: {s['better']})")
 
 
 def _pct(value: float | None) -> str:

@@ -11,7 +11,10 @@ et al., MobiSys 2021) reports its predictors:
    times its rows (:class:`dse.profiling.profiler.Measurer`) and compared with the regression's prediction.
    Figures: fraction within ±10% and ±15%, RMSPE; plus the same after correcting for the machine's
    drift since profiling, side by side (the primitive's rows re-measured and the law refitted just
-   before its held-out shapes), and the noise floor (one shape measured twice).
+   before its held-out shapes), and the noise floor (one shape measured twice). Next to the law, the
+   learned regressor (:mod:`dse.cost.learned`: gradient-boosted trees on the law's features, fitted on
+   the same profile rows) predicts every held-out shape too, and the summary says which of the two is
+   closer per primitive; the cost model prices with the law either way.
 2. The dense PyTorch model. Its whole latency predicted from the per-layer ``torch`` rows plus the
    non-primitive work and eager PyTorch's own time (:mod:`dse.profiling.eager`) is compared with its measured
    eager latency: same batch, the profile's PyTorch thread count, ``torch.inference_mode``, median of
@@ -34,6 +37,7 @@ from typing import Any
 import numpy as np
 
 import kernels
+from dse.cost.learned import LearnedLaw, fit_learned
 from dse.cost.model import Call, CostModel, CostTable
 from dse.cost.regression import error_summary
 from dse.hardware import energy
@@ -67,6 +71,8 @@ class HoldoutResult:
     drift: float = 1.0  # now / at profiling, for this primitive's profiled shapes re-measured now
     repeatability: float | None = None  # RMS relative difference of those shapes measured twice now
     side_by_side_ms: float | None = None  # predicted from this primitive's rows re-measured just before
+    learned_ms: float | None = None  # the learned regressor's prediction from the same rows as the law
+    learned_loo_rmspe: float | None = None  # its leave-one-out error on those rows
 
     @property
     def rel_error(self) -> float:
@@ -82,9 +88,16 @@ class HoldoutResult:
             return None
         return (self.side_by_side_ms - self.measured_ms) / self.measured_ms
 
+    @property
+    def learned_error(self) -> float | None:
+        if self.learned_ms is None:
+            return None
+        return (self.learned_ms - self.measured_ms) / self.measured_ms
+
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "rel_error": self.rel_error,
-                "drift_corrected_error": self.drift_corrected_error, "side_by_side_error": self.side_by_side_error}
+                "drift_corrected_error": self.drift_corrected_error, "side_by_side_error": self.side_by_side_error,
+                "learned_error": self.learned_error}
 
 
 def reference_shapes(table: CostTable, backend: str, primitive: str,
@@ -145,6 +158,9 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
     shapes, the law is fitted again on those rows, and each held-out shape is also predicted from it
     (``side_by_side_ms``): the cost model's own error, without the machine's drift since profiling, as the
     dense check's side-by-side rounds give it for the whole model.
+
+    Every result also carries ``learned_ms``, the learned regressor's prediction (:func:`_learned`; None
+    where the primitive has too few rows to fit it).
     """
     table = CostTable(profile)
     measurer = _measurer(settings)
@@ -168,6 +184,7 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
                 log.info("no %s rows for %s: skipped", backend, prim)
                 continue
             law = table.law(backend, prim)
+            learned = _learned(table, backend, prim)
             dtype = kernels.get(prim).default_dtype if backend == "tvm" else "float32"
             profiled = {r[0]: r[1] for r in table.measured(backend, prim)}
             reference = reference_shapes(table, backend, prim, inventory)
@@ -193,12 +210,25 @@ def validate_shapes(profile: Any, settings: Any, inventory: Any = None, *, count
                     continue
                 est = table.estimate(backend, Call(prim, *shape))
                 again = None if fresh is None else fresh.estimate(backend, Call(prim, *shape)).latency_ms
+                gbt = None if learned is None else learned.predict(*shape)
                 results.append(HoldoutResult(prim, backend, *shape, now, est.latency_ms,
                                              law.loo_rmspe if law else None, est.extrapolated, load_1m(), drift,
-                                             repeatability, again))
-                log.info("%s/%s %s: measured %.4f ms, predicted %.4f ms (drift %.2f)", prim, backend, shape, now,
-                         est.latency_ms, drift)
+                                             repeatability, again, learned_ms=gbt,
+                                             learned_loo_rmspe=learned.loo_rmspe if learned else None))
+                log.info("%s/%s %s: measured %.4f ms, predicted %.4f ms (learned %s, drift %.2f)", prim, backend,
+                         shape, now, est.latency_ms, "-" if gbt is None else f"{gbt:.4f} ms", drift)
     return results
+
+
+def _learned(table: CostTable, backend: str, prim: str) -> LearnedLaw | None:
+    """The learned regressor on the rows the table's latency law for (backend, prim) is fitted on, with the
+    law's dtype and padding (the same features); None without a law or with too few rows."""
+    law = table.law(backend, prim)
+    rows = table.measured(backend, prim)
+    if law is None or not rows:
+        return None
+    return fit_learned(prim, np.array([r[0] for r in rows], dtype=np.float64),
+                       np.array([r[1] for r in rows], dtype=np.float64), law.dtype, law.pad)
 
 
 def calibrate(inventory: Any, settings: Any, root: str | Path, *, count: int = 12, seed: int = 1,
@@ -245,7 +275,10 @@ def calibrate(inventory: Any, settings: Any, root: str | Path, *, count: int = 1
 
 
 def summarize_shapes(results: list[HoldoutResult]) -> dict[str, Any]:
-    """Overall and per (backend, primitive) error figures: raw, drift-corrected and side by side."""
+    """Overall and per (backend, primitive) error figures: raw, drift-corrected, side by side and the learned
+    regressor's (``learned_*``, over the shapes it predicted), with ``learned_law_rmspe``, the law's RMSPE on
+    those same shapes, and ``better``: whichever of ``law`` and ``gbt`` has the lower RMSPE there (a tie goes
+    to the law, the simpler of the two)."""
 
     def figures(rs: list[HoldoutResult]) -> dict[str, Any]:
         out = error_summary([r.predicted_ms for r in rs], [r.measured_ms for r in rs])
@@ -255,6 +288,14 @@ def summarize_shapes(results: list[HoldoutResult]) -> dict[str, Any]:
         if paired:
             sbs = error_summary([r.side_by_side_ms for r in paired], [r.measured_ms for r in paired])
             out.update({f"side_by_side_{k}": v for k, v in sbs.items()})
+        fitted = [r for r in rs if r.learned_ms is not None]
+        if fitted:
+            measured = [r.measured_ms for r in fitted]
+            out.update({f"learned_{k}": v for k, v in error_summary([r.learned_ms for r in fitted], measured).items()})
+            # compared on the same shapes: overall, a primitive without a learned fit must not count for the law
+            law = error_summary([r.predicted_ms for r in fitted], measured)["rmspe"]
+            out["learned_law_rmspe"] = law
+            out["better"] = "gbt" if out["learned_rmspe"] < law else "law"
         return out
 
     summary: dict[str, Any] = {"all": figures(results)}
@@ -266,6 +307,7 @@ def summarize_shapes(results: list[HoldoutResult]) -> dict[str, Any]:
         summary[key]["law_loo_rmspe"] = rs[0].law_loo_rmspe
         summary[key]["drift"] = rs[0].drift
         summary[key]["repeatability"] = rs[0].repeatability
+        summary[key]["learned_loo_rmspe"] = rs[0].learned_loo_rmspe
     return summary
 
 
@@ -370,7 +412,9 @@ def validate_dense_model(profile: Any, model: Any, inventory: Any, *, threads: i
 
 
 def format_figure(summary: dict[str, Any], prefix: str = "") -> str:
-    if not summary.get("count"):
+    # a prefix with its own count (side by side, learned) may cover fewer shapes than the whole
+    count = summary.get(prefix + "count", summary.get("count"))
+    if not count:
         return "no shapes"
-    return (f"{summary['count']} shapes: {100 * summary[prefix + 'within_10']:.0f}% within ±10%, "
+    return (f"{count} shapes: {100 * summary[prefix + 'within_10']:.0f}% within ±10%, "
             f"{100 * summary[prefix + 'within_15']:.0f}% within ±15%, RMSPE {100 * summary[prefix + 'rmspe']:.1f}%")
