@@ -13,6 +13,7 @@ from typing import Any
 from dse.checkpoints import build_dense
 from dse.commands.common import config_from_args, out_dir, table
 from dse.commands.registry import command
+from dse.cost.calibration import Calibration
 from dse.cost.model import (
     check_profile,
     check_profile_target,
@@ -305,6 +306,7 @@ def _assignments_text(held: dict[str, Any]) -> list[str]:
     s, ref = held["summary"], held["reference"]
     rows = [{"#": r["assignment"], "msa": r["msa"], "ham": r["hamming"], "mult": r["mult"], "shift": r["shift"],
              "moe": r["moe"], "predicted_ms": r["predicted_ms"], "measured_ms": r["measured_ms"],
+             "uncalibrated": _pct(r["uncalibrated_error"]),
              "error": _pct(r["rel_error"]), "corrected": _pct(r["corrected_error"]), "spread": _pct(r["spread"]),
              "in-model kernels/other ms": f"{r['in_model_kernels_ms']:.3f}/{r['in_model_other_ms']:.3f}"}
             for r in held["assignments"]]
@@ -319,8 +321,14 @@ def _assignments_text(held: dict[str, Any]) -> list[str]:
                  f"the host runs {ref['speed_ratio']:.2f}x the time it did then")
     factors = ", ".join(f"{p} {f['factor']:.2f}" for p, f in held["in_context"].items() if f["factor"] is not None)
     poisoned = [k for k in held["kernels"] if k["poisoned"]]
-    lines = [f"held-out assignments ({s['count']}, compiled whole, timed interleaved in {held['rounds']} rounds of "
-             f"{held['per_round']} calls each): {_figures(s)}",
+    cal = held.get("calibration")
+    lines = [f"held-out assignments ({s['count']}, none of them a calibration model; compiled whole, timed "
+             f"interleaved in {held['rounds']} rounds of {held['per_round']} calls each): {_figures(s)}",
+             ("  " + Calibration.from_meta(cal).describe() if cal else
+              "  uncalibrated: the profile has no in-context calibration for this model and batch (or "
+              "cost.calibrated is false); `dse profile` fits one"),
+             *([f"  the same uncalibrated (kernels and ops as profiled alone): {_figures(s['uncalibrated'])}"]
+               if cal else []),
              *([f"  drift-corrected (prediction x host-speed ratio {s['speed_ratio']:.2f}): {_figures(s, 'corrected_')}"]
                if s.get("speed_ratio") is not None else []),
              f"  measurement's own spread between rounds: up to {_pct(s['max_spread'])} (errors below it are noise)",

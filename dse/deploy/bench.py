@@ -190,26 +190,33 @@ def calls_within(budget_s: float | None, call_ms: list[float], repeat: int, roun
 
 
 def interleaved_rounds(contestants: dict[str, Callable[[], Any]], *, per_round: int, warmup: int, rounds: int = 3,
-                       lead_in_ms: float = 20.0, budget_s: float | None = None) -> dict[str, list[list[float]]]:
+                       lead_in_ms: float = 20.0, budget_s: float | None = None,
+                       between: Callable[[], Any] | None = None) -> dict[str, list[list[float]]]:
     """``{contestant: [per-call ms of round 1, of round 2, ...]}``: every round runs each contestant for a block
     of ``per_round`` calls after ``lead_in_ms`` of untimed ones (module docstring); ``budget_s`` lowers
-    ``per_round`` (:func:`calls_within`, from the fastest warm-up call of each)."""
+    ``per_round`` (:func:`calls_within`, from the fastest warm-up call of each). ``between`` runs before every
+    round and after the last (a thermometer: :func:`dse.profiling.reference.time_reference`)."""
     warm_ms = [min(_timed_block(fn, max(1, warmup))) for fn in contestants.values()]
     per_round = calls_within(budget_s, warm_ms, per_round * rounds, rounds)
     samples: dict[str, list[list[float]]] = {name: [] for name in contestants}
     for _ in range(rounds):
+        if between is not None:
+            between()
         for name, fn in contestants.items():
             _lead_in(fn, lead_in_ms)
             samples[name].append(_timed_block(fn, per_round))
+    if between is not None:
+        between()
     return samples
 
 
 def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
-                lead_in_ms: float = 20.0, budget_s: float | None = None) -> dict[str, art.LatencyStats]:
+                lead_in_ms: float = 20.0, budget_s: float | None = None,
+                between: Callable[[], Any] | None = None) -> dict[str, art.LatencyStats]:
     """Each contestant's per-call wall times of :func:`interleaved_rounds`, pooled over its rounds."""
     per_round = max(1, -(-repeat // rounds))
     samples = interleaved_rounds(contestants, per_round=per_round, warmup=warmup, rounds=rounds, lead_in_ms=lead_in_ms,
-                                 budget_s=budget_s)
+                                 budget_s=budget_s, between=between)
     return {name: art.LatencyStats.from_ms([v for block in blocks for v in block]) for name, blocks in samples.items()}
 
 
@@ -329,8 +336,9 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         fns["compiled"] = run_compiled
     with torch.no_grad():
         agree = float((loaded.run(images).argmax(1) == model(x).numpy().argmax(1)).mean())
-    stats, speed = reference.around(manifest["target"], lambda: interleaved(fns, repeat=b.repeat, warmup=b.warmup,
-                                                                          budget_s=b.budget_s))
+    speed: list[float] = []  # the host-speed reference kernel between the rounds
+    stats = interleaved(fns, repeat=b.repeat, warmup=b.warmup, budget_s=b.budget_s,
+                        between=lambda: speed.append(reference.time_reference(manifest["target"])))
     energies = energy(manifest, model, x, fns, dense_art.manifest if dense_art is not None else None)
     predictions, no_prediction, table = _predictions(cfg, manifest, model, profile)
     # the host's speed now against when the profile's rows were measured: a prediction times it is what the

@@ -47,6 +47,10 @@ def calibrate_profile(cfg: Config, profile_csv: str | Path, dense: nn.Module, in
     timed = time_compiled(cfg, dense, plans, inventory, table, seed=calibration_seed(cfg), rounds=rounds,
                           per_round=per_round, what="calibration model")
     ratio = reference.speed_ratio(profile.meta, timed.reference_ms)
+    if ratio is not None and not 0.8 <= ratio <= 1.25:
+        log.warning("the host ran the reference kernel %.2fx as long as when the profile's rows were measured: the "
+                    "calibration divides that out, but a busy host hits kernels unevenly; rerun `dse profile` on a "
+                    "quiet host", ratio)
     # measured now, brought to the speed the rows were measured at (a slow minute is not a factor)
     measured = [m / ratio if ratio else m for m in timed.measured_ms()]
     components = [raw.components(p) for p in plans]

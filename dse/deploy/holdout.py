@@ -16,8 +16,8 @@ whole model, compiled, for assignments the cost model priced but nobody measured
    median of all calls, the spread the range of the round medians over that median.
 4. Inside each model every packed call is timed by the VM's instrument hook (:mod:`kernels.instrument`): the
    project's kernels against their profile rows (:func:`dse.cost.fidelity.compare_kernels`).
-5. The host-speed reference kernel (:mod:`dse.profiling.reference`) is timed before and after, against its
-   time when the profile was measured, for the drift-corrected errors.
+5. The host-speed reference kernel (:mod:`dse.profiling.reference`) is timed before every round and after the
+   last (its median against its time when the profile was measured), for the drift-corrected errors.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ class Timed:
 
 def time_compiled(cfg: Config, dense: nn.Module, plans: list[Assignment], inventory: Any, table: CostTable, *,
                   seed: int, rounds: int, per_round: int, what: str) -> Timed:
-    """Each plan compiled (step 2), then all timed interleaved (step 3) between two timings of the host-speed
-    reference kernel (step 5)."""
+    """Each plan compiled (step 2), then all timed interleaved (step 3), the host-speed reference kernel timed
+    before every round and after the last (step 5)."""
     target = cfg.profile.target
     images = torch.randn(inventory.batch, *inventory.input_size, generator=torch.Generator().manual_seed(seed))
     compiled, compile_s = [], []
@@ -171,8 +171,10 @@ def time_compiled(cfg: Config, dense: nn.Module, plans: list[Assignment], invent
     fns = {str(i): (lambda art=art, inp=inp: art._call(inp).numpy()) for i, ((art, _), inp)
            in enumerate(zip(compiled, inputs))}
     loads = [load_1m()]
-    samples, speed = reference.around(kernels.resolve_target(target), lambda: interleaved_rounds(
-        fns, per_round=per_round, warmup=3, rounds=max(2, rounds)))
+    tgt = kernels.resolve_target(target)
+    speed: list[float] = []  # the host-speed reference kernel between the rounds
+    samples = interleaved_rounds(fns, per_round=per_round, warmup=3, rounds=max(2, rounds),
+                                 between=lambda: speed.append(reference.time_reference(tgt)))
     loads.append(load_1m())
     return Timed(compiled, inputs, [samples[str(i)] for i in range(len(plans))], compile_s,
                  statistics.median(speed), speed, max((v for v in loads if v is not None), default=None))

@@ -20,6 +20,7 @@ from typing import Any
 from dse.checkpoints import build_dense
 from dse.config import Config, save_config
 from dse.deploy.bench import bench
+from dse.deploy.calibrate import ensure_calibration
 from dse.deploy.export import export
 from dse.fileio import atomic_write_text, content_digest, sha256_file
 from dse.hardware.envinfo import environment
@@ -73,7 +74,11 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         busy = load_warning(run.rows, run.cores, cfg.profile.busy_load_per_core)  # rows reused from a loaded run too
         if busy:
             log.warning("profile: %s", busy)
+        fitted, _, fresh = ensure_calibration(cfg, run.path, inv, refit=run.measured > 0)
+        if fitted is not None:
+            log.info("profile: %s%s", fitted.describe(), "" if fresh else " (stored)")
         return {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
+                "calibration": None if fitted is None else fitted.as_meta(),
                 "seconds": round(run.seconds, 1), "energy_source": run.energy_source, "load_warning": busy,
                 "rerun": busy}  # the next run measures the loaded rows again (dse.profiling.profiler.busy)
 
@@ -84,7 +89,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         prof = run_stage("profile", root / "profile", prof_key + "-remeasure", [], cfg, do_profile)
         profile_csv = Path(prof.summary["profile_csv"])
     results.append(prof)
-    profile_digest = sha256_file(profile_csv)
+    # what prices the model: the rows and the in-context factors fitted on them
+    profile_digest = fingerprint(sha256_file(profile_csv), prof.summary.get("calibration"))
     # the store also holds other models' and calibration rows; the report shows this model's
     model_rows = write_model_rows(profile_csv, inv, root / "profile" / "model_rows.csv")
 

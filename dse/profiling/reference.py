@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import statistics
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import kernels
 
 META_KEY = "reference_kernel"
-T = TypeVar("T")
 KERNEL = ("matmul", 1, 256, 256, 256)  # (primitive, b, m, k, n): ~0.3 ms on 2 cores, long enough to time well
 
 
@@ -29,14 +28,6 @@ def time_reference(target: Any, *, repeat: int = 7, min_repeat_ms: float = 20.0)
     prim, b, m, k, n = KERNEL
     return float(kernels.build(prim, b, m, k, n, target=target).time(min_repeat_ms=min_repeat_ms,
                                                                     repeat=repeat).median_ms)
-
-
-def around(target: Any, fn: Callable[[], T]) -> tuple[T, list[float]]:
-    """``fn()``'s result and the reference kernel's times just before and just after it: what the host's speed
-    was while ``fn`` measured something (their median against :func:`stored`, :func:`speed_ratio`)."""
-    before = time_reference(target)
-    result = fn()
-    return result, [before, time_reference(target)]
 
 
 def record(samples_ms: Sequence[float], load_1m: float | None = None) -> dict[str, Any]:
@@ -66,4 +57,4 @@ def speed_ratio(meta: Mapping[str, Any], now_ms: float) -> float | None:
     return float(now_ms) / float(then["latency_ms"])
 
 
-__all__ = ["KERNEL", "META_KEY", "around", "record", "speed_ratio", "stored", "time_reference"]
+__all__ = ["KERNEL", "META_KEY", "record", "speed_ratio", "stored", "time_reference"]
