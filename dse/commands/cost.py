@@ -329,8 +329,9 @@ def _assignments_text(held: dict[str, Any]) -> list[str]:
               "cost.calibrated is false); `dse profile` fits one"),
              *([f"  the same uncalibrated (kernels and ops as profiled alone): {_figures(s['uncalibrated'])}"]
                if cal else []),
-             *([f"  drift-corrected (prediction x host-speed ratio {s['speed_ratio']:.2f}): {_figures(s, 'corrected_')}"]
-               if s.get("speed_ratio") is not None else []),
+             *([f"  drift-corrected (each block of calls brought to the profile's host speed by the reference kernel "
+                f"timed around it; median ratio {s['speed_ratio']:.2f}): {_figures(s, 'corrected_')}"]
+               if s.get("corrected_mean_abs_error") is not None else []),
              f"  measurement's own spread between rounds: up to {_pct(s['max_spread'])} (errors below it are noise)",
              speed, table(rows, floatfmt="{:.3f}"),
              f"in-context factor (kernel time inside the models / its profile row, per primitive): {factors}"]

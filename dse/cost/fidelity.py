@@ -73,14 +73,19 @@ def error_figures(predicted: Sequence[float], measured: Sequence[float]) -> dict
 
 def assignment_summary(rows: Iterable[Mapping[str, Any]], speed_ratio: float | None) -> dict[str, Any]:
     """Overall figures of per-assignment rows (``predicted_ms``, ``measured_ms``, ``spread``): raw and, when
-    the host-speed ratio is known, drift-corrected (``corrected_`` keys); plus the largest round-to-round spread
-    of the measurements themselves (an error below it cannot be told from noise)."""
+    the host-speed ratio is known, drift-corrected (``corrected_`` keys: against each row's ``at_speed_ms``, its
+    measurement brought to the profile's host speed block by block, where the rows have it; else the prediction
+    times ``speed_ratio``); plus the largest round-to-round spread of the measurements themselves (an error below
+    it cannot be told from noise)."""
     rows = list(rows)
     pred = [float(r["predicted_ms"]) for r in rows]
     meas = [float(r["measured_ms"]) for r in rows]
     out = error_figures(pred, meas)
     out["speed_ratio"] = speed_ratio
-    if speed_ratio is not None and rows:
+    if rows and all(r.get("at_speed_ms") is not None for r in rows):
+        corrected = error_figures(pred, [float(r["at_speed_ms"]) for r in rows])
+        out.update({f"corrected_{k}": v for k, v in corrected.items() if k != "count"})
+    elif speed_ratio is not None and rows:
         corrected = error_figures([p * speed_ratio for p in pred], meas)
         out.update({f"corrected_{k}": v for k, v in corrected.items() if k != "count"})
     spreads = [float(r["spread"]) for r in rows if r.get("spread") is not None]

@@ -160,6 +160,9 @@ def dense_tvm_artifact(cfg: Config, manifest: dict[str, Any], artifact_dir: str 
 # Timing
 
 
+ROUNDS = 3  # interleaved rounds of a bench: each contestant's calls in three blocks spread over the run
+
+
 def _timed_block(fn: Callable[[], Any], calls: int) -> list[float]:
     samples = []
     for _ in range(calls):
@@ -189,20 +192,21 @@ def calls_within(budget_s: float | None, call_ms: list[float], repeat: int, roun
     return max(min(5, per_round), min(per_round, fit))
 
 
-def interleaved_rounds(contestants: dict[str, Callable[[], Any]], *, per_round: int, warmup: int, rounds: int = 3,
+def interleaved_rounds(contestants: dict[str, Callable[[], Any]], *, per_round: int, warmup: int, rounds: int = ROUNDS,
                        lead_in_ms: float = 20.0, budget_s: float | None = None,
                        between: Callable[[], Any] | None = None) -> dict[str, list[list[float]]]:
     """``{contestant: [per-call ms of round 1, of round 2, ...]}``: every round runs each contestant for a block
     of ``per_round`` calls after ``lead_in_ms`` of untimed ones (module docstring); ``budget_s`` lowers
     ``per_round`` (:func:`calls_within`, from the fastest warm-up call of each). ``between`` runs before every
-    round and after the last (a thermometer: :func:`dse.profiling.reference.time_reference`)."""
+    block and after the last (a thermometer, :func:`dse.profiling.reference.probe`: :func:`block_speeds` pairs its
+    readings with the blocks)."""
     warm_ms = [min(_timed_block(fn, max(1, warmup))) for fn in contestants.values()]
     per_round = calls_within(budget_s, warm_ms, per_round * rounds, rounds)
     samples: dict[str, list[list[float]]] = {name: [] for name in contestants}
     for _ in range(rounds):
-        if between is not None:
-            between()
         for name, fn in contestants.items():
+            if between is not None:
+                between()
             _lead_in(fn, lead_in_ms)
             samples[name].append(_timed_block(fn, per_round))
     if between is not None:
@@ -210,7 +214,22 @@ def interleaved_rounds(contestants: dict[str, Callable[[], Any]], *, per_round: 
     return samples
 
 
-def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = 3,
+def block_speeds(readings: list[float], names: list[str], rounds: int) -> dict[str, list[float]]:
+    """``{contestant: [reading during its block of round 1, ...]}`` from the thermometer's ``readings`` taken
+    by :func:`interleaved_rounds` (before every block, in contestant order, and after the last): each block's
+    is the mean of the readings just before and just after it."""
+    if len(readings) != rounds * len(names) + 1:
+        raise ValueError(f"{len(readings)} readings for {rounds} rounds of {len(names)} blocks; expected "
+                         f"{rounds * len(names) + 1}")
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for c, name in enumerate(names):
+            k = r * len(names) + c
+            out[name].append((readings[k] + readings[k + 1]) / 2)
+    return out
+
+
+def interleaved(contestants: dict[str, Callable[[], Any]], *, repeat: int, warmup: int, rounds: int = ROUNDS,
                 lead_in_ms: float = 20.0, budget_s: float | None = None,
                 between: Callable[[], Any] | None = None) -> dict[str, art.LatencyStats]:
     """Each contestant's per-call wall times of :func:`interleaved_rounds`, pooled over its rounds."""
@@ -336,14 +355,16 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         fns["compiled"] = run_compiled
     with torch.no_grad():
         agree = float((loaded.run(images).argmax(1) == model(x).numpy().argmax(1)).mean())
-    speed: list[float] = []  # the host-speed reference kernel between the rounds
+    speed: list[float] = []  # the host-speed reference kernel between the blocks
     stats = interleaved(fns, repeat=b.repeat, warmup=b.warmup, budget_s=b.budget_s,
-                        between=lambda: speed.append(reference.time_reference(manifest["target"])))
+                        between=lambda: speed.append(reference.probe(manifest["target"])))
+    during = {name: statistics.median(v) for name, v in block_speeds(speed, list(fns), ROUNDS).items()}
     energies = energy(manifest, model, x, fns, dense_art.manifest if dense_art is not None else None)
     predictions, no_prediction, table = _predictions(cfg, manifest, model, profile)
     # the host's speed now against when the profile's rows were measured: a prediction times it is what the
     # rows would say on the host as it runs now (README, "The host's speed moves")
-    ratio = None if table is None else reference.speed_ratio(table.profile.meta, statistics.median(speed))
+    then = None if table is None else reference.stored(table.profile.meta)
+    ratio = {name: None if then is None else v / float(then["latency_ms"]) for name, v in during.items()}
     if dense_art is not None:
         predictions["dense_tvm"] = _artifact_prediction(dense_art.manifest)
         if predictions["dense_tvm"] is None:
@@ -359,8 +380,8 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
             "speedup_vs_eager": median["eager"] / s.median_ms, **energies[name],
             "predicted_ms": pred, "prediction_error_pct": None if pred is None else
             100.0 * (pred - s.median_ms) / s.median_ms,
-            "prediction_error_now_pct": None if pred is None or ratio is None else
-            100.0 * (pred * ratio - s.median_ms) / s.median_ms, "no_prediction": None if pred is not None else
+            "host_speed_ratio": ratio[name], "prediction_error_now_pct": None if pred is None or ratio[name] is None
+            else 100.0 * (pred * ratio[name] - s.median_ms) / s.median_ms, "no_prediction": None if pred is not None else
             no_prediction.get(name, "unknown"), "contestant": name,
         })
 
@@ -382,8 +403,8 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         "torch_compile_s": compile_s, "artifact": str(artifact_dir), "dense_checkpoint": dense_path,
         "top1_agreement_with_dense": agree, "prediction_profile": predictions.get("profile"),
         "host_speed": {"reference_kernel": list(reference.KERNEL), "now_ms": statistics.median(speed),
-                       "now_samples_ms": speed, "then": None if table is None else reference.stored(table.profile.meta),
-                       "ratio": ratio},
+                       "now_samples_ms": speed, "then": then,
+                       "ratio": None if then is None else statistics.median(speed) / float(then["latency_ms"])},
     }
 
 
@@ -425,4 +446,5 @@ def _predictions(cfg: Config, manifest: dict[str, Any], dense: nn.Module, profil
     return out, why, table
 
 
-__all__ = ["bench", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved", "interleaved_rounds"]
+__all__ = ["ROUNDS", "bench", "block_speeds", "dense_model", "dense_tvm_artifact", "dense_tvm_folder", "interleaved",
+           "interleaved_rounds"]

@@ -51,8 +51,9 @@ def calibrate_profile(cfg: Config, profile_csv: str | Path, dense: nn.Module, in
         log.warning("the host ran the reference kernel %.2fx as long as when the profile's rows were measured: the "
                     "calibration divides that out, but a busy host hits kernels unevenly; rerun `dse profile` on a "
                     "quiet host", ratio)
-    # measured now, brought to the speed the rows were measured at (a slow minute is not a factor)
-    measured = [m / ratio if ratio else m for m in timed.measured_ms()]
+    # measured now, brought block by block to the speed the rows were measured at (a slow minute is not a factor)
+    then = reference.stored(profile.meta)
+    measured = timed.at_speed_ms(float(then["latency_ms"])) if then else timed.measured_ms()
     components = [raw.components(p) for p in plans]
     fitted = calibration.fit(components, measured, model=inventory.model, batch=inventory.batch, speed_ratio=ratio)
     store.merge_meta_entry(profile_csv, calibration.META_KEY, calibration.key(inventory.model, inventory.batch),

@@ -40,7 +40,7 @@ from dse.cost.model import CostModel, CostTable, ModelCost
 from dse.cost.sources import model_cost
 from dse.deploy import graph
 from dse.deploy.artifact import Artifact
-from dse.deploy.bench import interleaved_rounds
+from dse.deploy.bench import block_speeds, interleaved_rounds
 from dse.deploy.export import choose_shift_primitives, shift_shapes, tokens_per_image
 from dse.hardware.threads import use_all_cores
 from dse.profiling import reference
@@ -146,19 +146,27 @@ class Timed:
     inputs: list[Any]
     samples: list[list[list[float]]]  # [model][round][call] ms
     compile_s: list[float]
-    reference_ms: float  # the host-speed reference kernel around the timing (median)
+    reference_ms: float  # the host-speed reference kernel between the blocks (median)
     reference_samples: list[float]
+    block_reference_ms: list[list[float]]  # [model][round]: the reference kernel around that block
     load_1m: float | None
 
     def measured_ms(self) -> list[float]:
         """Median of every call of each model."""
         return [float(np.median([v for block in blocks for v in block])) for blocks in self.samples]
 
+    def at_speed_ms(self, then_ms: float) -> list[float]:
+        """Each model's time at the host speed of ``then_ms`` (the reference kernel's time when the profile was
+        measured): per round, the block's median times then / the reference around that block; then the
+        median over rounds. A slow phase of the host that covers a block is divided out of that block alone."""
+        return [float(np.median([np.median(block) * then_ms / ref for block, ref in zip(blocks, refs)]))
+                for blocks, refs in zip(self.samples, self.block_reference_ms)]
+
 
 def time_compiled(cfg: Config, dense: nn.Module, plans: list[Assignment], inventory: Any, table: CostTable, *,
                   seed: int, rounds: int, per_round: int, what: str) -> Timed:
     """Each plan compiled (step 2), then all timed interleaved (step 3), the host-speed reference kernel timed
-    before every round and after the last (step 5)."""
+    before every block and after the last (step 5)."""
     target = cfg.profile.target
     images = torch.randn(inventory.batch, *inventory.input_size, generator=torch.Generator().manual_seed(seed))
     compiled, compile_s = [], []
@@ -172,12 +180,14 @@ def time_compiled(cfg: Config, dense: nn.Module, plans: list[Assignment], invent
            in enumerate(zip(compiled, inputs))}
     loads = [load_1m()]
     tgt = kernels.resolve_target(target)
-    speed: list[float] = []  # the host-speed reference kernel between the rounds
+    speed: list[float] = []  # the host-speed reference kernel between the blocks
     samples = interleaved_rounds(fns, per_round=per_round, warmup=3, rounds=max(2, rounds),
-                                 between=lambda: speed.append(reference.time_reference(tgt)))
+                                 between=lambda: speed.append(reference.probe(tgt)))
     loads.append(load_1m())
+    around = block_speeds(speed, list(fns), max(2, rounds))
     return Timed(compiled, inputs, [samples[str(i)] for i in range(len(plans))], compile_s,
-                 statistics.median(speed), speed, max((v for v in loads if v is not None), default=None))
+                 statistics.median(speed), speed, [around[str(i)] for i in range(len(plans))],
+                 max((v for v in loads if v is not None), default=None))
 
 
 def kernel_times(artifact: Artifact, g: graph.RelaxGraph, inp: Any, runs: int) -> dict[str, Any]:
@@ -220,6 +230,8 @@ def validate_assignments(cfg: Config, profile: Any, dense: nn.Module, inventory:
     timed = time_compiled(cfg, dense, plans, inventory, table, seed=seed, rounds=rounds, per_round=per_round,
                           what="held-out assignment")
     ratio = reference.speed_ratio(profile.meta, timed.reference_ms)
+    then = reference.stored(profile.meta)
+    at_speed = timed.at_speed_ms(float(then["latency_ms"])) if then else [None] * len(plans)
 
     rows, per_kernel = [], {}
     for i, (plan, (art, g), inp) in enumerate(zip(plans, timed.compiled, timed.inputs)):
@@ -235,7 +247,8 @@ def validate_assignments(cfg: Config, profile: Any, dense: nn.Module, inventory:
             "assignment": i, **choice_counts(plan), "predicted_ms": predicted, "measured_ms": measured,
             "rel_error": (predicted - measured) / measured, "uncalibrated_ms": uncalibrated,
             "uncalibrated_error": (uncalibrated - measured) / measured,
-            "corrected_error": None if ratio is None else (predicted * ratio - measured) / measured,
+            "at_speed_ms": at_speed[i],
+            "corrected_error": None if at_speed[i] is None else (predicted - at_speed[i]) / at_speed[i],
             "spread": (max(round_medians) - min(round_medians)) / measured,
             "round_medians_ms": round_medians, "in_model_kernels_ms": inside["kernels_ms"],
             "in_model_other_ms": inside["other_ms"], "hook_floor_ms": inside["hook_floor_ms"],

@@ -62,13 +62,20 @@ def test_per_assignment_table_and_figures(setup, result):
     mc = model_cost(CostTable(profile), cfg.cost, inventory, "tvm")
     ratio = result["reference"]["now_ms"] / 0.25
     assert result["reference"]["speed_ratio"] == pytest.approx(ratio)
+    probes = result["reference"]["now_samples_ms"]  # before every block (rounds x models) and after the last
+    assert len(probes) == 2 * len(rows) + 1 and result["reference"]["now_ms"] == pytest.approx(np.median(probes))
+    for i, r in enumerate(rows):
+        # each round's block at the profile's speed: times then / the reference around that block
+        around = [(probes[k] + probes[k + 1]) / 2 for k in (rnd * len(rows) + i for rnd in range(2))]
+        at_speed = np.median([m * 0.25 / ref for m, ref in zip(r["round_medians_ms"], around)])
+        assert r["at_speed_ms"] == pytest.approx(at_speed)
+        assert r["corrected_error"] == pytest.approx(r["predicted_ms"] / at_speed - 1)
     for r in rows:
         plan = Assignment.from_dict(r["plan"])
         assert r["predicted_ms"] == pytest.approx(mc.predict(plan).latency_ms)
         assert r["measured_ms"] > 0 and len(r["round_medians_ms"]) == 2
         assert r["spread"] == pytest.approx((max(r["round_medians_ms"]) - min(r["round_medians_ms"])) / r["measured_ms"])
         assert r["rel_error"] == pytest.approx(r["predicted_ms"] / r["measured_ms"] - 1)
-        assert r["corrected_error"] == pytest.approx(r["predicted_ms"] * ratio / r["measured_ms"] - 1)
         counts = {**dict.fromkeys(("msa", "hamming", "mult", "shift", "moe"), 0), **plan.counts()}
         assert {k: r[k] for k in counts} == counts
     s = result["summary"]
