@@ -202,7 +202,9 @@ def validate_section(count: int | None = None) -> list[str]:
         f"model {cfg.model.name}, batch {cfg.profile.batch}; profile: {source}",
         f"ModelCost.predict(one assignment): {one * 1e6:9.1f} us   (limit 1000 us: {'OK' if one < 1e-3 else 'TOO SLOW'})",
         f"held-out assignments ({count}): {wall:.1f} s wall, of which compiling {compile_s:.1f} s; "
-        f"mean |error| {100 * res['summary'].get('mean_abs_error', float('nan')):.1f}% (load {res['load_1m']})",
+        f"mean |error| {100 * res['summary'].get('mean_abs_error', float('nan')):.1f}%, at the profile's host speed "
+        f"{100 * res['summary'].get('corrected_mean_abs_error', float('nan')):.1f}% "
+        f"({'calibrated' if res['calibration'] else 'uncalibrated'}; load {res['load_1m']})",
     ]
 
 

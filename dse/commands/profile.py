@@ -125,10 +125,11 @@ def _summary_text(run, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _calibration_text(fitted, models: list[dict[str, Any]], fresh: bool, count: int) -> str:
+def _calibration_text(cal, count: int) -> str:
+    fitted, models, fresh = cal.fitted, cal.models, cal.fresh
     if fitted is None:
-        return "in-context calibration: off (profile.calibration_models = 0): TVM models are priced as the sum of " \
-               "their kernels and ops profiled alone"
+        return (f"in-context calibration: none ({cal.skipped}): TVM models are priced as the sum of their kernels "
+                "and ops profiled alone")
     if not fresh:
         return f"in-context calibration (stored, rows unchanged): {fitted.describe()}"
     rows = [{"msa": m["msa"], "hamming": m["hamming"], "mult": m["mult"], "shift": m["shift"], "moe": m["moe"],
@@ -170,10 +171,10 @@ def run(args: argparse.Namespace):
               "remeasured_busy": run_.busy_before, "failed": run_.failed, "seconds": round(run_.seconds, 2),
               "energy_source": run_.energy_source, "target": run_.target_slug, "summary": summary_rows(run_)}
     if not run_.failed:
-        fitted, models, fresh = ensure_calibration(cfg, run_.path, inv, refit=run_.measured > 0 or args.force)
-        text += "\n\n" + _calibration_text(fitted, models, fresh, cfg.profile.calibration_models)
-        result["calibration"] = None if fitted is None else {**fitted.as_meta(), "fitted_now": fresh,
-                                                             "models": models or fitted.models}
+        cal = ensure_calibration(cfg, run_.path, inv, refit=run_.measured > 0 or args.force)
+        text += "\n\n" + _calibration_text(cal, cfg.profile.calibration_models)
+        result["calibration"] = {"skipped": cal.skipped} if cal.fitted is None else {
+            **cal.fitted.as_meta(), "fitted_now": cal.fresh, "models": cal.models or cal.fitted.models}
     if run_.failed:
         # the measured rows are saved: show them before the error line
         print(json.dumps(result, indent=2, default=str) if args.json else text)

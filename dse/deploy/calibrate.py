@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -26,6 +26,7 @@ from dse.cost import calibration
 from dse.cost.calibration import Calibration
 from dse.cost.model import CostModel, CostTable
 from dse.deploy.holdout import calibration_plans, calibration_seed, choice_counts, time_compiled
+from dse.errors import ProfileError
 from dse.hardware.threads import use_all_cores
 from dse.profiling import reference, store
 
@@ -69,18 +70,29 @@ def calibrate_profile(cfg: Config, profile_csv: str | Path, dense: nn.Module, in
     return fitted, rows
 
 
-def ensure_calibration(cfg: Config, profile_csv: str | Path, inventory: Any, *, refit: bool
-                       ) -> tuple[Calibration | None, list[dict], bool]:
-    """(calibration, its models' rows, whether it was fitted now) for the profile stage: fitted when ``refit`` (rows
-    were just measured) or when the profile has none for this model and batch; None when
-    ``profile.calibration_models`` is 0. The weights do not matter to latency: the config's model as built."""
+class CalibrationRun(NamedTuple):
+    fitted: Calibration | None
+    models: list[dict]  # one row per calibration model when fitted now
+    fresh: bool  # fitted now (else stored, or none)
+    skipped: str | None  # why there is none
+
+
+def ensure_calibration(cfg: Config, profile_csv: str | Path, inventory: Any, *, refit: bool) -> CalibrationRun:
+    """The calibration for the profile stage: fitted when ``refit`` (rows were just measured) or when the profile
+    has none for this model and batch; none when ``profile.calibration_models`` is 0 or the profile cannot price the
+    compiled model (e.g. profiled without its non-primitive ops). The weights do not matter to latency: the
+    config's model as built."""
     if cfg.profile.calibration_models <= 0:
-        return None, [], False
+        return CalibrationRun(None, [], False, "profile.calibration_models is 0")
     found = calibration.stored(store.load_profile(profile_csv).meta, inventory.model, inventory.batch)
     if found is not None and not refit:
-        return found, [], False
-    fitted, rows = calibrate_profile(cfg, profile_csv, build_dense(cfg), inventory)
-    return fitted, rows, True
+        return CalibrationRun(found, [], False, None)
+    try:
+        fitted, rows = calibrate_profile(cfg, profile_csv, build_dense(cfg), inventory)
+    except ProfileError as exc:
+        log.warning("in-context calibration skipped: %s", exc)
+        return CalibrationRun(None, [], False, str(exc))
+    return CalibrationRun(fitted, rows, True, None)
 
 
-__all__ = ["calibrate_profile", "ensure_calibration"]
+__all__ = ["CalibrationRun", "calibrate_profile", "ensure_calibration"]

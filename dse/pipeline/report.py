@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from dse.cost import provenance
+from dse.cost.calibration import Calibration
 from dse.fileio import atomic_write_text
 from dse.pipeline.stages import stage_status
 from dse.training.finetune import COSTS_JSON
@@ -413,6 +414,10 @@ def _profile_section(summary: dict[str, Any], plots: Path) -> Section:
     stage = next((st for st in summary.get("stages", []) if st.get("name") == "profile"), {})
     if stage.get("summary", {}).get("load_warning"):
         s.text.append(f"**Warning:** {stage['summary']['load_warning']}.")
+    cal = stage.get("summary", {}).get("calibration")
+    s.text.append("TVM predictions are " + (f"{Calibration.from_meta(cal).describe()} (in-context factors per group "
+                                            "of work, `dse.cost.calibration`)." if cal else
+                                            "uncalibrated: the sum of kernels and ops profiled alone."))
     s.text.append(f"From `{rows_path or prof_path}`: the {len(prof)} rows that price this model{of}, taken "
                   f"from `{prof_path}`. Latency is the median of TVM's time evaluator "
                   "(PyTorch rows: median of timed eager calls); energy is labelled with its source.")
@@ -529,6 +534,11 @@ def _bench_section(root: Path, plots: Path) -> Section:
                           "its speed-up over PyTorch also holds the compiler's.")
         if bench.get("load_warning"):
             s.text.append(f"**Warning:** {bench['load_warning']}.")
+        speed = bench.get("host_speed") or {}
+        if speed.get("ratio"):
+            s.text.append(f"Host speed: the reference kernel ran {speed['ratio']:.2f}x its time when the profile was "
+                          "measured; `prediction_error_now_pct` is each prediction times the ratio around that "
+                          "contestant's own blocks against its measured median.")
         s.tables.append(("Latency (same inputs, same batch, one run)", bench["rows"]))
         lat = {r["model"]: r.get("median_ms") for r in bench["rows"]}
         pred = {r["model"]: r.get("predicted_ms") for r in bench["rows"]}

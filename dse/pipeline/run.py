@@ -74,9 +74,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         busy = load_warning(run.rows, run.cores, cfg.profile.busy_load_per_core)  # rows reused from a loaded run too
         if busy:
             log.warning("profile: %s", busy)
-        fitted, _, fresh = ensure_calibration(cfg, run.path, inv, refit=run.measured > 0)
+        cal = ensure_calibration(cfg, run.path, inv, refit=run.measured > 0)
+        fitted = cal.fitted
         if fitted is not None:
-            log.info("profile: %s%s", fitted.describe(), "" if fresh else " (stored)")
+            log.info("profile: %s%s", fitted.describe(), "" if cal.fresh else " (stored)")
         return {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
                 "calibration": None if fitted is None else fitted.as_meta(),
                 "seconds": round(run.seconds, 1), "energy_source": run.energy_source, "load_warning": busy,

@@ -67,6 +67,26 @@ def test_interleaved_leads_in_untimed_after_each_switch(monkeypatch):
     assert all(sorted(s.samples_ms)[-3:] == pytest.approx([50.0] * 3) for s in cold.values())
 
 
+def test_the_thermometer_reads_around_every_block():
+    from dse.deploy.bench import block_speeds, interleaved_rounds
+
+    order: list[str] = []
+    readings: list[float] = []
+
+    def probe():
+        order.append("probe")
+        readings.append(float(len(readings) + 1))  # 1, 2, 3, ...
+
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    interleaved_rounds(fns, per_round=1, warmup=1, rounds=2, lead_in_ms=0, between=probe)
+    timed = order[2:]  # after the two warm-up calls
+    assert timed == ["probe", "a", "probe", "b", "probe", "a", "probe", "b", "probe"]
+    # block k lies between readings k and k + 1: a's blocks between 1|2 and 3|4, b's between 2|3 and 4|5
+    assert block_speeds(readings, ["a", "b"], 2) == {"a": [1.5, 3.5], "b": [2.5, 4.5]}
+    with pytest.raises(ValueError, match="expected 5"):
+        block_speeds(readings[:-1], ["a", "b"], 2)
+
+
 def _contestants(out: dict) -> dict[str, dict]:
     return {r["contestant"]: r for r in out["rows"]}
 
@@ -244,6 +264,19 @@ def test_bench_prediction_error_is_against_the_measured_median(benched):
     for row in priced:
         expected = 100.0 * (row["predicted_ms"] - row["median_ms"]) / row["median_ms"]
         assert row["prediction_error_pct"] == pytest.approx(expected)
+
+
+def test_bench_reads_the_host_speed_around_each_contestant(benched):
+    speed, rows = benched["host_speed"], benched["rows"]
+    assert len(speed["now_samples_ms"]) == 3 * len(rows) + 1 and speed["now_ms"] == pytest.approx(
+        sorted(speed["now_samples_ms"])[len(speed["now_samples_ms"]) // 2])
+    for row in rows:
+        if row["predicted_ms"] is None or speed["then"] is None:
+            assert row["prediction_error_now_pct"] is None
+            continue
+        # the prediction at the host speed of this contestant's own blocks
+        expected = 100.0 * (row["predicted_ms"] * row["host_speed_ratio"] - row["median_ms"]) / row["median_ms"]
+        assert row["prediction_error_now_pct"] == pytest.approx(expected)
 
 
 def test_a_bench_under_load_says_so():

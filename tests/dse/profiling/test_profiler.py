@@ -262,6 +262,8 @@ def test_cli_refuses_foreign_profile_and_reports_nothing_to_measure(tmp_path, ca
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert "measured" in first and "tvm/torch" in first
+    # profiled without its non-primitive ops, the compiled model cannot be priced whole: no calibration, said
+    assert "in-context calibration: none (" in first and "'embed'" in first
     assert main(argv) == 0
     assert "nothing to measure" in capsys.readouterr().out
     (meta,) = out.glob("*/*.yaml")
