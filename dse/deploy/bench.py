@@ -217,7 +217,8 @@ def interleaved_rounds(contestants: dict[str, Callable[[], Any]], *, per_round: 
 def block_speeds(readings: list[float], names: list[str], rounds: int) -> dict[str, list[float]]:
     """``{contestant: [reading during its block of round 1, ...]}`` from the thermometer's ``readings`` taken
     by :func:`interleaved_rounds` (before every block, in contestant order, and after the last): each block's
-    is the mean of the readings just before and just after it."""
+    is the smaller of the readings just before and just after it — a reading is only ever made slower by the
+    host (a preempted repeat), so the smaller one is the better estimate of the host's speed around the block."""
     if len(readings) != rounds * len(names) + 1:
         raise ValueError(f"{len(readings)} readings for {rounds} rounds of {len(names)} blocks; expected "
                          f"{rounds * len(names) + 1}")
@@ -225,7 +226,7 @@ def block_speeds(readings: list[float], names: list[str], rounds: int) -> dict[s
     for r in range(rounds):
         for c, name in enumerate(names):
             k = r * len(names) + c
-            out[name].append((readings[k] + readings[k + 1]) / 2)
+            out[name].append(min(readings[k], readings[k + 1]))
     return out
 
 
@@ -342,6 +343,9 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     fns["eager"] = run_eager
     compile_s = None
     if torch_compile:
+        # compile in this process: with more compile threads Inductor starts a pool of worker processes that
+        # import torch in the background while the contestants are timed (eager measured ~15% slower then)
+        torch._inductor.config.compile_threads = 1
         compiled = torch.compile(model)
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -81,8 +81,9 @@ def test_the_thermometer_reads_around_every_block():
     interleaved_rounds(fns, per_round=1, warmup=1, rounds=2, lead_in_ms=0, between=probe)
     timed = order[2:]  # after the two warm-up calls
     assert timed == ["probe", "a", "probe", "b", "probe", "a", "probe", "b", "probe"]
-    # block k lies between readings k and k + 1: a's blocks between 1|2 and 3|4, b's between 2|3 and 4|5
-    assert block_speeds(readings, ["a", "b"], 2) == {"a": [1.5, 3.5], "b": [2.5, 4.5]}
+    # block k lies between readings k and k + 1 and takes the smaller: a's blocks 1|2 and 3|4, b's 2|3 and 4|5
+    assert block_speeds(readings, ["a", "b"], 2) == {"a": [1.0, 3.0], "b": [2.0, 4.0]}
+    assert block_speeds([1.0, 9.0, 2.0], ["a"], 2) == {"a": [1.0, 2.0]}  # a preempted reading does not count
     with pytest.raises(ValueError, match="expected 5"):
         block_speeds(readings[:-1], ["a", "b"], 2)
 
