@@ -25,7 +25,7 @@ from dse.deploy.export import export
 from dse.fileio import atomic_write_text, content_digest, sha256_file
 from dse.hardware.envinfo import environment
 from dse.pipeline.report import write_report
-from dse.pipeline.stages import StageResult, fingerprint, run_stage, section
+from dse.pipeline.stages import StageResult, fingerprint, in_fresh_process, run_stage, section
 from dse.profiling.inventory import inventory_for_config
 from dse.profiling.profiler import Settings, load_warning, profile_model, write_model_rows
 from dse.search.driver import run_search
@@ -44,6 +44,22 @@ def _with(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 def _write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def _profile(cfg: Config, cfg_d: Config, progress: bool) -> dict[str, Any]:
+    """The profile stage: the model's rows (the store skips those already measured), then its calibration."""
+    inv = inventory_for_config(cfg_d, batch=cfg.profile.batch)
+    run = profile_model(inv, Settings.from_config(cfg.profile), cfg.profile.dir, progress=progress)
+    busy = load_warning(run.rows, run.cores, cfg.profile.busy_load_per_core)  # rows reused from a loaded run too
+    if busy:
+        log.warning("profile: %s", busy)
+    cal = ensure_calibration(cfg, run.path, inv, refit=run.measured > 0)
+    if cal.fitted is not None:
+        log.info("profile: %s%s", cal.fitted.describe(), "" if cal.fresh else " (stored)")
+    return {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
+            "calibration": None if cal.fitted is None else cal.fitted.as_meta(),
+            "seconds": round(run.seconds, 1), "energy_source": run.energy_source, "load_warning": busy,
+            "rerun": busy}  # the next run measures the loaded rows again (dse.profiling.profiler.busy)
 
 
 def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -70,18 +86,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     inv = inventory_for_config(cfg_d, batch=cfg.profile.batch)  # the model's rows: profiled, and reported
 
     def do_profile(out: Path) -> dict[str, Any]:
-        run = profile_model(inv, Settings.from_config(cfg.profile), cfg.profile.dir, progress=progress)
-        busy = load_warning(run.rows, run.cores, cfg.profile.busy_load_per_core)  # rows reused from a loaded run too
-        if busy:
-            log.warning("profile: %s", busy)
-        cal = ensure_calibration(cfg, run.path, inv, refit=run.measured > 0)
-        fitted = cal.fitted
-        if fitted is not None:
-            log.info("profile: %s%s", fitted.describe(), "" if cal.fresh else " (stored)")
-        return {"profile_csv": str(Path(run.path).resolve()), "measured": run.measured, "reused": run.present,
-                "calibration": None if fitted is None else fitted.as_meta(),
-                "seconds": round(run.seconds, 1), "energy_source": run.energy_source, "load_warning": busy,
-                "rerun": busy}  # the next run measures the loaded rows again (dse.profiling.profiler.busy)
+        return in_fresh_process(_profile, cfg, cfg_d, progress)
 
     prof_key = fingerprint("profile", section(cfg, "model", "data", "profile"))
     prof = run_stage("profile", root / "profile", prof_key, [], cfg, do_profile)
@@ -130,7 +135,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     # 6. bench: exported model vs dense PyTorch (eager and torch.compile), side by side
 
     def do_bench(out: Path) -> dict[str, Any]:
-        res = bench(cfg_d, root / "export" / "artifact", dense=dense_ckpt, profile=profile_csv)
+        res = in_fresh_process(bench, cfg_d, root / "export" / "artifact", dense=dense_ckpt, profile=profile_csv)
         _write_json(out / "bench.json", res)
         # the dense model compiled by TVM (bench.dense_tvm) and the exported design's speed-ups stay in the summary
         return {k: res[k] for k in ("rows", "device", "dense_tvm", "speedup_vs_dense_tvm", "speedup_vs_eager",
