@@ -10,8 +10,9 @@ from tests.conftest import write_profile
 
 
 def test_ratio_is_now_over_then():
-    meta = {reference.META_KEY: reference.record([0.40, 0.50, 0.60])}
-    assert reference.stored(meta)["latency_ms"] == pytest.approx(0.50)
+    meta = {reference.META_KEY: reference.record([0.80, 0.50, 0.60])}
+    assert reference.stored(meta)["latency_ms"] == pytest.approx(0.50)  # the fastest: a timing is only slowed
+    assert reference.stored(meta)["samples_ms"] == [0.80, 0.50, 0.60]
     assert reference.speed_ratio(meta, 0.60) == pytest.approx(1.2)  # 20% slower now
     assert reference.speed_ratio(meta, 0.25) == pytest.approx(0.5)
 
