@@ -59,6 +59,10 @@ class Calibration:
     def factor(self, group: str) -> float:
         return float(self.factors.get(group, 1.0))
 
+    def predict(self, components: Mapping[str, float]) -> float:
+        """``Σ_g f_g · P_g``: the calibrated latency of uncalibrated per-group ``components``."""
+        return sum(self.factor(g) * v for g, v in components.items())
+
     def as_meta(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "factors": {g: round(float(f), 4) for g, f in self.factors.items()},
                 "ridge": RIDGE}

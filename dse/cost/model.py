@@ -51,7 +51,6 @@ import numpy as np
 
 import kernels
 from dse.cost import calibration as calib
-from dse.cost.calibration import Calibration
 from dse.cost.regression import CostLaw, PadFn, fit_law
 from dse.errors import AssignmentError, ProfileError, TargetUnavailableError
 from dse.hardware.device import describe_device
@@ -522,8 +521,11 @@ class CostModel:
         self._warned_partial = False
 
     @classmethod
-    def from_config(cls, profile: Any, cost_cfg: Any, backend: str = "tvm") -> CostModel:
-        return cls(profile, backend, cost_cfg.metric, cost_cfg.mix_alpha, cost_cfg.calibrated)
+    def from_config(cls, profile: Any, cost_cfg: Any, backend: str = "tvm", calibrated: bool | None = None
+                    ) -> CostModel:
+        """``cfg.cost``'s metric and calibration switch (``calibrated`` overrides the switch)."""
+        return cls(profile, backend, cost_cfg.metric, cost_cfg.mix_alpha,
+                   cost_cfg.calibrated if calibrated is None else calibrated)
 
     def _backend_call(self, call: Call) -> Call:
         if self.backend == "torch" and call.primitive in TORCH_BASELINE:
@@ -605,7 +607,7 @@ class ModelCost:
     ``raw_fixed`` keep the figures as profiled, and :meth:`components` splits a prediction into its groups.
     """
 
-    def __init__(self, model: CostModel, work: ModelWork, calibration: Calibration | None = None):
+    def __init__(self, model: CostModel, work: ModelWork, calibration: calib.Calibration | None = None):
         self.cost_model = model
         self.work = work
         self.metric = model.metric

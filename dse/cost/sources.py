@@ -24,10 +24,12 @@ from dse.fileio import atomic_write_text
 from dse.profiling.inventory import build_inventory
 
 
-def model_cost(profile: Any, cost_cfg: Any, inventory: Any, backend: str = "tvm") -> ModelCost:
+def model_cost(profile: Any, cost_cfg: Any, inventory: Any, backend: str = "tvm", *,
+               calibrated: bool | None = None) -> ModelCost:
     """The cost model of ``profile`` (a profile or :class:`dse.cost.model.CostTable`) on ``backend``, with the
-    metric of ``cost_cfg`` (``cfg.cost``), specialised to a layer inventory."""
-    return CostModel.from_config(profile, cost_cfg, backend).for_model(inventory)
+    metric of ``cost_cfg`` (``cfg.cost``), specialised to a layer inventory; ``calibrated=False`` prices it as
+    profiled alone whatever ``cost_cfg.calibrated`` says (what the calibration itself is fitted against)."""
+    return CostModel.from_config(profile, cost_cfg, backend, calibrated).for_model(inventory)
 
 
 class Cost(NamedTuple):

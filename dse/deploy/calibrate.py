@@ -24,7 +24,8 @@ from dse.checkpoints import build_dense
 from dse.config import Config
 from dse.cost import calibration
 from dse.cost.calibration import Calibration
-from dse.cost.model import CostModel, CostTable
+from dse.cost.model import CostTable
+from dse.cost.sources import model_cost
 from dse.deploy.holdout import calibration_plans, calibration_seed, choice_counts, time_compiled
 from dse.errors import ProfileError
 from dse.hardware.threads import use_all_cores
@@ -43,7 +44,7 @@ def calibrate_profile(cfg: Config, profile_csv: str | Path, dense: nn.Module, in
     count = cfg.profile.calibration_models if count is None else count
     profile = store.load_profile(profile_csv)
     table = CostTable(profile)
-    raw = CostModel(table, "tvm", cfg.cost.metric, cfg.cost.mix_alpha, calibrated=False).for_model(inventory)
+    raw = model_cost(table, cfg.cost, inventory, "tvm", calibrated=False)
     plans = calibration_plans(raw, count, calibration_seed(cfg))
     timed = time_compiled(cfg, dense, plans, inventory, table, seed=calibration_seed(cfg), rounds=rounds,
                           per_round=per_round, what="calibration model")
@@ -62,7 +63,7 @@ def calibrate_profile(cfg: Config, profile_csv: str | Path, dense: nn.Module, in
     rows = []
     for plan, comp, m in zip(plans, components, measured):
         uncal = sum(comp.values())
-        cal = sum(fitted.factor(g) * v for g, v in comp.items())
+        cal = fitted.predict(comp)
         rows.append({**choice_counts(plan), "uncalibrated_ms": uncal, "calibrated_ms": cal, "measured_ms": m,
                      "uncalibrated_error": (uncal - m) / m, "calibrated_error": (cal - m) / m})
     log.info("%s (%.1f s, host speed ratio %s)", fitted.describe(), time.perf_counter() - started,
@@ -84,7 +85,7 @@ def ensure_calibration(cfg: Config, profile_csv: str | Path, inventory: Any, *, 
     config's model as built."""
     if cfg.profile.calibration_models <= 0:
         return CalibrationRun(None, [], False, "profile.calibration_models is 0")
-    found = calibration.stored(store.load_profile(profile_csv).meta, inventory.model, inventory.batch)
+    found = calibration.stored(store.read_meta(Path(profile_csv)), inventory.model, inventory.batch)
     if found is not None and not refit:
         return CalibrationRun(found, [], False, None)
     try:

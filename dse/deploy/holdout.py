@@ -36,7 +36,7 @@ from torch import nn
 import kernels
 from dse.config import Config
 from dse.cost.fidelity import POISON_FACTOR, assignment_summary, compare_kernels
-from dse.cost.model import CostModel, CostTable, ModelCost
+from dse.cost.model import CostTable, ModelCost
 from dse.cost.sources import model_cost
 from dse.deploy import graph
 from dse.deploy.artifact import Artifact
@@ -224,7 +224,7 @@ def validate_assignments(cfg: Config, profile: Any, dense: nn.Module, inventory:
     use_all_cores()
     table = CostTable(profile)
     mc = model_cost(table, cfg.cost, inventory, "tvm")
-    raw = CostModel(table, "tvm", cfg.cost.metric, cfg.cost.mix_alpha, calibrated=False).for_model(inventory)
+    raw = model_cost(table, cfg.cost, inventory, "tvm", calibrated=False)
     taken = [raw.choice_names(p) for p in calibration_plans(raw, cfg.profile.calibration_models, calibration_seed(cfg))]
     plans = random_assignments(mc, count, seed, exclude=taken)
     timed = time_compiled(cfg, dense, plans, inventory, table, seed=seed, rounds=rounds, per_round=per_round,
@@ -234,9 +234,9 @@ def validate_assignments(cfg: Config, profile: Any, dense: nn.Module, inventory:
     at_speed = timed.at_speed_ms(float(then["latency_ms"])) if then else [None] * len(plans)
 
     rows, per_kernel = [], {}
-    for i, (plan, (art, g), inp) in enumerate(zip(plans, timed.compiled, timed.inputs)):
+    for i, (plan, (art, g), inp, measured) in enumerate(zip(plans, timed.compiled, timed.inputs,
+                                                              timed.measured_ms())):
         blocks = timed.samples[i]
-        measured = float(np.median([v for block in blocks for v in block]))
         round_medians = [float(np.median(block)) for block in blocks]
         predicted = float(mc.predict(plan).latency_ms)
         uncalibrated = float(raw.predict(plan).latency_ms)
