@@ -367,8 +367,8 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
     predictions, no_prediction, table = _predictions(cfg, manifest, model, profile)
     # the host's speed now against when the profile's rows were measured: a prediction times it is what the
     # rows would say on the host as it runs now (README, "The host's speed moves")
-    then = None if table is None else reference.stored(table.profile.meta)
-    ratio = {name: None if then is None else v / float(then["latency_ms"]) for name, v in during.items()}
+    meta = {} if table is None else table.profile.meta
+    ratio = {name: reference.speed_ratio(meta, v) for name, v in during.items()}
     if dense_art is not None:
         predictions["dense_tvm"] = _artifact_prediction(dense_art.manifest)
         if predictions["dense_tvm"] is None:
@@ -407,8 +407,8 @@ def bench(cfg: Config, artifact_dir: str | Path, *, torch_compile: bool | None =
         "torch_compile_s": compile_s, "artifact": str(artifact_dir), "dense_checkpoint": dense_path,
         "top1_agreement_with_dense": agree, "prediction_profile": predictions.get("profile"),
         "host_speed": {"reference_kernel": list(reference.KERNEL), "now_ms": statistics.median(speed),
-                       "now_samples_ms": speed, "then": then,
-                       "ratio": None if then is None else statistics.median(speed) / float(then["latency_ms"])},
+                       "now_samples_ms": speed, "then": reference.stored(meta),
+                       "ratio": reference.speed_ratio(meta, statistics.median(speed))},
     }
 
 
